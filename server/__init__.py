@@ -1,0 +1,7 @@
+"""FastAPI service: one frozen model, per-request soft prompts from the store."""
+
+import os
+
+# Before torch is imported anywhere: without it torch spin-waits, and on a small shared
+# machine a busy neighbour makes it 5-27x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,0 +1,69 @@
+"""The `softprompt` console script.
+
+    softprompt serve --host 127.0.0.1 --port 8000      start the HTTP server
+    softprompt train --data train.jsonl --init "..." --name sentiment
+    softprompt prompts list|show|alias|import|export|delete
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _fingerprint(spec: str):
+    from trainer.modeling import load_frozen_model
+
+    frozen = load_frozen_model(spec)
+    return frozen.fingerprint, frozen.base_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prompt_store import cli as prompts_cli
+    from trainer import cli as train_cli
+
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="area", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server (settings from SOFTPROMPT_* env)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=None, help="model spec (overrides SOFTPROMPT_MODEL)")
+    serve.add_argument("--store", default=None, help="store root (overrides SOFTPROMPT_STORE)")
+    serve.add_argument("--log-level", default="info")
+    train_cli.add_arguments(sub.add_parser("train", help="optimise a soft prompt and publish it"))
+    prompts_cli.build_parser(sub.add_parser("prompts", help="manage the prompt store"), can_fingerprint=True)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in {"model": args.model, "store": args.store}.items() if v is not None}
+    app = create_app(Settings(**overrides))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.area == "serve":
+        return serve(args)
+    if args.area == "train":
+        from trainer import cli as train_cli
+
+        return train_cli.run(args)
+    from prompt_store import cli as prompts_cli
+
+    return prompts_cli.run(args, fingerprinter=_fingerprint)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Server settings, read from the environment with the prefix SOFTPROMPT_ (or a .env file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOFTPROMPT_", env_file=".env", extra="ignore")
+
+    model: str = Field("default", description="model spec: 'default' (embedded SmolLM2), a HF folder or a .gguf file")
+    store: Path = Field(Path("./prompt-store"), description="prompt store root")
+    api_key: str | None = Field(None, description="if set, admin routes need 'Authorization: Bearer <key>'")
+    device: str | None = Field(None, description="'cpu' or 'cuda' (default: cuda when available)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads for serving (default: torch's)")
+    max_batch_size: int = Field(16, ge=1, description="most sequences decoded together")
+    max_queue: int = Field(64, ge=1, description="waiting requests before 503")
+    max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
+    prompt_cache_size: int = Field(32, ge=1, description="prompt versions kept loaded (LRU)")
+    store_poll_seconds: float = Field(1.0, gt=0, description="how often the store is checked for new versions")
+    train_threads: int = Field(1, ge=1, description="torch threads a training job may use")
+    max_upload_bytes: int = Field(20_000_000, ge=1, description="largest training upload accepted")
