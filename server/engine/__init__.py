@@ -1,0 +1,13 @@
+"""Continuous-batching generation engine with a soft-prompt prefix KV cache."""
+
+from .errors import EngineError, EngineNotReadyError, InputTooLongError, InvalidGenerationRequestError, QueueFullError
+from .prefix_cache import PrefixCache
+from .prompt_cache import PromptCache
+from .sampling import SamplingParams
+from .scheduler import Engine
+from .sequence import DoneEvent, Event, FailedEvent, Job, TokenEvent
+
+__all__ = [
+    "DoneEvent", "Engine", "EngineError", "EngineNotReadyError", "Event", "FailedEvent", "InputTooLongError",
+    "InvalidGenerationRequestError", "Job", "PrefixCache", "PromptCache", "QueueFullError", "SamplingParams", "TokenEvent",
+]

@@ -1,0 +1,57 @@
+"""Resolve prompt references and keep loaded prompt tensors in a size-bounded LRU.
+
+Resolution (`math`, `math-v3`, an alias) asks the store every time, so a newly published
+version or a moved alias is seen at once; the tensor load (checksum + validation) happens
+once per version (keyed by name, version and checksum) and is checked against the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from prompt_store import LoadedPrompt, ModelFingerprint, PromptStore, PromptVersion
+
+
+class PromptCache:
+    def __init__(self, store: PromptStore, fingerprint: ModelFingerprint, max_entries: int):
+        self.store, self.fingerprint, self.max_entries = store, fingerprint, max_entries
+        self._items: OrderedDict[tuple, LoadedPrompt] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+        self.hits = 0
+
+    def get(self, ref: str) -> LoadedPrompt:
+        """Resolve `ref` and return its loaded tensor (PromptNotFoundError, IncompatibleModelError...)."""
+        return self.get_version(self.store.resolve(ref))
+
+    def get_version(self, version: PromptVersion) -> LoadedPrompt:
+        key = (version.id.name, version.id.version, version.checksum)
+        with self._lock:
+            loaded = self._items.get(key)
+            if loaded is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return loaded
+        self.store.check_compatible(version, self.fingerprint)
+        loaded = self.store.load(version, expect=self.fingerprint)
+        with self._lock:
+            self.loads += 1
+            self._items[key] = loaded
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+        return loaded
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def evict_prompt(self, name: str, version: int | None = None) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == name and (version is None or k[1] == version)]:
+                del self._items[key]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._items), "max_entries": self.max_entries, "loads": self.loads, "hits": self.hits}

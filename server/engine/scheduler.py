@@ -1,0 +1,312 @@
+"""The generation engine: one thread owns the model and decodes every request in one batch.
+
+Continuous batching: between two decode steps the thread admits waiting requests (any mix
+of prompt versions), prefills them together on top of their cached prefixes, and merges
+them into the running batch; rows that finish leave at once. Each row is left-padded:
+
+    cache columns  [pad][template head + soft prompt (cached prefix)][pad][tail][generated...]
+
+with an attention mask marking real columns and explicit position ids (= number of real
+tokens before a token), so every row computes exactly what it would compute alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+import torch
+
+from trainer.modeling import FrozenModel
+from trainer.prepend import prepend_soft_prompt
+
+from . import kv as kvops
+from .errors import EngineNotReadyError, QueueFullError
+from .prefix_cache import PrefixCache
+from .sampling import sample_next
+from .sequence import FailedEvent, Job, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        frozen: FrozenModel,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        prefix_cache: PrefixCache | None = None,
+        use_prefix_cache: bool = True,
+    ):
+        self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.prefix_cache = prefix_cache or PrefixCache(max_bytes=1 << 30)
+        self.use_prefix_cache = use_prefix_cache
+        self.eos_ids = _eos_ids(frozen)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self._pad_id = int(pad)
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: deque[Job] = deque()
+        self._waiting_count = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._thread: threading.Thread | None = None
+        # the running batch
+        self._seqs: list[Sequence] = []
+        self._cache = None  # DynamicCache [B, H, L, d] per layer
+        self._mask: torch.Tensor | None = None  # [B, L]
+        self.counters = {"prefill_batches": 0, "decode_steps": 0, "max_batch_size_seen": 0,
+                         "tokens_generated": 0, "requests_finished": 0, "requests_failed": 0, "prewarms": 0}
+
+    # ------------------------------------------------------------ thread API
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def pause(self) -> None:
+        """Stop admitting and decoding (requests queue up); used by drains and tests."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+        self._inbox.put(None)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def submit(self, job: Job) -> None:
+        """Queue a request (thread-safe). Raises QueueFullError when too many are waiting."""
+        if not self.alive:
+            raise EngineNotReadyError("The generation engine is not running.")
+        with self._lock:
+            if self._waiting_count >= self.max_queue:
+                raise QueueFullError(self._waiting_count, self.max_queue)
+            self._waiting_count += 1
+        self._inbox.put(job)
+
+    def prewarm(self, prompt_key: tuple | None, soft: torch.Tensor | None, head_ids: tuple[int, ...]) -> Future:
+        """Compute (in the engine thread) the prefix KV of a prompt for `head_ids` ahead of use."""
+        future: Future = Future()
+        self._inbox.put((prompt_key, soft, tuple(head_ids), future))
+        return future
+
+    def stats(self) -> dict:
+        with self._lock:
+            waiting = self._waiting_count
+        return {**self.counters, "running": len(self._seqs), "waiting": waiting,
+                "max_batch_size": self.max_batch_size, "prefix_cache": self.prefix_cache.stats()}
+
+    # ------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                idle = not self._seqs and not self._waiting
+                self._drain_inbox(block=idle or not self._running.is_set())
+                if not self._running.is_set():
+                    continue
+                try:
+                    self._admit()
+                    if self._seqs:
+                        self._decode_step()
+                except Exception as exc:  # never let one bad batch kill the server
+                    logger.exception("engine step failed; failing the running batch")
+                    self._fail_running(exc)
+
+    def _drain_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, Job):
+                self._waiting.append(item)
+            elif isinstance(item, tuple):
+                self._do_prewarm(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _do_prewarm(self, prompt_key, soft, head_ids, future: Future) -> None:
+        try:
+            key = PrefixCache.key(prompt_key, head_ids)
+            if key not in self.prefix_cache:
+                self.prefix_cache.put(key, self._compute_prefix(self._block(head_ids, soft)))
+                self.counters["prewarms"] += 1
+            future.set_result(True)
+        except Exception as exc:
+            logger.exception("prewarm of %s failed", prompt_key)
+            future.set_exception(exc)
+
+    # ------------------------------------------------------------ admission + prefill
+    def _admit(self) -> None:
+        new: list[Sequence] = []
+        while self._waiting and len(self._seqs) + len(new) < self.max_batch_size:
+            job = self._waiting.popleft()
+            with self._lock:
+                self._waiting_count -= 1
+            if not job.cancelled:
+                new.append(Sequence(job, self.tokenizer, self.eos_ids))
+        if not new:
+            return
+        started = time.perf_counter()
+        try:
+            kv, mask, logits = self._prefill([s.job for s in new])
+        except Exception as exc:
+            logger.exception("prefill failed")
+            for s in new:
+                self.counters["requests_failed"] += 1
+                s.job.sink(FailedEvent(exc))
+            return
+        self.counters["prefill_batches"] += 1
+        elapsed = (time.perf_counter() - started) * 1e3
+        size = len(self._seqs) + len(new)
+        for s in new:
+            s.prefill_ms, s.joined_batch = elapsed, size
+        tokens = sample_next(logits, [s.params for s in new], [s.generator for s in new])
+        for s, token in zip(new, tokens):
+            s.push(token)
+        self.counters["tokens_generated"] += len(new)
+        running = [] if self._cache is None else [(kvops.from_cache(self._cache), self._mask)]
+        kv, mask = kvops.stack_rows(running + [(kv, mask)])
+        self._seqs += new
+        self._cache, self._mask = kvops.to_cache(kv), mask
+        self._retire_finished()
+
+    def _prefill(self, jobs: list[Job]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
+        """One forward over every new row's tail on top of its prefix: (kv, mask [b, L], logits [b, V])."""
+        prefixes, inputs = zip(*(self._inputs_for(job) for job in jobs))
+        device = self.model.device
+        parts = [(p, torch.ones(1, kvops.length(p), dtype=torch.long, device=device)) for p in prefixes]
+        prefix_kv, prefix_mask = kvops.stack_rows(parts)  # [b, P]
+        width = max(x.shape[0] for x in inputs)
+        pad = self.frozen.embedding(torch.tensor([self._pad_id], device=device))  # [1, D]
+        embeds = pad.expand(len(jobs), width, -1).clone()  # [b, T, D]
+        input_mask = torch.zeros(len(jobs), width, dtype=torch.long, device=device)  # [b, T]
+        for row, x in enumerate(inputs):
+            embeds[row, width - x.shape[0] :] = x
+            input_mask[row, width - x.shape[0] :] = 1
+        mask = torch.cat([prefix_mask, input_mask], dim=1)  # [b, P+T]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix_mask.shape[1] :]  # [b, T]
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=kvops.to_cache(prefix_kv),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return kvops.from_cache(out.past_key_values), mask, out.logits[:, -1].float()
+
+    def _inputs_for(self, job: Job) -> tuple[kvops.KV | None, torch.Tensor]:
+        """(prefix KV or None, input embeddings [n, D]) for one new row."""
+        device = self.model.device
+        tail = self.frozen.embedding(torch.tensor(job.tail_ids, dtype=torch.long, device=device))  # [t, D]
+        fixed_len = len(job.head_ids) + job.soft_len
+        if self.use_prefix_cache and job.tail_ids and fixed_len:
+            key = PrefixCache.key(job.prompt_key, job.head_ids)
+            prefix = self.prefix_cache.get(key)
+            if prefix is None:
+                prefix = self._compute_prefix(self._block(job.head_ids, job.soft))
+                self.prefix_cache.put(key, prefix)
+            return prefix, tail
+        # uncached: the whole [head + soft][tail] sequence goes through the forward pass
+        block = self._block(job.head_ids, job.soft)  # [P, D]
+        ones = torch.ones(1, tail.shape[0], dtype=torch.long, device=device)
+        full = prepend_soft_prompt(block, tail.unsqueeze(0), ones)
+        return None, full.inputs_embeds[0]  # [P+t, D]
+
+    def _block(self, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> torch.Tensor:
+        """The fixed block before the query: embedded template head ++ soft prompt, [P, D]."""
+        device, dtype = self.model.device, self.model.dtype
+        head = self.frozen.embedding(torch.tensor(head_ids, dtype=torch.long, device=device))  # [h, D]
+        if soft is None:
+            return head
+        return torch.cat([head, soft.to(device=device, dtype=dtype)], dim=0)  # [h+P, D]
+
+    def _compute_prefix(self, block: torch.Tensor) -> kvops.KV:
+        """KV of the fixed block alone (positions 0..P-1): [1, H, P, d] per layer."""
+        device = block.device
+        no_query = block.new_zeros(1, 0, block.shape[1])  # [1, 0, D]
+        pre = prepend_soft_prompt(block, no_query, torch.ones(1, 0, dtype=torch.long, device=device))
+        out = self.model(
+            inputs_embeds=pre.inputs_embeds,
+            attention_mask=pre.attention_mask,
+            position_ids=pre.position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return kvops.from_cache(out.past_key_values)
+
+    # ------------------------------------------------------------ decoding
+    def _decode_step(self) -> None:
+        seqs = self._seqs
+        device = self.model.device
+        ids = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long, device=device)  # [B, 1]
+        positions = self._mask.sum(dim=1, keepdim=True)  # [B, 1]: real tokens so far
+        mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)  # [B, L+1]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache, self._mask = out.past_key_values, mask
+        self.counters["decode_steps"] += 1
+        self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(seqs))
+        tokens = sample_next(out.logits[:, -1].float(), [s.params for s in seqs], [s.generator for s in seqs])
+        for s, token in zip(seqs, tokens):
+            s.max_batch = max(s.max_batch, len(seqs))
+            if not s.job.cancelled:
+                s.push(token)
+        self.counters["tokens_generated"] += len(seqs)
+        self._retire_finished()
+
+    def _retire_finished(self) -> None:
+        done = [i for i, s in enumerate(self._seqs) if s.finish_reason is not None or s.job.cancelled]
+        if not done:
+            return
+        for i in done:
+            self._seqs[i].finish()
+            self.counters["requests_finished"] += 1
+        keep = [i for i in range(len(self._seqs)) if i not in set(done)]
+        self._seqs = [self._seqs[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        kv = kvops.select_rows(kvops.from_cache(self._cache), index)
+        kv, mask = kvops.trim_left(kv, self._mask.index_select(0, index))
+        self._cache, self._mask = kvops.to_cache(kv), mask
+
+    def _fail_running(self, exc: Exception) -> None:
+        for s in self._seqs:
+            self.counters["requests_failed"] += 1
+            s.job.sink(FailedEvent(exc))
+        self._seqs, self._cache, self._mask = [], None, None
+
+
+def _eos_ids(frozen: FrozenModel) -> set[int]:
+    ids = set()
+    for source in (frozen.tokenizer.eos_token_id, getattr(frozen.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids

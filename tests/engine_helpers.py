@@ -1,0 +1,79 @@
+"""Helpers for engine tests: build jobs from text and wait for their results."""
+
+from __future__ import annotations
+
+import queue
+
+import torch
+
+from server.engine import DoneEvent, FailedEvent, Job, SamplingParams, TokenEvent
+from trainer.layout import ChatLayout
+
+
+class Collector:
+    """A sink that records every event of one job."""
+
+    def __init__(self):
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, event) -> None:
+        self.events.put(event)
+
+    def result(self, timeout: float = 30.0) -> tuple[DoneEvent, list[TokenEvent]]:
+        pieces = []
+        while True:
+            event = self.events.get(timeout=timeout)
+            if isinstance(event, TokenEvent):
+                pieces.append(event)
+            elif isinstance(event, FailedEvent):
+                raise event.error
+            else:
+                return event, pieces
+
+
+def make_job(tokenizer, text: str, soft: torch.Tensor | None = None, key: tuple | None = None, **params) -> tuple[Job, Collector]:
+    layout = ChatLayout(tokenizer).for_input(text)
+    sink = Collector()
+    params.setdefault("max_new_tokens", 12)
+    job = Job(
+        prompt_key=key if soft is None or key is not None else ("p", id(soft), "x"),
+        soft=soft,
+        head_ids=layout.head_ids,
+        tail_ids=layout.tail_ids,
+        params=SamplingParams(**params),
+        sink=sink,
+    )
+    return job, sink
+
+
+def generated_ids(done_and_pieces) -> list[int]:
+    return [p.token_id for p in done_and_pieces[1]]
+
+
+def untied_llama(vocab_size: int, *, seed: int = 0):
+    """A tiny random Llama whose output head is NOT tied to its embeddings.
+
+    With tied embeddings a random 2-layer model mostly predicts its last input token again,
+    so every comparison passes trivially; an untied head makes greedy tokens vary with context.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+        model.lm_head.weight.normal_(0, 0.5)
+        # strong attention, so tokens far back (the soft prompt) change the next-token choice
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                proj.weight.normal_(0, 0.3)
+    return model.eval()
+
+
+def wait_all(sinks, timeout: float = 60.0):
+    return [sink.result(timeout) for sink in sinks]

@@ -1,0 +1,194 @@
+"""The continuous-batching engine on a tiny random model: batching never changes a row's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine import Engine, PrefixCache, QueueFullError
+from tests.engine_helpers import make_job, untied_llama, wait_all
+from trainer.modeling import from_loaded
+
+TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "the plot was dull and boring, a bad movie"]
+
+
+@pytest.fixture(scope="module")
+def mixing(tokenizer):
+    """A tiny model whose greedy tokens depend on the whole context (soft prompt included)."""
+    return from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
+
+
+@pytest.fixture(scope="module")
+def softs():
+    torch.manual_seed(7)
+    return {("a", 1, "x"): torch.randn(3, 64), ("b", 1, "y"): torch.randn(9, 64), ("b", 2, "z"): torch.randn(5, 64)}
+
+
+def _engine(frozen, **kwargs) -> Engine:
+    engine = Engine(frozen, **kwargs)
+    engine.start()
+    return engine
+
+
+def _cases(softs):
+    keys = [("a", 1, "x"), ("b", 1, "y"), None, ("b", 2, "z")]
+    return [(text, key, softs[key] if key else None) for text, key in zip(TEXTS, keys)]
+
+
+def _solo(engine, tokenizer, cases, **params):
+    out = []
+    for text, key, soft in cases:
+        job, sink = make_job(tokenizer, text, soft, key=key, **params)
+        engine.submit(job)
+        out.append(sink.result()[0])
+    return out
+
+
+def _together(engine, tokenizer, cases, **params):
+    """Submit every case while the engine is paused, so they are all admitted in one batch."""
+    engine.pause()
+    sinks = []
+    for text, key, soft in cases:
+        job, sink = make_job(tokenizer, text, soft, key=key, **params)
+        engine.submit(job)
+        sinks.append(sink)
+    engine.resume()
+    return [done for done, _ in wait_all(sinks)]
+
+
+def test_mixed_prompt_batch_gives_each_request_its_solo_tokens(mixing, tokenizer, softs):
+    engine = _engine(mixing, max_batch_size=8)
+    try:
+        cases = _cases(softs)
+        together = _together(engine, tokenizer, cases, max_new_tokens=12)
+        alone = _solo(engine, tokenizer, cases, max_new_tokens=12)
+    finally:
+        engine.stop()
+    assert engine.counters["max_batch_size_seen"] == len(cases)
+    assert all(done.batch_sizes[0] == len(cases) for done in together)
+    assert [d.token_ids for d in together] == [d.token_ids for d in alone]
+    assert len({tuple(d.token_ids) for d in together}) == len(cases)  # the prompts really differ
+
+
+def test_cached_prefix_gives_the_same_tokens_as_uncached(mixing, tokenizer, softs):
+    cached, uncached = _engine(mixing), _engine(mixing, use_prefix_cache=False)
+    try:
+        cases = _cases(softs)
+        first = _solo(cached, tokenizer, cases, max_new_tokens=10)  # computes the prefixes
+        reused = _solo(cached, tokenizer, cases, max_new_tokens=10)  # hits the cache
+        plain = _solo(uncached, tokenizer, cases, max_new_tokens=10)
+    finally:
+        cached.stop(), uncached.stop()
+    assert [d.token_ids for d in first] == [d.token_ids for d in reused] == [d.token_ids for d in plain]
+    stats = cached.prefix_cache.stats()
+    assert stats["misses"] == len(cases) and stats["hits"] == len(cases)
+    assert uncached.prefix_cache.stats()["entries"] == 0
+
+
+def test_bare_model_matches_hf_generate(mixing, tokenizer):
+    from trainer.layout import ChatLayout
+
+    engine = _engine(mixing)
+    try:
+        [done] = _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=10)
+    finally:
+        engine.stop()
+    layout = ChatLayout(tokenizer).for_input(TEXTS[0])
+    ids = torch.tensor([layout.head_ids + layout.tail_ids])
+    with torch.no_grad():
+        reference = mixing.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert done.token_ids == reference[0, ids.shape[1]:].tolist()[: len(done.token_ids)]
+
+
+def test_requests_joining_between_steps_keep_their_tokens(mixing, tokenizer, softs):
+    """A request admitted while others are mid-decode gets exactly its solo tokens."""
+    engine = _engine(mixing, max_batch_size=8)
+    try:
+        cases = _cases(softs)
+        alone = _solo(engine, tokenizer, cases, max_new_tokens=16)
+        sinks = []
+        for text, key, soft in cases:
+            job, sink = make_job(tokenizer, text, soft, key=key, max_new_tokens=16)
+            engine.submit(job)
+            sinks.append(sink)
+            sink.events.get(timeout=30)  # wait for its first token before the next one arrives
+            sink.events.put(None)
+        results = []
+        for sink in sinks:
+            results.append(_drain_done(sink))
+    finally:
+        engine.stop()
+    assert [d.token_ids for d in results] == [d.token_ids for d in alone]
+    assert engine.counters["max_batch_size_seen"] >= 2
+
+
+def _drain_done(sink):
+    from server.engine import DoneEvent
+
+    while True:
+        event = sink.events.get(timeout=30)
+        if isinstance(event, DoneEvent):
+            return event
+
+
+def test_max_new_tokens_respected_and_finished_rows_leave(mixing, tokenizer, softs):
+    engine = _engine(mixing)
+    try:
+        engine.pause()
+        short, s1 = make_job(tokenizer, TEXTS[0], max_new_tokens=3)
+        long, s2 = make_job(tokenizer, TEXTS[1], max_new_tokens=20)
+        engine.submit(short), engine.submit(long)
+        engine.resume()
+        (d1, _), (d2, _) = wait_all([s1, s2])
+    finally:
+        engine.stop()
+    assert (d1.completion_tokens, d1.finish_reason) == (3, "length")
+    assert d2.completion_tokens == 20 or d2.finish_reason == "stop"
+    assert engine.stats()["running"] == 0
+
+
+def test_seeded_sampling_is_reproducible(mixing, tokenizer):
+    engine = _engine(mixing)
+    try:
+        runs = [_solo(engine, tokenizer, [(TEXTS[1], None, None)], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)[0]
+                for _ in range(2)]
+    finally:
+        engine.stop()
+    assert runs[0].token_ids == runs[1].token_ids
+
+
+def test_stop_string_ends_and_is_cut(mixing, tokenizer):
+    engine = _engine(mixing)
+    try:
+        [full] = _solo(engine, tokenizer, [(TEXTS[2], None, None)], max_new_tokens=12)
+        stop = full.text[3:5]
+        assert stop.strip("\ufffd"), "need printable text to pick a stop string from"
+        [cut] = _solo(engine, tokenizer, [(TEXTS[2], None, None)], max_new_tokens=12, stop=(stop,))
+    finally:
+        engine.stop()
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_queue_full_when_too_many_wait(mixing, tokenizer):
+    engine = _engine(mixing, max_queue=2)
+    try:
+        engine.pause()
+        for _ in range(2):
+            engine.submit(make_job(tokenizer, "x")[0])
+        with pytest.raises(QueueFullError):
+            engine.submit(make_job(tokenizer, "x")[0])
+    finally:
+        engine.resume()
+        engine.stop()
+
+
+def test_prefix_cache_keys_by_version_and_checksum_not_name():
+    cache = PrefixCache(max_bytes=1 << 20)
+    head = (1, 2, 3)
+    cache.put(PrefixCache.key(("math", 1, "aaa"), head), [(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))])
+    assert PrefixCache.key(("math", 1, "aaa"), head) in cache
+    assert PrefixCache.key(("math", 2, "bbb"), head) not in cache
+    assert PrefixCache.key(("math", 1, "ccc"), head) not in cache
+    assert PrefixCache.key(("math", 1, "aaa"), (1, 2)) not in cache
