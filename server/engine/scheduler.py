@@ -42,11 +42,12 @@ class Engine:
         max_queue: int = 64,
         prefix_cache: PrefixCache | None = None,
         use_prefix_cache: bool = True,
+        retry_after: int = 1,
     ):
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefix_cache = prefix_cache or PrefixCache(max_bytes=1 << 30)
-        self.use_prefix_cache = use_prefix_cache
+        self.use_prefix_cache, self.retry_after = use_prefix_cache, retry_after
         self.eos_ids = _eos_ids(frozen)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._pad_id = int(pad)
@@ -94,7 +95,7 @@ class Engine:
             raise EngineNotReadyError("The generation engine is not running.")
         with self._lock:
             if self._waiting_count >= self.max_queue:
-                raise QueueFullError(self._waiting_count, self.max_queue)
+                raise QueueFullError(self._waiting_count, self.max_queue, self.retry_after)
             self._waiting_count += 1
         self._inbox.put(job)
 

@@ -1,0 +1,113 @@
+"""HTTP-layer errors and the ONE place where domain errors become HTTP responses.
+
+Every error answer is JSON: `{"error": {"code": "...", "message": "...", ...details}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prompt_store import (
+    AliasInUseError,
+    IncompatibleModelError,
+    InvalidNameError,
+    InvalidPromptError,
+    NameConflictError,
+    PromptNotFoundError,
+    PromptStoreError,
+)
+
+from .engine import EngineError, EngineNotReadyError, InputTooLongError, InvalidGenerationRequestError, QueueFullError
+
+logger = logging.getLogger(__name__)
+
+
+class UnauthorizedError(Exception):
+    code = "unauthorized"
+
+
+class PayloadTooLargeError(Exception):
+    code = "payload_too_large"
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+        super().__init__(f"The upload is {size} bytes; the limit is {limit}.")
+
+
+# Most specific first: the first matching class decides the status.
+STATUS: list[tuple[type[Exception], int]] = [
+    (UnauthorizedError, 401),
+    (PayloadTooLargeError, 413),
+    (PromptNotFoundError, 404),
+    (IncompatibleModelError, 409),
+    (NameConflictError, 409),
+    (AliasInUseError, 409),
+    (InvalidNameError, 422),
+    (InvalidPromptError, 422),
+    (InputTooLongError, 422),
+    (InvalidGenerationRequestError, 422),
+    (QueueFullError, 503),
+    (EngineNotReadyError, 503),
+    (PromptStoreError, 400),
+    (EngineError, 500),
+]
+
+
+def error_body(exc: Exception) -> dict:
+    """The JSON error for a domain exception (also used for errors inside an SSE stream)."""
+    body = {"code": getattr(exc, "code", "internal_error"), "message": str(exc)}
+    if isinstance(exc, PromptNotFoundError):
+        body.update(ref=exc.ref, close_matches=exc.close_matches)
+    elif isinstance(exc, InputTooLongError):
+        body.update(limit=exc.limit, prompt_tokens=exc.prompt_tokens, max_new_tokens=exc.max_new_tokens)
+    elif isinstance(exc, QueueFullError):
+        body.update(waiting=exc.waiting, limit=exc.limit, retry_after=exc.retry_after)
+    elif isinstance(exc, PayloadTooLargeError):
+        body.update(limit=exc.limit)
+    return {"error": body}
+
+
+def status_of(exc: Exception) -> int:
+    return next((status for cls, status in STATUS if isinstance(exc, cls)), 500)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    status = status_of(exc)
+    headers = {}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
+    if status >= 500 and not isinstance(exc, (QueueFullError, EngineNotReadyError)):
+        logger.exception("error serving %s", request.url.path, exc_info=exc)
+    return JSONResponse(error_body(exc), status_code=status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+    message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+    return JSONResponse({"error": {"code": "invalid_request", "message": message, "details": details}}, status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error serving %s", request.url.path, exc_info=exc)
+    return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, status_code=500)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    for cls in (UnauthorizedError, PayloadTooLargeError, PromptStoreError, EngineError):
+        app.add_exception_handler(cls, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,1 @@
+"""HTTP routes: thin handlers that validate, call one service, and map the result."""

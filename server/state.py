@@ -1,0 +1,100 @@
+"""Everything the app serves with, built once in the lifespan (never at import time)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from prompt_store import PromptStore
+from trainer.modeling import FrozenModel, load_frozen_model
+
+from .engine import Engine, PrefixCache, PromptCache
+from .generation import GenerationService
+from .prompt_admin import PromptAdmin
+from .settings import Settings
+from .watcher import StoreWatcher
+
+logger = logging.getLogger(__name__)
+
+
+class AppState:
+    """Holds the one model and the objects built around it; `ready` once they all exist."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = PromptStore(settings.store)
+        self.started_at = time.time()
+        self.model_loads = 0
+        self.frozen: FrozenModel | None = None
+        self.engine: Engine | None = None
+        self.prompts: PromptCache | None = None
+        self.generation: GenerationService | None = None
+        self.admin: PromptAdmin | None = None
+        self.watcher: StoreWatcher | None = None
+        self.boot_error: str | None = None
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.engine is not None and self.engine.alive
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def boot(self, frozen: FrozenModel | None = None) -> None:
+        """Load the model (unless one is given), start the engine and the store watcher."""
+        settings = self.settings
+        try:
+            if settings.threads:
+                torch.set_num_threads(settings.threads)
+            if frozen is None:
+                frozen = load_frozen_model(settings.model, device=settings.device)
+            self.model_loads += 1
+            self.frozen = frozen
+            prefixes = PrefixCache(max_bytes=settings.prefix_cache_mb * 1024 * 1024)
+            self.engine = Engine(frozen, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                                 prefix_cache=prefixes, use_prefix_cache=settings.use_prefix_cache,
+                                 retry_after=settings.queue_retry_after)
+            self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
+            self.generation = GenerationService(frozen, self.engine, self.prompts,
+                                                max_new_tokens_limit=settings.max_new_tokens_limit)
+            self.engine.start()
+            if settings.prewarm and settings.use_prefix_cache:
+                self.watcher = StoreWatcher(self.store, self.prompts, self.engine, self.generation.default_head,
+                                            poll_seconds=settings.store_poll_seconds, limit=settings.prompt_cache_size)
+                self.engine.prewarm(None, None, self.generation.default_head).result(120)  # the bare model's head
+                self.watcher.scan()
+                self.watcher.start()
+            self.admin = PromptAdmin(self.store, frozen, self.prompts, prefixes, self.watcher,
+                                     max_upload_bytes=settings.max_prompt_upload_bytes)
+            self._ready.set()
+            logger.info("ready: %s, store %s", frozen.base_model, self.store.root)
+        except Exception as exc:
+            self.boot_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("server failed to start")
+            raise
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.engine is not None:
+            self.engine.stop()
+
+    def stats(self) -> dict:
+        out = {"model_loads": self.model_loads, "ready": self.ready, "uptime_s": round(time.time() - self.started_at, 1)}
+        if self.frozen is not None:
+            out["model"] = {"base_model": self.frozen.base_model, "device": str(self.frozen.device),
+                            "dtype": str(self.frozen.dtype), "context_length": self.frozen.context_length,
+                            "load_seconds": round(self.frozen.load_seconds, 2)}
+        if self.engine is not None:
+            out["engine"] = self.engine.stats()
+        if self.prompts is not None:
+            out["prompt_cache"] = self.prompts.stats()
+        if self.watcher is not None:
+            out["watcher"] = {"scans": self.watcher.scans, "warmed": self.watcher.warmed[-20:],
+                              "poll_seconds": self.watcher.poll_seconds}
+        out["torch_threads"] = torch.get_num_threads()
+        return out

@@ -1,0 +1,84 @@
+"""Hot swap: poll the store and pre-warm new versions (load the tensor, prefill its prefix).
+
+Whoever publishes (the trainer, the CLI, the HTTP API), the watcher sees the store's
+signature change within `store_poll_seconds` and gets the newest version of every name and
+every alias target ready, so the first request on it costs no more than a warm one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prompt_store import IncompatibleModelError, PromptStore, PromptStoreError, PromptVersion
+
+from .engine import Engine, PrefixCache, PromptCache
+
+logger = logging.getLogger(__name__)
+
+
+class StoreWatcher:
+    def __init__(self, store: PromptStore, prompts: PromptCache, engine: Engine, head_ids: tuple[int, ...],
+                 *, poll_seconds: float, limit: int):
+        self.store, self.prompts, self.engine, self.head_ids = store, prompts, engine, head_ids
+        self.poll_seconds, self.limit = poll_seconds, limit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._signature = None
+        self.scans = 0
+        self.warmed: list[str] = []
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="softprompt-store-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan()
+            except Exception:
+                logger.exception("store scan failed")
+            self._stop.wait(self.poll_seconds)
+
+    def scan(self) -> None:
+        """Pre-warm what changed since the last scan (cheap when nothing did)."""
+        signature = self.store.signature()
+        if signature == self._signature:
+            return
+        self._signature = signature
+        self.scans += 1
+        targets: list[PromptVersion] = []
+        for name in self.store.names():
+            versions = self.store.versions(name)
+            if versions:
+                targets.append(versions[-1])
+        for target in self.store.aliases().values():
+            try:
+                targets.append(self.store.resolve(target))
+            except PromptStoreError:
+                continue
+        for version in targets[: self.limit]:
+            self.warm(version)
+
+    def warm(self, version: PromptVersion, timeout: float = 120.0) -> bool:
+        """Load `version` and compute its prefix KV now; False if it cannot be served here."""
+        key = (version.id.name, version.id.version, version.checksum)
+        if PrefixCache.key(key, self.head_ids) in self.engine.prefix_cache and key in self.prompts:
+            return True
+        try:
+            loaded = self.prompts.get_version(version)
+        except IncompatibleModelError as exc:
+            logger.warning("not pre-warming %s: %s", version.id, exc)
+            return False
+        except PromptStoreError as exc:
+            logger.warning("cannot load %s: %s", version.id, exc)
+            return False
+        self.engine.prewarm(loaded.cache_key, loaded.embeddings, self.head_ids).result(timeout)
+        self.warmed.append(str(version.id))
+        logger.info("pre-warmed %s", version.id)
+        return True
