@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prompt_store import PromptStore
 
-KILLS = 40
+KILLS = 25
 
 
 def test_killed_publisher_never_leaves_partial_version(tmp_path):
