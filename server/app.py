@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from trainer.modeling import FrozenModel
 
 from .errors import register_error_handlers
-from .routes import generate, health, prompts
+from .jobs import JobManager
+from .routes import generate, health, prompts, train
 from .settings import Settings
 from .state import AppState
 
@@ -29,6 +30,10 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     async def lifespan(app: FastAPI):
         state = AppState(settings)
         app.state.softprompt = state
+        # Training jobs need no model in this process: workers load their own.
+        app.state.jobs = JobManager(settings.store, model_spec=settings.model, device=settings.device,
+                                    threads=settings.train_threads, max_running=settings.train_concurrency)
+        app.state.jobs.start()
         booting = None
         if frozen is not None:
             state.boot(frozen)
@@ -39,6 +44,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         finally:
             if booting is not None and not booting.done():
                 await asyncio.wait([booting], timeout=300)
+            app.state.jobs.stop()
             state.shutdown()
 
     app = FastAPI(title="softprompt-server", version="0.1.0", lifespan=lifespan,
@@ -47,4 +53,5 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(prompts.router)
+    app.include_router(train.router)
     return app

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from .engine import EngineNotReadyError
 from .errors import UnauthorizedError
 from .generation import GenerationService
+from .jobs import JobManager
 from .prompt_admin import PromptAdmin
 from .settings import Settings
 from .state import AppState
@@ -51,7 +52,12 @@ def require_admin(request: Request, state: State) -> None:
         raise UnauthorizedError("This route needs 'Authorization: Bearer <SOFTPROMPT_API_KEY>'.")
 
 
+def get_jobs(request: Request) -> JobManager:
+    return request.app.state.jobs
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 Generation = Annotated[GenerationService, Depends(get_generation)]
 Admin = Annotated[PromptAdmin, Depends(get_admin)]
 AdminAuth = Depends(require_admin)
+Jobs = Annotated[JobManager, Depends(get_jobs)]

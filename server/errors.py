@@ -22,13 +22,24 @@ from prompt_store import (
     PromptStoreError,
 )
 
+from trainer.config import TrainConfigError
+from trainer.data import DataError
+
 from .engine import EngineError, EngineNotReadyError, InputTooLongError, InvalidGenerationRequestError, QueueFullError
+
+from .jobs.errors import JobError, JobNotFoundError, JobStateError, UploadTooLargeError
 
 logger = logging.getLogger(__name__)
 
 
 class UnauthorizedError(Exception):
     code = "unauthorized"
+
+
+class InvalidTrainRequestError(Exception):
+    """A /train request lacks a required part (file, name, init) or has the wrong content type."""
+
+    code = "invalid_train_request"
 
 
 class PayloadTooLargeError(Exception):
@@ -43,6 +54,12 @@ class PayloadTooLargeError(Exception):
 STATUS: list[tuple[type[Exception], int]] = [
     (UnauthorizedError, 401),
     (PayloadTooLargeError, 413),
+    (UploadTooLargeError, 413),
+    (JobNotFoundError, 404),
+    (JobStateError, 409),
+    (DataError, 422),
+    (TrainConfigError, 422),
+    (InvalidTrainRequestError, 422),
     (PromptNotFoundError, 404),
     (IncompatibleModelError, 409),
     (NameConflictError, 409),
@@ -58,17 +75,24 @@ STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
+# Codes for domain errors of layers that know nothing of HTTP codes.
+CODES: dict[type[Exception], str] = {DataError: "invalid_training_data", TrainConfigError: "invalid_training_config"}
+
+
 def error_body(exc: Exception) -> dict:
     """The JSON error for a domain exception (also used for errors inside an SSE stream)."""
-    body = {"code": getattr(exc, "code", "internal_error"), "message": str(exc)}
+    code = next((c for cls, c in CODES.items() if isinstance(exc, cls)), None) or getattr(exc, "code", "internal_error")
+    body = {"code": code, "message": str(exc)}
     if isinstance(exc, PromptNotFoundError):
         body.update(ref=exc.ref, close_matches=exc.close_matches)
     elif isinstance(exc, InputTooLongError):
         body.update(limit=exc.limit, prompt_tokens=exc.prompt_tokens, max_new_tokens=exc.max_new_tokens)
     elif isinstance(exc, QueueFullError):
         body.update(waiting=exc.waiting, limit=exc.limit, retry_after=exc.retry_after)
-    elif isinstance(exc, PayloadTooLargeError):
+    elif isinstance(exc, (PayloadTooLargeError, UploadTooLargeError)):
         body.update(limit=exc.limit)
+    elif isinstance(exc, TrainConfigError):
+        body.update(field=exc.field)
     return {"error": body}
 
 
@@ -106,7 +130,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def register_error_handlers(app: FastAPI) -> None:
-    for cls in (UnauthorizedError, PayloadTooLargeError, PromptStoreError, EngineError):
+    for cls in (
+        UnauthorizedError,
+        PayloadTooLargeError,
+        PromptStoreError,
+        EngineError,
+        JobError,
+        DataError,
+        TrainConfigError,
+        InvalidTrainRequestError,
+    ):
         app.add_exception_handler(cls, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     store_poll_seconds: float = Field(1.0, gt=0, description="how often the store is checked for new versions")
     train_threads: int = Field(1, ge=1, description="torch threads a training job may use")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest training upload accepted")
+    train_concurrency: int = Field(1, ge=1, description="training jobs run at once (the rest wait, FIFO)")
     # serving engine (issue 4)
     prefix_cache_mb: int = Field(512, ge=1, description="memory for cached soft-prompt prefix key/values (LRU)")
     use_prefix_cache: bool = Field(True, description="reuse the soft prompt's key/values across requests")

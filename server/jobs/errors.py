@@ -1,0 +1,27 @@
+"""Errors of the job layer (mapped to HTTP status codes in server/errors.py)."""
+
+
+class JobError(Exception):
+    code = "job_error"
+
+
+class JobNotFoundError(JobError, LookupError):
+    code = "job_not_found"
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"No training job with id {job_id!r}; GET /train lists them.")
+
+
+class JobStateError(JobError):
+    """The job is not in a state that allows the action (e.g. cancelling a finished job)."""
+
+    code = "job_state_conflict"
+
+
+class UploadTooLargeError(JobError):
+    code = "upload_too_large"
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"The upload exceeds the limit of {limit} bytes (SOFTPROMPT_MAX_UPLOAD_BYTES).")

@@ -1,0 +1,255 @@
+"""Runs training jobs one at a time (FIFO) in worker processes and tracks their state.
+
+The manager is the only writer of job records. Workers report over stdout (see worker.py);
+a worker that dies without a final report leaves its job `failed`, never lost. On start,
+jobs left `running` by a previous server are marked failed and `queued` ones run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from trainer.config import TrainConfig
+
+from .errors import JobNotFoundError, JobStateError
+from .job_files import CANCEL_FLAG, JobFiles
+from .records import JobRecord, JobState, now
+
+logger = logging.getLogger(__name__)
+
+PERSIST_EVERY_SECONDS = 1.0
+
+
+def new_job_id() -> str:
+    """Sortable by creation time: hex nanoseconds, then random bits."""
+    return f"{time.time_ns():x}{secrets.token_hex(3)}"
+
+
+class JobManager:
+    def __init__(
+        self,
+        store_root: Path,
+        *,
+        model_spec: str,
+        device: str | None = None,
+        threads: int = 1,
+        max_running: int = 1,
+        cancel_grace_seconds: float = 30.0,
+    ):
+        self.store_root = Path(store_root)
+        self.files = JobFiles(self.store_root / "jobs")
+        self.model_spec = model_spec
+        self.device = device
+        self.threads = threads
+        self.max_running = max_running
+        self.cancel_grace_seconds = cancel_grace_seconds
+        self._records: dict[str, JobRecord] = {}
+        self._queue: deque[str] = deque()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._changed = threading.Condition()
+        self._last_persist: dict[str, float] = {}
+        self._stopping = False
+        self._dispatcher: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        with self._changed:
+            for record in self.files.load_all():
+                if record.state == JobState.running:
+                    self._finish(record, JobState.failed, error="interrupted: the server stopped while this job ran")
+                elif record.state == JobState.queued:
+                    self._queue.append(record.id)
+                self._records[record.id] = record
+        self._dispatcher = threading.Thread(target=self._dispatch, name="job-dispatcher", daemon=True)
+        self._dispatcher.start()
+        logger.info("job manager started: %d jobs on record, %d queued", len(self._records), len(self._queue))
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            procs = list(self._procs.values())
+            self._changed.notify_all()
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+    # ----------------------------------------------------------------- public API
+    def submit(
+        self,
+        name: str,
+        config: TrainConfig,
+        train_data: bytes,
+        eval_data: bytes | None,
+        *,
+        num_train_examples: int,
+        num_eval_examples: int = 0,
+    ) -> JobRecord:
+        record = JobRecord(
+            id=new_job_id(),
+            name=name,
+            config=config.to_dict(),
+            total=config.steps,
+            num_train_examples=num_train_examples,
+            num_eval_examples=num_eval_examples,
+        )
+        request = {
+            "name": name,
+            "config": {**config.to_dict(), "threads": config.threads or self.threads},
+            "model": self.model_spec,
+            "device": self.device,
+            "store": str(self.store_root),
+        }
+        self.files.create(record, request, train_data, eval_data)
+        with self._changed:
+            self._records[record.id] = record
+            self._queue.append(record.id)
+            self._changed.notify_all()
+        logger.info("job %s queued: train %s (%d examples)", record.id, name, num_train_examples)
+        return record.model_copy(deep=True)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._changed:
+            if job_id not in self._records:
+                raise JobNotFoundError(job_id)
+            return self._records[job_id].model_copy(deep=True)
+
+    def list(self) -> list[JobRecord]:
+        with self._changed:
+            return [r.model_copy(deep=True) for r in sorted(self._records.values(), key=lambda r: r.id, reverse=True)]
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._changed:
+            record = self._records.get(job_id)
+            if record is None:
+                raise JobNotFoundError(job_id)
+            if record.state.finished:
+                raise JobStateError(f"Job {job_id} already {record.state.value}; only queued or running jobs can be cancelled.")
+            if record.state == JobState.queued:
+                self._queue.remove(job_id)
+                self._finish(record, JobState.cancelled)
+            else:
+                (self.files.folder(job_id) / CANCEL_FLAG).touch()
+                threading.Timer(self.cancel_grace_seconds, self._kill_if_running, args=(job_id,)).start()
+                logger.info("job %s: cancel requested", job_id)
+            return record.model_copy(deep=True)
+
+    def wait_for_change(self, job_id: str, revision: int, timeout: float) -> JobRecord:
+        """Block until the job's revision passes `revision` (or timeout); return the record."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: job_id not in self._records or self._records[job_id].revision > revision or self._stopping,
+                timeout=timeout,
+            )
+        return self.get(job_id)
+
+    # ----------------------------------------------------------------- internals
+    def _dispatch(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(
+                    lambda: self._stopping or (self._queue and len(self._procs) < self.max_running)
+                )
+                if self._stopping:
+                    return
+                job_id = self._queue.popleft()
+                record = self._records[job_id]
+                proc = self._launch(record)
+                self._procs[job_id] = proc
+                record.state, record.started_at = JobState.running, now()
+                self._touch(record, persist=True)
+            threading.Thread(target=self._follow, args=(job_id, proc), name=f"job-{job_id}", daemon=True).start()
+
+    def _launch(self, record: JobRecord) -> subprocess.Popen:
+        folder = self.files.folder(record.id)
+        threads = str(self.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
+        log = open(folder / "worker.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.jobs.worker", str(folder)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        log.close()
+        logger.info("job %s: worker pid %d started (log %s)", record.id, proc.pid, folder / "worker.log")
+        return proc
+
+    def _follow(self, job_id: str, proc: subprocess.Popen) -> None:
+        final = None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            final = self._apply(job_id, event) or final
+        code = proc.wait()
+        with self._changed:
+            self._procs.pop(job_id, None)
+            record = self._records[job_id]
+            if final is None and not record.state.finished:
+                if (self.files.folder(job_id) / CANCEL_FLAG).exists():
+                    self._finish(record, JobState.cancelled, error="killed after cancel; nothing was published")
+                    self._changed.notify_all()
+                    return
+                reason = "worker was stopped by the server shutting down" if self._stopping else f"worker exited with code {code}"
+                self._finish(record, JobState.failed, error=f"{reason} before finishing; nothing was published")
+            self._changed.notify_all()
+
+    def _apply(self, job_id: str, event: dict) -> str | None:
+        """Fold one worker event into the record; return the event name if it ends the job."""
+        kind = event.pop("event", None)
+        with self._changed:
+            record = self._records[job_id]
+            if kind == "started":
+                record.num_train_examples = event["num_train_examples"]
+                record.num_eval_examples = event["num_eval_examples"]
+                self._touch(record, persist=True)
+            elif kind == "progress":
+                for key in ("step", "total", "loss", "val_metric", "eta_seconds", "elapsed_seconds"):
+                    setattr(record, key, event.get(key))
+                record.history.append({k: event.get(k) for k in ("step", "loss", "val_metric", "elapsed_seconds")})
+                self._touch(record)
+            elif kind == "succeeded":
+                record.version, record.metrics = event["version"], event.get("metrics", {})
+                self._finish(record, JobState.succeeded)
+                return kind
+            elif kind == "cancelled":
+                self._finish(record, JobState.cancelled)
+                return kind
+            elif kind == "failed":
+                self._finish(record, JobState.failed, error=event.get("error"))
+                return kind
+        return None
+
+    def _finish(self, record: JobRecord, state: JobState, error: str | None = None) -> None:
+        record.state, record.error, record.finished_at = state, error, now()
+        record.eta_seconds = None
+        self._touch(record, persist=True)
+        logger.info("job %s %s%s", record.id, state.value, f": {error}" if error else f" ({record.version})" if record.version else "")
+
+    def _touch(self, record: JobRecord, *, persist: bool = False) -> None:
+        """Record a change: bump the revision, wake waiters, persist (throttled for progress)."""
+        record.revision += 1
+        moment = time.monotonic()
+        if persist or moment - self._last_persist.get(record.id, 0.0) >= PERSIST_EVERY_SECONDS:
+            self.files.save(record)
+            self._last_persist[record.id] = moment
+        self._changed.notify_all()
+
+    def _kill_if_running(self, job_id: str) -> None:
+        with self._changed:
+            proc = self._procs.get(job_id)
+        if proc is not None and proc.poll() is None:
+            logger.warning("job %s: did not stop within %.0f s of cancel; killing it", job_id, self.cancel_grace_seconds)
+            proc.kill()

@@ -1,0 +1,47 @@
+"""The persisted state of one training job."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class JobRecord(BaseModel):
+    id: str
+    name: str = Field(description="prompt name the result is published under")
+    state: JobState = JobState.queued
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    val_metric: float | None = Field(None, description="latest validation metric (accuracy or exact match)")
+    eta_seconds: float | None = None
+    elapsed_seconds: float | None = None
+    version: str | None = Field(None, description="the published name-vN, once succeeded")
+    error: str | None = None
+    metrics: dict = Field(default_factory=dict)
+    config: dict = Field(default_factory=dict, description="the training settings")
+    num_train_examples: int = 0
+    num_eval_examples: int = 0
+    created_at: str = Field(default_factory=now)
+    started_at: str | None = None
+    finished_at: str | None = None
+    history: list[dict] = Field(default_factory=list, description="step, loss, val_metric per step")
+    revision: int = Field(0, description="increases on every change (for event streams)")

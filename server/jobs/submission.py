@@ -1,0 +1,90 @@
+"""Validate a training upload up front, so a bad one is refused before any job exists."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from prompt_store import validate_name
+from trainer.config import TrainConfig
+from trainer.data import DataError, Example, parse_examples, split_examples
+
+from .errors import UploadTooLargeError
+
+# Form/JSON field -> TrainConfig field. Anything else in TrainConfig can be given in `config`.
+FIELD_TO_CONFIG = {"init": "init_text", "steps": "steps", "lr": "lr", "min_cosine": "min_cosine", "eval_fraction": "eval_fraction"}
+
+
+@dataclass
+class Submission:
+    name: str
+    config: TrainConfig
+    train_data: bytes
+    eval_data: bytes | None
+    num_train: int
+    num_eval: int
+
+
+def check_size(data: bytes, limit: int) -> bytes:
+    if len(data) > limit:
+        raise UploadTooLargeError(limit)
+    return data
+
+
+def examples_to_jsonl(examples: list[dict]) -> bytes:
+    """A JSON body's examples, stored as the same JSONL a file upload would be."""
+    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode()
+
+
+def build_submission(
+    *,
+    name: str,
+    fields: dict,
+    train_data: bytes,
+    eval_data: bytes | None,
+    size_limit: int,
+    source: str = "file",
+) -> Submission:
+    """Check name, settings and every line of the data; raise the domain error that names the problem.
+
+    `fields` holds init/steps/lr/min_cosine/eval_fraction (already typed or strings from a
+    form) and optionally `config`, a dict of further TrainConfig settings.
+    """
+    validate_name(name)
+    check_size(train_data, size_limit)
+    if eval_data is not None:
+        check_size(eval_data, size_limit)
+    settings = dict(fields.get("config") or {})
+    for field, target in FIELD_TO_CONFIG.items():
+        if fields.get(field) not in (None, ""):
+            settings[target] = fields[field]
+    config = TrainConfig.from_dict(_typed(settings))
+    train = parse_examples(_text_lines(train_data, source), source=source)
+    if eval_data is not None:
+        val: list[Example] = parse_examples(_text_lines(eval_data, "eval_file"), source="eval_file")
+    else:
+        train, val = split_examples(train, config.eval_fraction, config.seed)
+    return Submission(name, config, train_data, eval_data, len(train), len(val))
+
+
+def _text_lines(data: bytes, source: str) -> list[str]:
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _typed(settings: dict) -> dict:
+    """Form fields arrive as strings: turn numeric-looking ones into numbers for TrainConfig."""
+    typed = {}
+    for key, value in settings.items():
+        if isinstance(value, str) and key != "init_text":
+            try:
+                value = int(value)
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+        typed[key] = value
+    return typed

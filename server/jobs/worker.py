@@ -1,0 +1,93 @@
+"""The training worker: one job, in its own process, so a crash or OOM cannot take the server down.
+
+    python -m server.jobs.worker <job folder>
+
+Reads request.json and the uploaded JSONL from the job folder, runs the trainer's loop with
+its progress callback, publishes the result and writes curves. It reports to the server as
+JSON lines on stdout: {"event": "progress" | "succeeded" | "failed" | "cancelled", ...}.
+A file named `cancel` in the job folder stops it after the current step; nothing is published.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before torch: threads are capped by the server (SOFTPROMPT_TRAIN_THREADS) via OMP_NUM_THREADS.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from prompt_store import PromptStore  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.curves import write_curves  # noqa: E402
+from trainer.data import load_examples, split_examples  # noqa: E402
+from trainer.loop import TrainingCancelled, TrainProgress, train_prompt  # noqa: E402
+from trainer.modeling import load_frozen_model  # noqa: E402
+from trainer.publish import publish_result  # noqa: E402
+
+from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, TRAIN_DATA  # noqa: E402
+
+logger = logging.getLogger("server.jobs.worker")
+
+
+def emit(event: str, **fields) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def run_job(folder: Path) -> int:
+    request = json.loads((folder / REQUEST).read_text())
+    config = TrainConfig.from_dict(request["config"])
+    examples = load_examples(folder / TRAIN_DATA)
+    if (folder / EVAL_DATA).exists():
+        train, val = examples, load_examples(folder / EVAL_DATA)
+    else:
+        train, val = split_examples(examples, config.eval_fraction, config.seed)
+    frozen = load_frozen_model(request["model"], device=request.get("device"))
+    emit("started", num_train_examples=len(train), num_eval_examples=len(val))
+
+    def on_progress(progress: TrainProgress) -> None:
+        emit(
+            "progress",
+            step=progress.step,
+            total=progress.total,
+            loss=progress.loss,
+            val_metric=progress.val_metric,
+            eta_seconds=progress.eta_seconds,
+            elapsed_seconds=progress.elapsed_seconds,
+        )
+
+    try:
+        result = train_prompt(
+            frozen, train, val, config, callback=on_progress, should_stop=(folder / CANCEL_FLAG).exists
+        )
+    except TrainingCancelled:
+        emit("cancelled")
+        return 0
+    write_curves(result.history, folder)
+    version = publish_result(PromptStore(request["store"]), request["name"], frozen, result)
+    emit("succeeded", version=str(version.id), metrics=_jsonable(result.metrics))
+    return 0
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    folder = Path((argv or sys.argv[1:])[0])
+    try:
+        return run_job(folder)
+    except Exception as exc:  # report every failure to the server, then exit non-zero
+        traceback.print_exc()
+        emit("failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

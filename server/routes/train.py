@@ -1,0 +1,165 @@
+"""Training jobs over HTTP: upload labeled data, watch progress, get a published prompt.
+
+    curl -F file=@train.jsonl -F name=sentiment -F init="Classify the sentiment..." :8000/train
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from trainer.curves import write_curves
+
+from ..deps import AdminAuth, Jobs, SettingsDep
+from ..errors import InvalidTrainRequestError
+from ..jobs.errors import UploadTooLargeError
+from ..jobs.records import JobRecord
+from ..jobs.submission import build_submission, examples_to_jsonl
+
+router = APIRouter(prefix="/train", tags=["training"])
+
+FORM_FIELDS = ("init", "steps", "lr", "min_cosine", "eval_fraction")
+
+
+def public(record: JobRecord, *, history: bool = False) -> dict:
+    data = record.model_dump(mode="json", exclude=set() if history else {"history"})
+    data["links"] = {
+        "self": f"/train/{record.id}",
+        "events": f"/train/{record.id}/events",
+        "curve": f"/train/{record.id}/curve.png",
+        "cancel": f"/train/{record.id}/cancel",
+    }
+    if record.version:
+        data["links"]["generate"] = f"/generate?prompt={record.version}"
+    return data
+
+
+@router.post("", status_code=202, dependencies=[AdminAuth])
+async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep) -> dict:
+    """Start a training job from a multipart upload (`file` = JSONL, form fields `name`, `init`,
+    optional `steps`, `lr`, `min_cosine`, `eval_fraction`, optional `eval_file`) or a JSON body
+    (`{"name", "init", "examples": [{"input", "output"}], ...}`). Everything is validated before
+    the job is queued; the answer is 202 with the job's id."""
+    limit = settings.max_upload_bytes
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > 2 * limit + 65536:  # room for two files and the form fields
+        raise UploadTooLargeError(limit)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidTrainRequestError("Send the JSONL training data in the multipart field 'file'.")
+        train_data = await _read_limited(upload, limit)
+        eval_upload = form.get("eval_file")
+        eval_data = await _read_limited(eval_upload, limit) if isinstance(eval_upload, UploadFile) else None
+        fields = {key: form.get(key) for key in FORM_FIELDS}
+        if form.get("config"):
+            fields["config"] = _json_field(form.get("config"), "config")
+        name, source = form.get("name"), upload.filename or "file"
+    elif content_type.startswith("application/json"):
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("examples"), list):
+            raise InvalidTrainRequestError("A JSON body needs 'name', 'init' and 'examples': [{\"input\", \"output\"}, ...].")
+        train_data = examples_to_jsonl(body["examples"])
+        eval_data = examples_to_jsonl(body["eval_examples"]) if isinstance(body.get("eval_examples"), list) else None
+        fields = {key: body.get(key) for key in (*FORM_FIELDS, "config")}
+        name, source = body.get("name"), "examples"
+    else:
+        raise InvalidTrainRequestError("Send multipart/form-data (file upload) or application/json (examples).")
+    if not isinstance(name, str) or not name:
+        raise InvalidTrainRequestError("Missing 'name': the prompt name to publish the result under.")
+    if not fields.get("init"):
+        raise InvalidTrainRequestError("Missing 'init': the text whose token embeddings start the prompt.")
+    submission = await run_in_threadpool(
+        build_submission, name=name, fields=fields, train_data=train_data, eval_data=eval_data, size_limit=limit, source=source
+    )
+    record = await run_in_threadpool(
+        jobs.submit,
+        submission.name,
+        submission.config,
+        submission.train_data,
+        submission.eval_data,
+        num_train_examples=submission.num_train,
+        num_eval_examples=submission.num_eval,
+    )
+    return public(record)
+
+
+@router.get("")
+async def list_jobs(jobs: Jobs) -> dict:
+    return {"jobs": [public(r) for r in jobs.list()]}
+
+
+@router.get("/{job_id}")
+async def get_job(job_id: str, jobs: Jobs) -> dict:
+    return public(jobs.get(job_id))
+
+
+@router.post("/{job_id}/cancel", dependencies=[AdminAuth])
+async def cancel_job(job_id: str, jobs: Jobs) -> dict:
+    return public(jobs.cancel(job_id))
+
+
+@router.get("/{job_id}/curve")
+async def job_curve(job_id: str, jobs: Jobs) -> dict:
+    """The training curve as JSON: step, loss and validation metric per step."""
+    record = jobs.get(job_id)
+    return {"id": record.id, "history": record.history}
+
+
+@router.get("/{job_id}/curve.png")
+async def job_curve_png(job_id: str, jobs: Jobs) -> Response:
+    record = jobs.get(job_id)
+    png = await run_in_threadpool(_curve_png, record.history)
+    return Response(png, media_type="image/png")
+
+
+@router.get("/{job_id}/events")
+async def job_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceResponse:
+    """Server-Sent Events: one `progress` event per change, then a final `end` event."""
+    record = jobs.get(job_id)
+
+    async def events():
+        current = record
+        yield {"event": "progress", "data": json.dumps(public(current))}
+        while not current.state.finished:
+            if await request.is_disconnected():
+                return
+            newer = await asyncio.to_thread(jobs.wait_for_change, job_id, current.revision, 10.0)
+            if newer.revision != current.revision:
+                current = newer
+                yield {"event": "progress", "data": json.dumps(public(current))}
+        yield {"event": "end", "data": json.dumps(public(current))}
+
+    return EventSourceResponse(events())
+
+
+def _curve_png(history: list[dict]) -> bytes:
+    """Draw the curve so far (the job may still be running) with the trainer's own plot."""
+    with tempfile.TemporaryDirectory() as folder:
+        return write_curves(history, Path(folder))["png"].read_bytes()
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise UploadTooLargeError(limit)
+    return data
+
+
+def _json_field(value, name: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        raise InvalidTrainRequestError(f"Form field {name!r} must be a JSON object.") from None
+    if not isinstance(parsed, dict):
+        raise InvalidTrainRequestError(f"Form field {name!r} must be a JSON object.")
+    return parsed
