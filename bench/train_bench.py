@@ -1,0 +1,173 @@
+"""EmbedGrad vs HF PEFT prompt tuning on the shipped real data, on CPU.
+
+    flock /tmp/softprompt-heavy.lock .venv/bin/python bench/train_bench.py \
+        --tasks sentiment causal_judgment --out bench/results
+
+For each task: carve a validation split from the TRAIN file (seeded), train our prompt and a
+PEFT prompt (TEXT init, same batches, steps, schedule) at each learning rate of a small sweep,
+pick each method's lr by validation metric, then evaluate on the TEST file: the init text
+(before), our best prompt (after), its hard-prompt projection, and PEFT's best prompt.
+Every finished run is saved under --out and reused when the script is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import torch  # noqa: E402
+
+from trainer.batches import Encoder  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.curves import write_curves  # noqa: E402
+from trainer.data import load_examples, split_examples  # noqa: E402
+from trainer.evaluate import detect_task, evaluate  # noqa: E402
+from trainer.interpret import hard_prompt  # noqa: E402
+from trainer.loop import train_prompt  # noqa: E402
+from trainer.modeling import load_frozen_model  # noqa: E402
+
+logger = logging.getLogger("train_bench")
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+TASKS = {
+    "sentiment": dict(
+        init_text="Classify the sentiment of this review as positive or negative.",
+        steps=100, batch_size=8, eval_every=25, eval_fraction=0.05, max_eval_examples=128, warmup_steps=10,
+    ),
+    "causal_judgment": dict(
+        init_text="How would a typical person answer each of the following questions about causation? Answer Yes or No.",
+        steps=30, batch_size=8, eval_every=10, eval_fraction=0.2, warmup_steps=3,
+    ),
+}
+
+
+def _run_once(path: Path, fn):
+    """Return the saved result at `path` (json + .pt), or compute, save and return it."""
+    tensor_path = path.with_suffix(".pt")
+    if path.exists() and tensor_path.exists():
+        logger.info("reusing %s", path)
+        return json.loads(path.read_text()), torch.load(tensor_path)
+    summary, embeddings = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(embeddings, tensor_path)
+    path.write_text(json.dumps(summary, indent=2))
+    logger.info("wrote %s and %s", path, tensor_path)
+    return summary, embeddings
+
+
+def bench_task(name: str, lrs: list[float], peft_lrs: list[float], out: Path, spec: str, threads: int, steps: int | None, max_test: int | None = None) -> dict:
+    settings = dict(TASKS[name], threads=threads, seed=0)
+    if steps:
+        settings["steps"] = steps
+    all_train = load_examples(DATA / f"{name}.train.jsonl")
+    test = load_examples(DATA / f"{name}.test.jsonl")[:max_test]
+    train, val = split_examples(all_train, settings["eval_fraction"], seed=0)
+    frozen = load_frozen_model(spec)
+    task = detect_task(train + val)
+    encoder = Encoder(frozen)
+    torch.set_num_threads(threads)
+    folder = out / name
+
+    runs = {}
+    for lr in lrs:
+        config = TrainConfig(**settings, lr=lr)
+
+        def ours(config=config):
+            result = train_prompt(frozen, train, val, config)
+            write_curves(result.history, folder / f"embedgrad-lr{config.lr:g}")
+            return {"config": config.to_dict(), "metrics": result.metrics, "history": result.history}, result.embeddings
+
+        runs[lr] = _run_once(folder / f"embedgrad-lr{lr:g}.json", ours)
+    peft_runs = {}
+    for lr in peft_lrs:
+        config = TrainConfig(**settings, lr=lr)
+
+        def peft(config=config):
+            from train_peft import train_peft
+
+            fresh = load_frozen_model(spec)  # PEFT wraps the model it is given
+            result = train_peft(fresh, train, val, config, task)
+            embeddings = result.pop("embeddings")
+            return {"config": config.to_dict(), **result}, embeddings
+
+        peft_runs[lr] = _run_once(folder / f"peft-lr{lr:g}.json", peft)
+
+    best_lr = max(runs, key=lambda lr: (runs[lr][0]["metrics"]["val_after"], -lr))
+    best_peft_lr = max(peft_runs, key=lambda lr: (peft_runs[lr][0]["val_after"], -lr))
+    ours_summary, ours_vectors = runs[best_lr]
+    peft_summary, peft_vectors = peft_runs[best_peft_lr]
+    init = ours_summary["metrics"]
+    hard_vectors, hard_text = hard_prompt(frozen, ours_vectors)
+
+    def test_metric(key, vectors, placement="user_turn"):
+        def compute():
+            started = time.perf_counter()
+            result = evaluate(frozen, encoder, vectors, test, task, batch_size=16, placement=placement)
+            result["seconds"] = time.perf_counter() - started
+            return result, vectors
+        return _run_once(folder / f"test-{key}.json", compute)[0]
+
+    from trainer.loop import init_embeddings
+
+    before = test_metric("before", init_embeddings(frozen, settings["init_text"]))
+    after = test_metric(f"embedgrad-lr{best_lr:g}", ours_vectors)
+    hard = test_metric(f"hard-lr{best_lr:g}", hard_vectors)
+    peft_test = test_metric(f"peft-lr{best_peft_lr:g}", peft_vectors, placement="sequence_start")
+    row = {
+        "task": name, "metric": before["name"], "test_examples": len(test), "train_examples": len(train), "val_examples": init["val_examples"],
+        "steps": settings["steps"], "batch_size": settings["batch_size"],
+        "test_before": before["metric"], "test_after": after["metric"], "test_hard_prompt": hard["metric"], "hard_prompt_text": hard_text,
+        "test_peft": peft_test["metric"],
+        "cosine_mean": init["cosine_mean"], "cosine_min": init["cosine_min"],
+        "lr": best_lr, "peft_lr": best_peft_lr,
+        "val_sweep": {f"{lr:g}": runs[lr][0]["metrics"]["val_after"] for lr in runs},
+        "peft_val_sweep": {f"{lr:g}": peft_runs[lr][0]["val_after"] for lr in peft_runs},
+        "train_minutes": init["train_seconds"] / 60, "peft_train_minutes": peft_summary["seconds"] / 60,
+    }
+    (folder / "summary.json").write_text(json.dumps(row, indent=2))
+    logger.info("wrote %s", folder / "summary.json")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| task (test n) | metric | before (text prompt) | after (EmbedGrad) | hard prompt | HF PEFT | cosine mean / min | lr ours / PEFT | train min ours / PEFT |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} ({r['test_examples']}) | {r['metric']} | {100 * r['test_before']:.1f} % | {100 * r['test_after']:.1f} % | "
+            f"{100 * r['test_hard_prompt']:.1f} % | {100 * r['test_peft']:.1f} % | {r['cosine_mean']:.3f} / {r['cosine_min']:.3f} | "
+            f"{r['lr']:g} / {r['peft_lr']:g} | {r['train_minutes']:.1f} / {r['peft_train_minutes']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2], help="EmbedGrad learning rates to sweep")
+    parser.add_argument("--peft-lrs", nargs="+", type=float, default=[3e-3, 1e-2], help="PEFT learning rates to sweep")
+    parser.add_argument("--steps", type=int, default=None, help="override every task's step count")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-test", type=int, default=None, help="smoke runs only: cap the test split (the reported table uses all of it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = [bench_task(t, args.lrs, args.peft_lrs, args.out, args.model, args.threads, args.steps, args.max_test) for t in args.tasks]
+    text = table(rows)
+    (args.out / "table.md").write_text(text + "\n")
+    logger.info("wrote %s\n%s", args.out / "table.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
