@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train a sentiment prompt over HTTP on a running server (`make serve`), watch its progress,
+# then generate with the new version. Prints how long the job took.
+#
+#   examples/train_over_http.sh                     # server on 127.0.0.1:8000
+#   URL=http://127.0.0.1:9000 STEPS=50 examples/train_over_http.sh
+set -euo pipefail
+URL=${URL:-http://127.0.0.1:8000}
+DATA=${DATA:-"$(dirname "$0")/data/sentiment.train.jsonl"}
+STEPS=${STEPS:-150}
+NAME=${NAME:-sentiment}
+AUTH=()
+if [ -n "${SOFTPROMPT_API_KEY:-}" ]; then AUTH=(-H "Authorization: Bearer $SOFTPROMPT_API_KEY"); fi
+
+started=$(date +%s)
+job=$(curl -sS --fail-with-body "${AUTH[@]}" "$URL/train" \
+  -F "file=@$DATA" -F "name=$NAME" -F "steps=$STEPS" \
+  -F "init=Classify the sentiment of this review as positive or negative.")
+id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$job")
+echo "job $id queued"
+
+# Progress (the same fields stream as Server-Sent Events from $URL/train/$id/events).
+while :; do
+  status=$(curl -sS "$URL/train/$id")
+  line=$(python3 -c 'import json,sys; j=json.load(sys.stdin); m=j["val_metric"]; print(j["state"], f"step {j[\"step\"]}/{j[\"total\"]}", "loss", j["loss"] and round(j["loss"],3), "val", m and round(m,3), "eta", j["eta_seconds"] and round(j["eta_seconds"]))' <<<"$status")
+  echo "$line"
+  case "$line" in succeeded*|failed*|cancelled*) break ;; esac
+  sleep 10
+done
+echo "job took $(( $(date +%s) - started )) s"
+python3 -c 'import json,sys; j=json.load(sys.stdin); print("published", j["version"], "error", j["error"]); print(json.dumps(j["metrics"], indent=1)[:1500])' <<<"$status"
+
+curl -sS "$URL/generate?prompt=$NAME" -H 'Content-Type: application/json' \
+  -d '{"input": "A gorgeous, witty and moving film.", "max_new_tokens": 4}'
+echo
+curl -sS -o "/tmp/$NAME-curve.png" "$URL/train/$id/curve.png" && echo "curve saved to /tmp/$NAME-curve.png"
