@@ -189,6 +189,8 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
         "val_before": before["metric"],
         "val_after": best["eval"]["metric"],
         "val_hard_prompt": hard["metric"],
+        "val_loss_before": before.get("loss"),
+        "val_loss_after": best["eval"].get("loss"),
         "val_examples": len(val_set),
         "train_examples": len(train),
         "best_step": best["step"],
