@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         if frozen is not None:
             state.boot(frozen)
         else:
-            booting = asyncio.create_task(asyncio.to_thread(state.boot))
+            booting = asyncio.create_task(asyncio.to_thread(state.boot, raise_errors=False))
         try:
             yield
         finally:

@@ -44,8 +44,11 @@ class AppState:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
-    def boot(self, frozen: FrozenModel | None = None) -> None:
-        """Load the model (unless one is given), start the engine and the store watcher."""
+    def boot(self, frozen: FrozenModel | None = None, *, raise_errors: bool = True) -> None:
+        """Load the model (unless one is given), start the engine and the store watcher.
+
+        A failure is kept in `boot_error` (shown by /ready); `raise_errors` also re-raises it.
+        """
         settings = self.settings
         try:
             if settings.threads:
@@ -75,7 +78,8 @@ class AppState:
         except Exception as exc:
             self.boot_error = f"{type(exc).__name__}: {exc}"
             logger.exception("server failed to start")
-            raise
+            if raise_errors:
+                raise
 
     def shutdown(self) -> None:
         if self.watcher is not None:

@@ -192,3 +192,14 @@ def test_prefix_cache_keys_by_version_and_checksum_not_name():
     assert PrefixCache.key(("math", 2, "bbb"), head) not in cache
     assert PrefixCache.key(("math", 1, "ccc"), head) not in cache
     assert PrefixCache.key(("math", 1, "aaa"), (1, 2)) not in cache
+
+
+def test_growing_kv_buffer_gives_the_same_tokens_as_dynamic_cache(mixing, tokenizer, softs):
+    growing, plain = _engine(mixing, growing_cache=True), _engine(mixing, growing_cache=False)
+    try:
+        cases = _cases(softs)
+        a = _together(growing, tokenizer, cases, max_new_tokens=20)
+        b = _together(plain, tokenizer, cases, max_new_tokens=20)
+    finally:
+        growing.stop(), plain.stop()
+    assert [d.token_ids for d in a] == [d.token_ids for d in b]

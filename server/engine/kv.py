@@ -26,7 +26,7 @@ def from_cache(cache: DynamicCache) -> KV:
     """The tensors of a DynamicCache made of plain (non-sliding, non-quantized) layers."""
     kv = []
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, GrowingLayer):
             raise NotImplementedError(f"cache layer {type(layer).__name__} is not supported by the batching engine")
         kv.append((layer.keys, layer.values))
     return kv
@@ -95,3 +95,45 @@ def trim_left(kv: KV | None, mask: torch.Tensor) -> tuple[KV | None, torch.Tenso
 
 def nbytes(kv: KV | None) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv) if kv else 0
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values live in a buffer with spare room at the end.
+
+    Appending a decode step writes one column instead of re-concatenating the whole cache
+    (which `DynamicLayer.update` does every step); the buffer doubles when full.
+    `keys`/`values` are views `[B, H, L, d]` of the filled part.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int):
+        super().__init__()
+        batch, heads, filled, dim = keys.shape
+        self._k = keys.new_empty(batch, heads, filled + spare, dim)
+        self._v = values.new_empty(batch, values.shape[1], filled + spare, values.shape[3])
+        self._k[:, :, :filled] = keys
+        self._v[:, :, :filled] = values
+        self._filled = filled
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._publish()
+
+    def _publish(self) -> None:
+        self.keys, self.values = self._k[:, :, : self._filled], self._v[:, :, : self._filled]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[2]
+        if self._filled + new > self._k.shape[2]:
+            grow = max(self._k.shape[2], new)
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
+        self._k[:, :, self._filled : self._filled + new] = key_states
+        self._v[:, :, self._filled : self._filled + new] = value_states
+        self._filled += new
+        self._publish()
+        return self.keys, self.values
+
+
+def to_growing_cache(kv: KV, spare: int) -> DynamicCache:
+    """A DynamicCache over `kv` with room for `spare` more columns per layer (for decoding)."""
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(k, v, spare) for k, v in kv]
+    return cache

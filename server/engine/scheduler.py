@@ -43,11 +43,13 @@ class Engine:
         prefix_cache: PrefixCache | None = None,
         use_prefix_cache: bool = True,
         retry_after: int = 1,
+        growing_cache: bool = True,
     ):
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefix_cache = prefix_cache or PrefixCache(max_bytes=1 << 30)
         self.use_prefix_cache, self.retry_after = use_prefix_cache, retry_after
+        self.growing_cache = growing_cache
         self.eos_ids = _eos_ids(frozen)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._pad_id = int(pad)
@@ -185,7 +187,7 @@ class Engine:
         running = [] if self._cache is None else [(kvops.from_cache(self._cache), self._mask)]
         kv, mask = kvops.stack_rows(running + [(kv, mask)])
         self._seqs += new
-        self._cache, self._mask = kvops.to_cache(kv), mask
+        self._cache, self._mask = self._decode_cache(kv), mask
         self._retire_finished()
 
     def _prefill(self, jobs: list[Job]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
@@ -294,7 +296,14 @@ class Engine:
         index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         kv = kvops.select_rows(kvops.from_cache(self._cache), index)
         kv, mask = kvops.trim_left(kv, self._mask.index_select(0, index))
-        self._cache, self._mask = kvops.to_cache(kv), mask
+        self._cache, self._mask = self._decode_cache(kv), mask
+
+    def _decode_cache(self, kv: kvops.KV):
+        """The cache the decode steps append to: room for the longest remaining generation."""
+        if not self.growing_cache:
+            return kvops.to_cache(kv)
+        spare = max(s.params.max_new_tokens - len(s.ids) for s in self._seqs) + 1
+        return kvops.to_growing_cache(kv, spare)
 
     def _fail_running(self, exc: Exception) -> None:
         for s in self._seqs:

@@ -1,0 +1,271 @@
+"""Serving benchmark: the HTTP server (continuous batching, prefix cache) vs plain HF generate.
+
+    flock /tmp/softprompt-heavy.lock .venv/bin/python bench/serve_bench.py
+
+One command reproduces everything: it loads the model (for the baseline and to make prompts),
+publishes 4 prompt versions made of text-token embeddings into a temporary store, starts
+`softprompt serve` as a subprocess on that store, and measures in the same run:
+
+1. throughput: 16 concurrent clients over 4 prompt versions (fixed inputs, greedy,
+   max_new_tokens 64) vs the same 16 requests one by one with `model.generate(input_ids=...)`
+   where the prompt is the text whose embeddings make the soft prompt (same tokens);
+2. TTFT (streamed, first SSE token) with a 100-vector prompt vs no prompt;
+3. hot swap: first request on a just-published version vs the same request once warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from prompt_store import PromptStore  # noqa: E402
+from trainer.layout import ChatLayout  # noqa: E402
+from trainer.modeling import load_frozen_model  # noqa: E402
+
+PROMPT_TEXTS = {  # 4 versions of different lengths (20-100 vectors once tokenized)
+    "sentiment": "Decide whether the following review is positive or negative, then answer with one word and a short reason.",
+    "math": "You are a careful math tutor. Solve the problem step by step, show each intermediate result, "
+            "check the arithmetic twice, and finish with a line that starts with 'Answer:' followed by the number.",
+    "summary": "Summarise the user's text in one sentence for a busy reader.",
+    "style": "Rewrite the answer in the voice of a friendly pirate captain who loves the sea, ships, treasure maps, "
+             "and long stories about storms, but keep every fact correct and keep the answer under five sentences. "
+             "Use nautical words where they fit and end with a cheerful farewell.",
+}
+QUERIES = [
+    "The film was long but the acting carried it.", "What is 17 times 23?", "Explain why the sky is blue.",
+    "Tell me about your favourite book.", "I loved the soundtrack and the ending.", "How many legs do three spiders have?",
+    "Describe a rainy day in a city.", "Write a note to a neighbour about a lost cat.",
+    "The service was slow and the food was cold.", "What is the square root of 144?", "Why do leaves change colour?",
+    "Give me advice for a job interview.", "An average movie with a great cast.", "If a train travels 60 km in 45 minutes, how fast is it?",
+    "Summarise the plot of Cinderella.", "Recommend a weekend hobby.",
+]
+LONG_TEXT = ("Think about the question carefully, consider what the user really wants to know, recall the relevant "
+             "facts, arrange them in a clear order, avoid jargon, give one concrete example, mention a common mistake "
+             "people make about this topic, and end with a short summary sentence that a child could understand. "
+             "Be warm and patient.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def text_ids(frozen, text: str, length: int | None = None) -> list[int]:
+    ids = frozen.tokenizer(text, add_special_tokens=False).input_ids
+    if length is not None:
+        while len(ids) < length:
+            ids = ids + ids
+        ids = ids[:length]
+    return ids
+
+
+def publish_text(store: PromptStore, frozen, name: str, ids: list[int]):
+    vectors = frozen.embedding.weight[torch.tensor(ids)].detach().float().cpu()  # [P, D]
+    return store.publish(name, vectors, fingerprint=frozen.fingerprint, base_model=frozen.base_model,
+                         init_text=frozen.tokenizer.decode(ids))
+
+
+def baseline(frozen, requests, max_new_tokens: int) -> dict:
+    """The same requests one by one with plain HF generate; the prompt is its text tokens."""
+    layout = ChatLayout(frozen.tokenizer)
+    pad = frozen.tokenizer.pad_token_id
+    texts, tokens = [], 0
+
+    def run(query, ids):
+        lay = layout.for_input(query)
+        input_ids = torch.tensor([list(lay.head_ids) + ids + list(lay.tail_ids)])
+        with torch.inference_mode():
+            out = frozen.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        new = out[0, input_ids.shape[1]:]
+        return frozen.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
+
+    run(requests[0][0], requests[0][2])  # warm-up, not counted
+    started = time.perf_counter()
+    for query, _, ids in requests:
+        text, n = run(query, ids)
+        texts.append(text)
+        tokens += n
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "texts": texts}
+
+
+async def served(base: str, requests, max_new_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        async def one(query, prompt):
+            r = await client.post("/generate", params={"prompt": prompt}, json={"input": query, "max_new_tokens": max_new_tokens})
+            r.raise_for_status()
+            return r.json()
+
+        await asyncio.gather(*(one(q, p) for q, p, _ in requests[:4]))  # warm-up, not counted
+        before = (await client.get("/stats")).json()["engine"]
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(q, p) for q, p, _ in requests))
+        wall = time.perf_counter() - started
+        after = (await client.get("/stats")).json()["engine"]
+    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "texts": [r["text"] for r in results],
+            "max_batch": max(r["batch"]["max"] for r in results),
+            "prefill_batches": after["prefill_batches"] - before["prefill_batches"],
+            "decode_steps": after["decode_steps"] - before["decode_steps"],
+            "ttft_ms_median": statistics.median(r["timings"]["ttft_ms"] for r in results)}
+
+
+async def ttft(base: str, prompt: str | None, query: str, repeats: int) -> dict:
+    """Client-side time to the first streamed token, and the server's own ttft_ms."""
+    client_ms, server_ms = [], []
+    params = {"stream": "true", **({"prompt": prompt} if prompt else {})}
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            first = None
+            async with client.stream("POST", "/generate", params=params, json={"input": query, "max_new_tokens": 4}) as r:
+                event = None
+                async for line in r.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event == "token" and first is None:
+                        first = (time.perf_counter() - started) * 1e3
+                    elif line.startswith("data:") and event == "done":
+                        server_ms.append(json.loads(line[5:])["timings"]["ttft_ms"])
+            client_ms.append(first if first is not None else float("nan"))
+    return {"client_ms": statistics.median(client_ms), "server_ms": statistics.median(server_ms)}
+
+
+async def swap(base: str, store: PromptStore, frozen, rounds: int, wait_for_watcher: bool) -> dict:
+    """Publish a new version (as the trainer does: straight into the store), then time requests."""
+    body = {"input": QUERIES[2], "max_new_tokens": 8}
+    firsts, warms, ready_ms = [], [], []
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        for i in range(rounds):
+            ids = text_ids(frozen, LONG_TEXT[i * 7:] + LONG_TEXT, 100)
+            published = time.perf_counter()
+            version = publish_text(store, frozen, "swap", ids)
+            if wait_for_watcher:
+                while str(version.id) not in (await client.get("/stats")).json()["watcher"]["warmed"]:
+                    await asyncio.sleep(0.01)
+                ready_ms.append((time.perf_counter() - published) * 1e3)
+            timed = []
+            for _ in range(3):  # first request on the new version, then two warm ones
+                started = time.perf_counter()
+                r = await client.post("/generate", params={"prompt": "swap"}, json=body)
+                timed.append((time.perf_counter() - started) * 1e3)
+                assert r.json()["prompt"] == str(version.id), r.text
+            firsts.append(timed[0])
+            warms.append(statistics.median(timed[1:]))
+    out = {"first_ms": statistics.median(firsts), "warm_ms": statistics.median(warms)}
+    out["extra_ms"] = out["first_ms"] - out["warm_ms"]
+    if ready_ms:
+        out["publish_to_warm_ms"] = statistics.median(ready_ms)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="model spec (default: embedded SmolLM2-135M)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (one request each)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (server and baseline)")
+    parser.add_argument("--poll", type=float, default=0.2, help="server's store poll interval, seconds")
+    parser.add_argument("--repeats", type=int, default=5, help="TTFT repeats (median)")
+    parser.add_argument("--swap-rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    frozen = load_frozen_model(args.model, device="cpu")
+    workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    store = PromptStore(workdir / "store")
+    prompt_ids = {name: text_ids(frozen, text) for name, text in PROMPT_TEXTS.items()}
+    versions = {name: str(publish_text(store, frozen, name, ids).id) for name, ids in prompt_ids.items()}
+    long_ids = text_ids(frozen, LONG_TEXT, 100)
+    publish_text(store, frozen, "long", long_ids)
+    names = list(PROMPT_TEXTS)
+    requests = [(QUERIES[i % len(QUERIES)], names[i % 4], prompt_ids[names[i % 4]]) for i in range(args.clients)]
+
+    port = free_port()
+    env = {**os.environ, "SOFTPROMPT_STORE": str(workdir / "store"), "SOFTPROMPT_MODEL": args.model,
+           "SOFTPROMPT_STORE_POLL_SECONDS": str(args.poll), "SOFTPROMPT_DEVICE": "cpu",
+           "SOFTPROMPT_MAX_BATCH_SIZE": str(max(16, args.clients)), "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("SOFTPROMPT_API_KEY", None)
+    if args.threads:
+        env["SOFTPROMPT_THREADS"] = str(args.threads)
+    server = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"],
+                              env=env, cwd=Path(__file__).resolve().parents[1])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit("server did not become ready")
+            time.sleep(0.2)
+        print(f"model: {frozen.base_model}; torch threads {torch.get_num_threads()}; {args.clients} requests x "
+              f"{args.max_new_tokens} new tokens over {versions}", flush=True)
+        base_res = baseline(frozen, requests, args.max_new_tokens)
+        print(f"baseline one by one: {base_res['tokens']} tokens in {base_res['wall_s']:.1f} s", flush=True)
+        serve_res = asyncio.run(served(base, requests, args.max_new_tokens))
+        print(f"server, {args.clients} concurrent: {serve_res['tokens']} tokens in {serve_res['wall_s']:.1f} s", flush=True)
+        query = QUERIES[0]
+        asyncio.run(ttft(base, "long", query, 1)), asyncio.run(ttft(base, None, query, 1))  # warm-up
+        t_none = asyncio.run(ttft(base, None, query, args.repeats))
+        t_long = asyncio.run(ttft(base, "long", query, args.repeats))
+        swap_res = asyncio.run(swap(base, store, frozen, args.swap_rounds, wait_for_watcher=True))
+        swap_cold = asyncio.run(swap(base, store, frozen, args.swap_rounds, wait_for_watcher=False))
+        stats = httpx.get(f"{base}/stats").json()
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    same = sum(a == b for a, b in zip(base_res["texts"], serve_res["texts"]))
+    rows = [
+        ("aggregate tok/s, HF generate one by one", f"{base_res['tok_s']:.1f}", ""),
+        (f"aggregate tok/s, server {args.clients} concurrent", f"{serve_res['tok_s']:.1f}",
+         f"max batch {serve_res['max_batch']}, {serve_res['prefill_batches']} prefill batches"),
+        ("throughput ratio (target >= 7x)", f"{serve_res['tok_s'] / base_res['tok_s']:.2f}x",
+         f"{same}/{len(requests)} texts identical to the baseline"),
+        ("TTFT no prompt (client / server ms)", f"{t_none['client_ms']:.0f} / {t_none['server_ms']:.0f}", ""),
+        ("TTFT 100-vector prompt (client / server ms)", f"{t_long['client_ms']:.0f} / {t_long['server_ms']:.0f}", ""),
+        ("TTFT ratio prompt / none (target <= 1.1x)", f"{t_long['client_ms'] / t_none['client_ms']:.3f}x",
+         f"server-side {t_long['server_ms'] / t_none['server_ms']:.3f}x"),
+        ("swap: first request on new version (ms)", f"{swap_res['first_ms']:.0f}",
+         f"published -> pre-warmed in {swap_res['publish_to_warm_ms']:.0f} ms (poll {args.poll} s)"),
+        ("swap: warm request (ms)", f"{swap_res['warm_ms']:.0f}", ""),
+        ("swap: extra latency (target <= +100 ms)", f"{swap_res['extra_ms']:+.0f}", ""),
+        ("swap without waiting for the watcher: extra (ms)", f"{swap_cold['extra_ms']:+.0f}", "prefix computed on demand"),
+        ("model loads in the server", str(stats["model_loads"]), ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for label, value, note in rows:
+        print(f"{label:<{width}}  {value:>12}  {note}")
+    if args.json:
+        args.json.write_text(json.dumps({"baseline": {k: v for k, v in base_res.items() if k != "texts"},
+                                         "server": {k: v for k, v in serve_res.items() if k != "texts"},
+                                         "ttft_none": t_none, "ttft_long": t_long, "swap": swap_res,
+                                         "swap_no_wait": swap_cold, "stats": stats}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

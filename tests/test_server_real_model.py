@@ -1,0 +1,64 @@
+"""End to end on the embedded SmolLM2-135M through HTTP (slow: marked real_model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from prompt_store import PromptStore
+from server.app import create_app
+from server.engine import Engine
+from server.settings import Settings
+from tests.engine_helpers import make_job
+from trainer.layout import ChatLayout
+
+pytestmark = pytest.mark.real_model
+
+INSTRUCTION = "Answer with a single number."
+QUESTION = "What is 12 plus 7?"
+
+
+def _text_prompt(frozen, text: str) -> torch.Tensor:
+    ids = frozen.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return frozen.embedding.weight[ids].detach().float().cpu()  # [P, D]
+
+
+def test_http_generate_with_a_text_initialised_prompt_matches_hf_generate(real_model, tmp_path):
+    store = PromptStore(tmp_path / "store")
+    store.publish("adder", _text_prompt(real_model, INSTRUCTION), fingerprint=real_model.fingerprint,
+                  base_model=real_model.base_model, init_text=INSTRUCTION)
+    settings = Settings(store=tmp_path / "store", store_poll_seconds=0.2, api_key=None)
+    with TestClient(create_app(settings, frozen=real_model)) as client:
+        soft = client.post("/generate", params={"prompt": "adder"}, json={"input": QUESTION, "max_new_tokens": 12})
+        bare = client.post("/generate", json={"input": QUESTION, "max_new_tokens": 12})
+        stats = client.get("/stats").json()
+    assert soft.status_code == 200, soft.text
+    assert soft.json()["prompt"] == "adder-v1" and bare.json()["prompt"] is None
+    assert stats["model_loads"] == 1 and stats["engine"]["prefix_cache"]["hits"] >= 2
+
+    # A soft prompt made of the instruction's own token embeddings must act like the text.
+    layout = ChatLayout(real_model.tokenizer).for_input(QUESTION)
+    text_ids = real_model.tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
+    ids = torch.tensor([list(layout.head_ids) + text_ids + list(layout.tail_ids)])
+    with torch.no_grad():
+        out = real_model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                        do_sample=False, pad_token_id=real_model.tokenizer.pad_token_id)
+    expected = real_model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert soft.json()["text"] == expected
+    assert soft.json()["text"].strip() and bare.json()["text"].strip()
+
+
+def test_real_model_cached_prefix_equals_uncached(real_model):
+    soft = _text_prompt(real_model, INSTRUCTION)
+    results = []
+    for use_cache in (True, False):
+        engine = Engine(real_model, use_prefix_cache=use_cache)
+        engine.start()
+        try:
+            job, sink = make_job(real_model.tokenizer, QUESTION, soft, key=("adder", 1, "x"), max_new_tokens=12)
+            engine.submit(job)
+            results.append(sink.result(120)[0].token_ids)
+        finally:
+            engine.stop()
+    assert results[0] == results[1]
