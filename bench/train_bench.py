@@ -68,7 +68,8 @@ def _run_once(path: Path, fn):
 def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None, out: Path, spec: str, threads: int, steps: int | None, max_test: int | None = None) -> dict:
     settings = dict(TASKS[name], threads=threads, seed=0)
     default_lrs = settings.pop("lrs")
-    lrs, peft_lrs = lrs or list(default_lrs), peft_lrs or list(default_lrs)
+    lrs = lrs or list(default_lrs)
+    peft_lrs = list(default_lrs) if peft_lrs is None else peft_lrs  # [] = no PEFT runs
     if steps:
         settings["steps"] = steps
     all_train = load_examples(DATA / f"{name}.train.jsonl")
@@ -104,10 +105,8 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
 
         peft_runs[lr] = _run_once(folder / f"peft-lr{lr:g}.json", peft)
 
-    best_lr = max(runs, key=lambda lr: (runs[lr][0]["metrics"]["val_after"], -lr))
-    best_peft_lr = max(peft_runs, key=lambda lr: (peft_runs[lr][0]["val_after"], -lr))
+    best_lr = max(runs, key=lambda lr: (runs[lr][0]["metrics"]["val_after"], -lr))  # ties: smaller lr
     ours_summary, ours_vectors = runs[best_lr]
-    peft_summary, peft_vectors = peft_runs[best_peft_lr]
     init = ours_summary["metrics"]
     hard_vectors, hard_text = hard_prompt(frozen, ours_vectors)
 
@@ -124,7 +123,11 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
     before = test_metric("before", init_embeddings(frozen, settings["init_text"]))
     after = test_metric(f"embedgrad-lr{best_lr:g}", ours_vectors)
     hard = test_metric(f"hard-lr{best_lr:g}", hard_vectors)
-    peft_test = test_metric(f"peft-lr{best_peft_lr:g}", peft_vectors, placement="sequence_start")
+    peft_test, peft_summary, best_peft_lr = {"metric": None}, {"seconds": None}, None
+    if peft_runs:
+        best_peft_lr = max(peft_runs, key=lambda lr: (peft_runs[lr][0]["val_after"], -lr))
+        peft_summary, peft_vectors = peft_runs[best_peft_lr]
+        peft_test = test_metric(f"peft-lr{best_peft_lr:g}", peft_vectors, placement="sequence_start")
     row = {
         "task": name, "metric": before["name"], "test_examples": len(test), "train_examples": len(train), "val_examples": init["val_examples"],
         "steps": settings["steps"], "batch_size": settings["batch_size"],
@@ -134,7 +137,8 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
         "lr": best_lr, "peft_lr": best_peft_lr,
         "val_sweep": {f"{lr:g}": runs[lr][0]["metrics"]["val_after"] for lr in runs},
         "peft_val_sweep": {f"{lr:g}": peft_runs[lr][0]["val_after"] for lr in peft_runs},
-        "train_minutes": init["train_seconds"] / 60, "peft_train_minutes": peft_summary["seconds"] / 60,
+        "train_minutes": init["train_seconds"] / 60,
+        "peft_train_minutes": peft_summary["seconds"] / 60 if peft_summary["seconds"] is not None else None,
     }
     (folder / "summary.json").write_text(json.dumps(row, indent=2))
     logger.info("wrote %s", folder / "summary.json")
@@ -146,11 +150,17 @@ def table(rows: list[dict]) -> str:
         "| task (test n) | metric | before (text prompt) | after (EmbedGrad) | hard prompt | HF PEFT | cosine mean / min | lr ours / PEFT | train min ours / PEFT |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    def pct(value):
+        return "—" if value is None else f"{100 * value:.1f} %"
+
+    def num(value, fmt):
+        return "—" if value is None else format(value, fmt)
+
     for r in rows:
         lines.append(
-            f"| {r['task']} ({r['test_examples']}) | {r['metric']} | {100 * r['test_before']:.1f} % | {100 * r['test_after']:.1f} % | "
-            f"{100 * r['test_hard_prompt']:.1f} % | {100 * r['test_peft']:.1f} % | {r['cosine_mean']:.3f} / {r['cosine_min']:.3f} | "
-            f"{r['lr']:g} / {r['peft_lr']:g} | {r['train_minutes']:.1f} / {r['peft_train_minutes']:.1f} |"
+            f"| {r['task']} ({r['test_examples']}) | {r['metric']} | {pct(r['test_before'])} | {pct(r['test_after'])} | "
+            f"{pct(r['test_hard_prompt'])} | {pct(r['test_peft'])} | {r['cosine_mean']:.3f} / {r['cosine_min']:.3f} | "
+            f"{r['lr']:g} / {num(r['peft_lr'], 'g')} | {r['train_minutes']:.1f} / {num(r['peft_train_minutes'], '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -160,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="EmbedGrad learning rates to sweep (default: per task)")
     parser.add_argument("--peft-lrs", nargs="+", type=float, default=None, help="PEFT learning rates to sweep (default: the same)")
+    parser.add_argument("--no-peft", action="store_true", help="train only EmbedGrad (no PEFT column)")
     parser.add_argument("--steps", type=int, default=None, help="override every task's step count")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
@@ -167,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test", type=int, default=None, help="smoke runs only: cap the test split (the reported table uses all of it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.no_peft:
+        args.peft_lrs = []
     rows = [bench_task(t, args.lrs, args.peft_lrs, args.out, args.model, args.threads, args.steps, args.max_test) for t in args.tasks]
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
