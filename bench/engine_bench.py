@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.serve_bench import PROMPT_TEXTS, QUERIES, text_ids  # noqa: E402
+from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, text_ids  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
@@ -60,7 +60,7 @@ def statistics_median(values):
 
 def main() -> int:
     frozen = load_frozen_model("default", device="cpu")
-    softs = {n: frozen.embedding.weight[torch.tensor(text_ids(frozen, t))].float() for n, t in PROMPT_TEXTS.items()}
+    softs = {n: frozen.embedding.weight[torch.tensor(text_ids(frozen, t, PROMPT_LENGTHS[n]))].float() for n, t in PROMPT_TEXTS.items()}
     reference = None
     for growing, gqa in [(False, False), (True, False), (False, True), (True, True)]:
         tok_s, step_ms, ids = run(frozen, softs, growing=growing, gqa=gqa, rows=16, new_tokens=48)

@@ -37,7 +37,8 @@ from prompt_store import PromptStore  # noqa: E402
 from trainer.layout import ChatLayout  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
-PROMPT_TEXTS = {  # 4 versions of different lengths (20-100 vectors once tokenized)
+PROMPT_LENGTHS = {"sentiment": 20, "math": 40, "summary": 60, "style": 100}  # vectors per version
+PROMPT_TEXTS = {  # tokenized, repeated or cut to PROMPT_LENGTHS
     "sentiment": "Decide whether the following review is positive or negative, then answer with one word and a short reason.",
     "math": "You are a careful math tutor. Solve the problem step by step, show each intermediate result, "
             "check the arithmetic twice, and finish with a line that starts with 'Answer:' followed by the number.",
@@ -193,7 +194,7 @@ def main() -> int:
     frozen = load_frozen_model(args.model, device="cpu")
     workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     store = PromptStore(workdir / "store")
-    prompt_ids = {name: text_ids(frozen, text) for name, text in PROMPT_TEXTS.items()}
+    prompt_ids = {name: text_ids(frozen, text, PROMPT_LENGTHS[name]) for name, text in PROMPT_TEXTS.items()}
     versions = {name: str(publish_text(store, frozen, name, ids).id) for name, ids in prompt_ids.items()}
     long_ids = text_ids(frozen, LONG_TEXT, 100)
     publish_text(store, frozen, "long", long_ids)
