@@ -2,7 +2,7 @@
 
     python -m trainer --data examples/data/sentiment.train.jsonl \\
         --init "Classify the sentiment of this review as positive or negative." \\
-        --name sentiment --eval examples/data/sentiment.test.jsonl --steps 100 --lr 1e-2
+        --name sentiment --eval examples/data/sentiment.test.jsonl --steps 100 --lr 3e-3
 
 Same flags as `softprompt train`. Store: --store or $SOFTPROMPT_STORE (default ./prompt-store);
 model: --model or $SOFTPROMPT_MODEL (default: the embedded SmolLM2-135M-Instruct).
