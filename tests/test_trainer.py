@@ -157,3 +157,11 @@ def test_learning_rate_warms_up_then_decays():
     factors = [lr_factor(s, config) for s in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:])) and factors[-1] > 0.1
+
+
+def test_long_inputs_keep_their_end(frozen):
+    encoder = Encoder(frozen, max_input_tokens=6)
+    long_text = "the movie was great fun " * 10 + "Yes or No?"
+    query = frozen.tokenizer.decode(encoder.query_ids(long_text))
+    assert query.startswith(frozen.tokenizer.decode(frozen.tokenizer(long_text, add_special_tokens=False).input_ids[-6:]))
+    assert query.endswith("<|im_start|>assistant\n") and "Yes or No?" in query
