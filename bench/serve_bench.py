@@ -6,8 +6,9 @@ One command reproduces everything: it loads the model (for the baseline and to m
 publishes 4 prompt versions made of text-token embeddings into a temporary store, starts
 `softprompt serve` as a subprocess on that store, and measures in the same run:
 
-1. throughput: 16 concurrent clients over 4 prompt versions (fixed inputs, greedy,
-   max_new_tokens 64) vs the same 16 requests one by one with `model.generate(input_ids=...)`
+1. throughput: 16 concurrent clients over 4 prompt versions (fixed inputs, greedy, exactly
+   64 new tokens: `ignore_eos` on the server, `min_new_tokens` for HF; `--natural-eos` stops
+   at EOS instead) vs the same 16 requests one by one with `model.generate(input_ids=...)`
    where the prompt is the text whose embeddings make the soft prompt (same tokens);
 2. TTFT (streamed, first SSE token) with a 100-vector prompt vs no prompt;
 3. hot swap: first request on a just-published version vs the same request once warm.
@@ -82,7 +83,7 @@ def publish_text(store: PromptStore, frozen, name: str, ids: list[int]):
                          init_text=frozen.tokenizer.decode(ids))
 
 
-def baseline(frozen, requests, max_new_tokens: int) -> dict:
+def baseline(frozen, requests, max_new_tokens: int, fixed_length: bool) -> dict:
     """The same requests one by one with plain HF generate; the prompt is its text tokens."""
     layout = ChatLayout(frozen.tokenizer)
     pad = frozen.tokenizer.pad_token_id
@@ -93,7 +94,8 @@ def baseline(frozen, requests, max_new_tokens: int) -> dict:
         input_ids = torch.tensor([list(lay.head_ids) + ids + list(lay.tail_ids)])
         with torch.inference_mode():
             out = frozen.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                        min_new_tokens=max_new_tokens if fixed_length else None)
         new = out[0, input_ids.shape[1]:]
         return frozen.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
 
@@ -107,10 +109,11 @@ def baseline(frozen, requests, max_new_tokens: int) -> dict:
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "texts": texts}
 
 
-async def served(base: str, requests, max_new_tokens: int) -> dict:
+async def served(base: str, requests, max_new_tokens: int, fixed_length: bool) -> dict:
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         async def one(query, prompt):
-            r = await client.post("/generate", params={"prompt": prompt}, json={"input": query, "max_new_tokens": max_new_tokens})
+            r = await client.post("/generate", params={"prompt": prompt}, json={"input": query, "max_new_tokens": max_new_tokens,
+                                                                                "ignore_eos": fixed_length})
             r.raise_for_status()
             return r.json()
 
@@ -186,6 +189,8 @@ def main() -> int:
     parser.add_argument("--poll", type=float, default=0.2, help="server's store poll interval, seconds")
     parser.add_argument("--repeats", type=int, default=5, help="TTFT repeats (median)")
     parser.add_argument("--swap-rounds", type=int, default=3)
+    parser.add_argument("--natural-eos", action="store_true",
+                        help="stop at end-of-sequence (rows end at different steps) instead of exactly max_new_tokens")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -223,10 +228,12 @@ def main() -> int:
                 raise SystemExit("server did not become ready")
             time.sleep(0.2)
         print(f"model: {frozen.base_model}; torch threads {torch.get_num_threads()}; {args.clients} requests x "
-              f"{args.max_new_tokens} new tokens over {versions}", flush=True)
-        base_res = baseline(frozen, requests, args.max_new_tokens)
+              f"{args.max_new_tokens} new tokens ({'stop at EOS' if args.natural_eos else 'exactly, EOS ignored'}) "
+              f"over {versions}", flush=True)
+        fixed = not args.natural_eos
+        base_res = baseline(frozen, requests, args.max_new_tokens, fixed)
         print(f"baseline one by one: {base_res['tokens']} tokens in {base_res['wall_s']:.1f} s", flush=True)
-        serve_res = asyncio.run(served(base, requests, args.max_new_tokens))
+        serve_res = asyncio.run(served(base, requests, args.max_new_tokens, fixed))
         print(f"server, {args.clients} concurrent: {serve_res['tokens']} tokens in {serve_res['wall_s']:.1f} s", flush=True)
         query = QUERIES[0]
         asyncio.run(ttft(base, "long", query, 1)), asyncio.run(ttft(base, None, query, 1))  # warm-up

@@ -23,6 +23,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] | str | None = Field(None, description="stop strings (not included in the text)")
     seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
     stream: bool = Field(False, description="answer with Server-Sent Events")
+    ignore_eos: bool = Field(False, description="keep going past end-of-sequence up to max_new_tokens (benchmarks)")
 
     @model_validator(mode="after")
     def _one_input(self):

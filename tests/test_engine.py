@@ -203,3 +203,33 @@ def test_growing_kv_buffer_gives_the_same_tokens_as_dynamic_cache(mixing, tokeni
     finally:
         growing.stop(), plain.stop()
     assert [d.token_ids for d in a] == [d.token_ids for d in b]
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(mixing, tokenizer):
+    engine = _engine(mixing)
+    engine.eos_ids = set(range(len(tokenizer)))  # every token ends the sequence...
+    try:
+        [stopped] = _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=6)
+        [kept] = _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=6, ignore_eos=True)
+    finally:
+        engine.stop()
+    assert (stopped.completion_tokens, stopped.finish_reason) == (1, "stop")
+    assert (kept.completion_tokens, kept.finish_reason) == (6, "length")  # ...unless ignored
+
+
+def test_burst_within_the_batch_window_is_prefilled_together(mixing, tokenizer, softs):
+    import time
+
+    engine = _engine(mixing, batch_window_ms=50)
+    try:
+        sinks = []
+        for text, key, soft in _cases(softs):
+            job, sink = make_job(tokenizer, text, soft, key=key, max_new_tokens=4)
+            engine.submit(job)
+            sinks.append(sink)
+            time.sleep(0.005)
+        done = [d for d, _ in wait_all(sinks)]
+    finally:
+        engine.stop()
+    assert engine.counters["prefill_batches"] == 1
+    assert all(d.batch_sizes[0] == len(sinks) for d in done)

@@ -44,12 +44,14 @@ class Engine:
         use_prefix_cache: bool = True,
         retry_after: int = 1,
         growing_cache: bool = True,
+        batch_window_ms: float = 0.0,
     ):
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefix_cache = prefix_cache or PrefixCache(max_bytes=1 << 30)
         self.use_prefix_cache, self.retry_after = use_prefix_cache, retry_after
         self.growing_cache = growing_cache
+        self.batch_window_s = batch_window_ms / 1e3
         self.eos_ids = _eos_ids(frozen)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._pad_id = int(pad)
@@ -130,17 +132,22 @@ class Engine:
                     self._fail_running(exc)
 
     def _drain_inbox(self, *, block: bool) -> None:
+        """Move queued jobs to `_waiting` and run prewarms. When the engine was idle, wait up to
+        `batch_window_ms` for more arrivals (each resets the wait) so a burst is prefilled together."""
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
+        window = self.batch_window_s if block and self._running.is_set() else 0.0
+        deadline = time.perf_counter() + 4 * window
         while True:
             if isinstance(item, Job):
                 self._waiting.append(item)
             elif isinstance(item, tuple):
                 self._do_prewarm(*item)
             try:
-                item = self._inbox.get_nowait()
+                wait = min(window, deadline - time.perf_counter())
+                item = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return
 

@@ -96,7 +96,7 @@ class Sequence:
         """Record a sampled token, emit new text, and decide whether the sequence is done."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.params.ignore_eos:
             self.ids.append(token)
             self.finish_reason = "stop"
         else:

@@ -27,7 +27,7 @@ async def generate(
         input=body.input,
         messages=[m.model_dump() for m in body.messages] if body.messages else None,
         params=SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=tuple(body.stop or ()), seed=body.seed),
+                              stop=tuple(body.stop or ()), seed=body.seed, ignore_eos=body.ignore_eos),
     )
     handle = await service.start(prompt or None, request)
     if stream or body.stream:
