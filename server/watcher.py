@@ -79,6 +79,6 @@ class StoreWatcher:
             logger.warning("cannot load %s: %s", version.id, exc)
             return False
         self.engine.prewarm(loaded.cache_key, loaded.embeddings, self.head_ids).result(timeout)
-        self.warmed.append(str(version.id))
+        self.warmed = self.warmed[-99:] + [str(version.id)]
         logger.info("pre-warmed %s", version.id)
         return True
