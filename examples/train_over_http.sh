@@ -20,11 +20,17 @@ id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$job")
 echo "job $id queued"
 
 # Progress (the same fields stream as Server-Sent Events from $URL/train/$id/events).
+probed=
 while :; do
   status=$(curl -sS "$URL/train/$id")
-  line=$(python3 -c 'import json,sys; j=json.load(sys.stdin); m=j["val_metric"]; print(j["state"], f"step {j[\"step\"]}/{j[\"total\"]}", "loss", j["loss"] and round(j["loss"],3), "val", m and round(m,3), "eta", j["eta_seconds"] and round(j["eta_seconds"]))' <<<"$status")
+  line=$(python3 -c 'import json,sys; j=json.load(sys.stdin); r=lambda v, n=3: None if v is None else round(v, n); print(j["state"], "step %s/%s" % (j["step"], j["total"]), "loss", r(j["loss"]), "val", r(j["val_metric"]), "eta", r(j["eta_seconds"], 0))' <<<"$status")
   echo "$line"
   case "$line" in succeeded*|failed*|cancelled*) break ;; esac
+  if [ -z "$probed" ] && [[ "$line" == running*step* ]] && [[ "$line" != *"step 0/"* ]]; then
+    probed=1  # serving stays up while the job trains
+    curl -sS -o /dev/null -w "generate during training: HTTP %{http_code} in %{time_total} s\n" \
+      "$URL/generate" -H 'Content-Type: application/json' -d '{"input": "Hello!", "max_new_tokens": 8}'
+  fi
   sleep 10
 done
 echo "job took $(( $(date +%s) - started )) s"
