@@ -216,8 +216,10 @@ class JobManager:
                 record.num_eval_examples = event["num_eval_examples"]
                 self._touch(record, persist=True)
             elif kind == "progress":
-                for key in ("step", "total", "loss", "val_metric", "eta_seconds", "elapsed_seconds"):
+                for key in ("step", "total", "loss", "eta_seconds", "elapsed_seconds"):
                     setattr(record, key, event.get(key))
+                if event.get("val_metric") is not None:  # keep the latest evaluation between evaluations
+                    record.val_metric = event["val_metric"]
                 record.history.append({k: event.get(k) for k in ("step", "loss", "val_metric", "elapsed_seconds")})
                 self._touch(record)
             elif kind == "succeeded":
