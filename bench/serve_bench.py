@@ -154,7 +154,7 @@ async def ttft(base: str, prompt: str | None, query: str, repeats: int) -> dict:
 
 async def swap(base: str, store: PromptStore, frozen, rounds: int, wait_for_watcher: bool) -> dict:
     """Publish a new version (as the trainer does: straight into the store), then time requests."""
-    body = {"input": QUERIES[2], "max_new_tokens": 8}
+    body = {"input": QUERIES[2], "max_new_tokens": 1}  # latency = resolve + prefill: the part a swap can slow
     firsts, warms, ready_ms = [], [], []
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         for i in range(rounds):
@@ -188,7 +188,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (server and baseline)")
     parser.add_argument("--poll", type=float, default=0.2, help="server's store poll interval, seconds")
     parser.add_argument("--repeats", type=int, default=5, help="TTFT repeats (median)")
-    parser.add_argument("--swap-rounds", type=int, default=3)
+    parser.add_argument("--swap-rounds", type=int, default=5)
     parser.add_argument("--natural-eos", action="store_true",
                         help="stop at end-of-sequence (rows end at different steps) instead of exactly max_new_tokens")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
