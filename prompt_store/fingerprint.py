@@ -42,11 +42,12 @@ class ModelFingerprint:
     def mismatch(self, other: "ModelFingerprint") -> str | None:
         """Describe how `other` (the loaded model) differs from this one, or None if compatible.
 
-        A missing embedding hash (an imported adapter with no model given) is not a mismatch.
+        Unknown parts (an adapter imported with no model given records vocab_size 0 and no
+        hash) are not a mismatch: only the hidden size is checked then.
         """
         if self.hidden_size != other.hidden_size:
             return f"hidden size {self.hidden_size} != model's {other.hidden_size}"
-        if self.vocab_size != other.vocab_size:
+        if self.vocab_size and other.vocab_size and self.vocab_size != other.vocab_size:
             return f"vocabulary size {self.vocab_size} != model's {other.vocab_size}"
         if self.embedding_sha256 and other.embedding_sha256 and self.embedding_sha256 != other.embedding_sha256:
             return "input-embedding matrix differs (made for another model with the same shape)"

@@ -153,6 +153,14 @@ def test_export_then_import_round_trips(store, tmp_path):
     assert imported.meta["init_text"] == "Please reason step by step."
 
 
+def test_adapter_imported_without_a_model_loads_on_a_model_of_its_width(store, tmp_path):
+    store.publish("orig", torch.randn(3, 8), fingerprint=FP, base_model="tiny")
+    store.import_adapter(store.export("orig", tmp_path / "out"), "bare")  # no fingerprint given
+    assert store.load("bare", expect=FP).embeddings.shape == (3, 8)
+    with pytest.raises(IncompatibleModelError):
+        store.load("bare", expect=ModelFingerprint(hidden_size=16, vocab_size=100))
+
+
 def test_import_refuses_non_prompt_tuning_adapters(store, tmp_path):
     folder = tmp_path / "lora"
     folder.mkdir()
