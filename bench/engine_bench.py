@@ -1,6 +1,6 @@
 """Engine-only benchmark (no HTTP): decode cost of 16 mixed-prompt rows under engine variants.
 
-    flock /tmp/softprompt-heavy.lock .venv/bin/python bench/engine_bench.py
+    .venv/bin/python bench/engine_bench.py
 
 Compares the growing KV buffer (one column written per step) against DynamicCache's
 re-concatenation, and SDPA's native GQA (TRANSFORMERS_SDPA_FORCE_GQA=1) against repeat_kv.

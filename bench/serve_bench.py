@@ -1,6 +1,6 @@
 """Serving benchmark: the HTTP server (continuous batching, prefix cache) vs plain HF generate.
 
-    flock /tmp/softprompt-heavy.lock .venv/bin/python bench/serve_bench.py
+    .venv/bin/python bench/serve_bench.py
 
 One command reproduces everything: it loads the model (for the baseline and to make prompts),
 publishes 4 prompt versions made of text-token embeddings into a temporary store, starts

@@ -1,6 +1,6 @@
 """EmbedGrad vs HF PEFT prompt tuning on the shipped real data, on CPU.
 
-    flock /tmp/softprompt-heavy.lock .venv/bin/python bench/train_bench.py \
+    .venv/bin/python bench/train_bench.py \
         --tasks sentiment causal_judgment --out bench/results
 
 For each task: carve a validation split from the TRAIN file (seeded), train our prompt and a
