@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -14,11 +15,6 @@ COLUMNS = ("step", "split", "loss", "lr", "grad_norm", "projected_rows", "val_me
 
 def write_curves(history: list[dict], folder: Path) -> dict[str, Path]:
     """Write the history rows of a run into `folder`; returns {"csv", "json", "png"} paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "curve.csv", "json": folder / "curve.json", "png": folder / "curve.png"}
@@ -28,6 +24,18 @@ def write_curves(history: list[dict], folder: Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(history)
     paths["json"].write_text(json.dumps(history, indent=2))
+    plot_curves(history, paths["png"])
+    for path in paths.values():
+        logger.info("wrote %s", path)
+    return paths
+
+
+def plot_curves(history: list[dict], target: str | Path | BinaryIO) -> None:
+    """Draw train loss, validation loss and validation metric as a PNG into a path or file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in history if r.get("loss") is not None]
     val = [(r["step"], r["val_metric"]) for r in history if r.get("val_metric") is not None]
@@ -46,8 +54,5 @@ def write_curves(history: list[dict], folder: Path) -> dict[str, Path]:
     right.set_ylabel("validation metric")
     right.set_ylim(0, 1)
     figure.tight_layout()
-    figure.savefig(paths["png"], dpi=100)
+    figure.savefig(target, dpi=100, format="png")
     plt.close(figure)
-    for path in paths.values():
-        logger.info("wrote %s", path)
-    return paths

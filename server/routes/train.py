@@ -6,16 +6,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
-import tempfile
-from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from trainer.curves import write_curves
+from trainer.curves import plot_curves
 
 from ..deps import AdminAuth, Jobs, SettingsDep
 from ..errors import InvalidTrainRequestError
@@ -144,8 +143,9 @@ async def job_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceRe
 
 def _curve_png(history: list[dict]) -> bytes:
     """Draw the curve so far (the job may still be running) with the trainer's own plot."""
-    with tempfile.TemporaryDirectory() as folder:
-        return write_curves(history, Path(folder))["png"].read_bytes()
+    buffer = io.BytesIO()
+    plot_curves(history, buffer)
+    return buffer.getvalue()
 
 
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
