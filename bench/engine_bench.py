@@ -1,13 +1,17 @@
 """Engine-only benchmark (no HTTP): decode cost of 16 mixed-prompt rows under engine variants.
 
-    .venv/bin/python bench/engine_bench.py
+    .venv/bin/python bench/engine_bench.py [--repeats 2]
 
-Compares the growing KV buffer (one column written per step) against DynamicCache's
-re-concatenation, and SDPA's native GQA (TRANSFORMERS_SDPA_FORCE_GQA=1) against repeat_kv.
+Compares, side by side and interleaved (`--repeats` rounds): DynamicCache's re-concatenation
+against the growing KV buffer (one column written per step), SDPA's native GQA
+(TRANSFORMERS_SDPA_FORCE_GQA=1) against repeat_kv, and plain against MKL-packed linear weights
+(`packed_decode`, on a second copy of the model, since packing changes the model in place);
+the last column is the ratio to the first variant of the same round.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -24,9 +28,9 @@ from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
 
-def run(frozen, softs, *, growing: bool, gqa: bool, rows: int, new_tokens: int) -> tuple[float, float, list]:
+def run(frozen, softs, *, growing: bool, gqa: bool, packed: bool, rows: int, new_tokens: int) -> tuple[float, float, list]:
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if gqa else "0"
-    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing)
+    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing, packed_decode=packed)
     engine.start()
     try:
         names = list(softs)
@@ -59,15 +63,26 @@ def statistics_median(values):
 
 
 def main() -> int:
-    frozen = load_frozen_model("default", device="cpu")
-    softs = {n: frozen.embedding.weight[torch.tensor(text_ids(frozen, t, PROMPT_LENGTHS[n]))].float() for n, t in PROMPT_TEXTS.items()}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of all variants, interleaved")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    plain = load_frozen_model("default", device="cpu")
+    packed = load_frozen_model("default", device="cpu")  # packed in place by its first engine
+    softs = {n: plain.embedding.weight[torch.tensor(text_ids(plain, t, PROMPT_LENGTHS[n]))].float() for n, t in PROMPT_TEXTS.items()}
+    variants = [  # (growing, gqa, packed)
+        (False, False, False), (True, False, False), (True, True, False), (True, False, True),
+    ]
     reference = None
-    for growing, gqa in [(False, False), (True, False), (False, True), (True, True)]:
-        tok_s, step_ms, ids = run(frozen, softs, growing=growing, gqa=gqa, rows=16, new_tokens=48)
-        reference = reference or ids
-        same = sum(a == b for a, b in zip(ids, reference))
-        print(f"growing={growing!s:5} sdpa_gqa={gqa!s:5}  {tok_s:6.1f} tok/s  ~{step_ms:5.1f} ms/step  same tokens {same}/16",
-              flush=True)
+    for round_ in range(1, args.repeats + 1):
+        first = None
+        for growing, gqa, pack in variants:
+            tok_s, step_ms, ids = run(packed if pack else plain, softs, growing=growing, gqa=gqa, packed=pack,
+                                      rows=16, new_tokens=args.new_tokens)
+            reference, first = reference or ids, first or tok_s
+            same = sum(a == b for a, b in zip(ids, reference))
+            print(f"round {round_}: growing={growing!s:5} sdpa_gqa={gqa!s:5} packed={pack!s:5}  {tok_s:6.1f} tok/s  "
+                  f"~{step_ms:5.1f} ms/step  same tokens {same}/16  {tok_s / first:.2f}x", flush=True)
     return 0
 
 

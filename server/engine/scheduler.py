@@ -26,6 +26,7 @@ from trainer.prepend import prepend_soft_prompt
 
 from . import kv as kvops
 from .errors import EngineNotReadyError, QueueFullError
+from .packed_linear import pack_linear_layers
 from .prefix_cache import PrefixCache
 from .sampling import sample_next
 from .sequence import FailedEvent, Job, Sequence
@@ -45,6 +46,7 @@ class Engine:
         retry_after: int = 1,
         growing_cache: bool = True,
         batch_window_ms: float = 0.0,
+        packed_decode: bool = False,
     ):
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -52,6 +54,8 @@ class Engine:
         self.use_prefix_cache, self.retry_after = use_prefix_cache, retry_after
         self.growing_cache = growing_cache
         self.batch_window_s = batch_window_ms / 1e3
+        # full decode batches through MKL-packed weights (CPU fp32 only; a no-op elsewhere)
+        self.packed_bytes = pack_linear_layers(self.model, max_batch_size) if packed_decode else 0
         self.eos_ids = _eos_ids(frozen)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._pad_id = int(pad)
@@ -113,7 +117,8 @@ class Engine:
         with self._lock:
             waiting = self._waiting_count
         return {**self.counters, "running": len(self._seqs), "waiting": waiting,
-                "max_batch_size": self.max_batch_size, "prefix_cache": self.prefix_cache.stats()}
+                "max_batch_size": self.max_batch_size, "packed_decode_weights_mb": round(self.packed_bytes / 2**20),
+                "prefix_cache": self.prefix_cache.stats()}
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
