@@ -1,12 +1,14 @@
 """EmbedGrad vs HF PEFT prompt tuning on the shipped real data, on CPU.
 
     .venv/bin/python bench/train_bench.py \
-        --tasks sentiment causal_judgment --out bench/results
+        --tasks sentiment causal_judgment --seeds 0 1 2 --out bench/results
 
 For each task: carve a validation split from the TRAIN file (seeded), train our prompt and a
 PEFT prompt (TEXT init, same batches, steps, schedule) at each learning rate of a small sweep,
 pick each method's lr by validation metric, then evaluate on the TEST file: the init text
 (before), our best prompt (after), its hard-prompt projection, and PEFT's best prompt.
+With `--seeds`, each method is retrained at its chosen lr with every other seed and tested,
+so the table also shows the spread a single run hides.
 Every finished run is saved under --out and reused when the script is run again.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,7 +68,8 @@ def _run_once(path: Path, fn):
     return summary, embeddings
 
 
-def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None, out: Path, spec: str, threads: int, steps: int | None, max_test: int | None = None) -> dict:
+def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None, out: Path, spec: str, threads: int, steps: int | None,
+               max_test: int | None = None, seeds: tuple[int, ...] = (0,)) -> dict:
     settings = dict(TASKS[name], threads=threads, seed=0)
     default_lrs = settings.pop("lrs")
     lrs = lrs or list(default_lrs)
@@ -81,21 +85,21 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
     torch.set_num_threads(threads)
     folder = out / name
 
-    runs = {}
-    for lr in lrs:
-        config = TrainConfig(**settings, lr=lr)
+    def run_ours(lr: float, seed: int = 0):
+        config = TrainConfig(**{**settings, "seed": seed}, lr=lr)
+        key = f"embedgrad-lr{lr:g}{_seed_suffix(seed)}"
 
-        def ours(config=config):
+        def ours():
             result = train_prompt(frozen, train, val, config)
-            write_curves(result.history, folder / f"embedgrad-lr{config.lr:g}")
+            write_curves(result.history, folder / key)
             return {"config": config.to_dict(), "metrics": result.metrics, "history": result.history}, result.embeddings
 
-        runs[lr] = _run_once(folder / f"embedgrad-lr{lr:g}.json", ours)
-    peft_runs = {}
-    for lr in peft_lrs:
-        config = TrainConfig(**settings, lr=lr)
+        return _run_once(folder / f"{key}.json", ours)
 
-        def peft(config=config):
+    def run_peft(lr: float, seed: int = 0):
+        config = TrainConfig(**{**settings, "seed": seed}, lr=lr)
+
+        def peft():
             from train_peft import train_peft
 
             fresh = load_frozen_model(spec)  # PEFT wraps the model it is given
@@ -103,7 +107,10 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
             embeddings = result.pop("embeddings")
             return {"config": config.to_dict(), **result}, embeddings
 
-        peft_runs[lr] = _run_once(folder / f"peft-lr{lr:g}.json", peft)
+        return _run_once(folder / f"peft-lr{lr:g}{_seed_suffix(seed)}.json", peft)
+
+    runs = {lr: run_ours(lr) for lr in lrs}  # the lr sweep runs with seed 0
+    peft_runs = {lr: run_peft(lr) for lr in peft_lrs}
 
     best_lr = max(runs, key=lambda lr: (runs[lr][0]["metrics"]["val_after"], -lr))  # ties: smaller lr
     ours_summary, ours_vectors = runs[best_lr]
@@ -130,11 +137,20 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
         best_peft_lr = max(peft_runs, key=lambda lr: (peft_runs[lr][0]["val_after"], -lr))
         peft_summary, peft_vectors = peft_runs[best_peft_lr]
         peft_test = test_metric(f"peft-lr{best_peft_lr:g}", peft_vectors, placement="sequence_start")
+    # Seed spread: each method retrained at its chosen lr with other seeds (batch order, init noise).
+    after_seeds, peft_seeds = {0: after["metric"]}, {0: peft_test["metric"]} if peft_runs else {}
+    for seed in (s for s in seeds if s != 0):
+        summary, vectors = run_ours(best_lr, seed)
+        after_seeds[seed] = test_metric(f"embedgrad-lr{best_lr:g}{_seed_suffix(seed)}", vectors)["metric"]
+        if peft_runs:
+            _, vectors = run_peft(best_peft_lr, seed)
+            peft_seeds[seed] = test_metric(f"peft-lr{best_peft_lr:g}{_seed_suffix(seed)}", vectors, placement="sequence_start")["metric"]
     row = {
         "task": name, "metric": before["name"], "test_examples": len(test), "train_examples": len(train), "val_examples": init["val_examples"],
         "steps": settings["steps"], "batch_size": settings["batch_size"],
         "test_before": before["metric"], "test_after": after["metric"], "test_hard_prompt": hard["metric"], "hard_prompt_text": hard_text,
         "test_peft": peft_test["metric"],
+        "test_after_by_seed": after_seeds, "test_peft_by_seed": peft_seeds,
         "cosine_mean": init["cosine_mean"], "cosine_min": init["cosine_min"],
         "lr": best_lr, "peft_lr": best_peft_lr,
         "val_sweep": {f"{lr:g}": runs[lr][0]["metrics"]["val_after"] for lr in runs},
@@ -147,10 +163,15 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
     return row
 
 
+def _seed_suffix(seed: int) -> str:
+    return "" if seed == 0 else f"-seed{seed}"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| task (test n) | metric | before (text prompt) | after (EmbedGrad) | hard prompt | HF PEFT | cosine mean / min | lr ours / PEFT | train min ours / PEFT |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task (test n) | metric | before (text prompt) | after (EmbedGrad) | hard prompt | HF PEFT | "
+        "mean ± sd over seeds, ours / PEFT | cosine mean / min | lr ours / PEFT | train min ours / PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     def pct(value):
         return "—" if value is None else f"{100 * value:.1f} %"
@@ -158,10 +179,17 @@ def table(rows: list[dict]) -> str:
     def num(value, fmt):
         return "—" if value is None else format(value, fmt)
 
+    def spread(by_seed: dict) -> str:
+        values = [100 * v for v in by_seed.values() if v is not None]
+        if len(values) < 2:
+            return "—"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({len(values)})"
+
     for r in rows:
+        seeds = f"{spread(r.get('test_after_by_seed', {}))} / {spread(r.get('test_peft_by_seed', {}))}"
         lines.append(
             f"| {r['task']} ({r['test_examples']}) | {r['metric']} | {pct(r['test_before'])} | {pct(r['test_after'])} | "
-            f"{pct(r['test_hard_prompt'])} | {pct(r['test_peft'])} | {r['cosine_mean']:.3f} / {r['cosine_min']:.3f} | "
+            f"{pct(r['test_hard_prompt'])} | {pct(r['test_peft'])} | {seeds} | {r['cosine_mean']:.3f} / {r['cosine_min']:.3f} | "
             f"{r['lr']:g} / {num(r['peft_lr'], 'g')} | {r['train_minutes']:.1f} / {num(r['peft_train_minutes'], '.1f')} |"
         )
     return "\n".join(lines)
@@ -177,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="training seeds: the lr sweep uses seed 0, then each method is retrained at its chosen lr with the others")
     parser.add_argument("--max-test", type=int, default=None, help="smoke runs only: cap the test split (the reported table uses all of it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.no_peft:
         args.peft_lrs = []
-    rows = [bench_task(t, args.lrs, args.peft_lrs, args.out, args.model, args.threads, args.steps, args.max_test) for t in args.tasks]
+    rows = [bench_task(t, args.lrs, args.peft_lrs, args.out, args.model, args.threads, args.steps, args.max_test,
+                       tuple(args.seeds)) for t in args.tasks]
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
     logger.info("wrote %s\n%s", args.out / "table.md", text)
