@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, text_ids  # noqa: E402
 from server.engine import Engine  # noqa: E402
+from server.engine.packed_linear import pack_linear_layers  # noqa: E402
 from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
@@ -57,6 +58,10 @@ def run(frozen, softs, *, growing: bool, gqa: bool, packed: bool, rows: int, new
     return tokens / wall, decode_ms, [d.token_ids for d in done]
 
 
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def statistics_median(values):
     values = sorted(values)
     return values[len(values) // 2]
@@ -68,7 +73,11 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     args = parser.parse_args()
     plain = load_frozen_model("default", device="cpu")
-    packed = load_frozen_model("default", device="cpu")  # packed in place by its first engine
+    packed = load_frozen_model("default", device="cpu")
+    rss_before = _rss_mb()
+    weights = pack_linear_layers(packed.model, 16)  # in place, as Engine(packed_decode=True) does
+    print(f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
+          f"{_rss_mb():.0f} MB", flush=True)
     softs = {n: plain.embedding.weight[torch.tensor(text_ids(plain, t, PROMPT_LENGTHS[n]))].float() for n, t in PROMPT_TEXTS.items()}
     variants = [  # (growing, gqa, packed)
         (False, False, False), (True, False, False), (True, True, False), (True, False, True),

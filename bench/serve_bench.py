@@ -10,7 +10,7 @@ publishes 4 prompt versions made of text-token embeddings into a temporary store
    64 new tokens: `ignore_eos` on the server, `min_new_tokens` for HF; `--natural-eos` stops
    at EOS instead) vs the same 16 requests one by one with `model.generate(input_ids=...)`
    where the prompt is the text whose embeddings make the soft prompt (same tokens);
-2. TTFT (streamed, first SSE token) with a 100-vector prompt vs no prompt;
+2. TTFT (streamed, first SSE token) with a 100-vector prompt vs no prompt, requests alternating;
 3. hot swap: first request on a just-published version vs the same request once warm.
 """
 
@@ -131,25 +131,28 @@ async def served(base: str, requests, max_new_tokens: int, fixed_length: bool) -
             "ttft_ms_median": statistics.median(r["timings"]["ttft_ms"] for r in results)}
 
 
-async def ttft(base: str, prompt: str | None, query: str, repeats: int) -> dict:
-    """Client-side time to the first streamed token, and the server's own ttft_ms."""
-    client_ms, server_ms = [], []
-    params = {"stream": "true", **({"prompt": prompt} if prompt else {})}
+async def ttft(base: str, prompts: list[str | None], query: str, repeats: int) -> list[dict]:
+    """Client-side time to the first streamed token, and the server's own ttft_ms, for each of
+    `prompts`; requests alternate between them so the VM's drift hits every prompt alike."""
+    client_ms = {i: [] for i in range(len(prompts))}
+    server_ms = {i: [] for i in range(len(prompts))}
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         for _ in range(repeats):
-            started = time.perf_counter()
-            first = None
-            async with client.stream("POST", "/generate", params=params, json={"input": query, "max_new_tokens": 4}) as r:
-                event = None
-                async for line in r.aiter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:") and event == "token" and first is None:
-                        first = (time.perf_counter() - started) * 1e3
-                    elif line.startswith("data:") and event == "done":
-                        server_ms.append(json.loads(line[5:])["timings"]["ttft_ms"])
-            client_ms.append(first if first is not None else float("nan"))
-    return {"client_ms": statistics.median(client_ms), "server_ms": statistics.median(server_ms)}
+            for i, prompt in enumerate(prompts):
+                params = {"stream": "true", **({"prompt": prompt} if prompt else {})}
+                started = time.perf_counter()
+                first = None
+                async with client.stream("POST", "/generate", params=params, json={"input": query, "max_new_tokens": 4}) as r:
+                    event = None
+                    async for line in r.aiter_lines():
+                        if line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:") and event == "token" and first is None:
+                            first = (time.perf_counter() - started) * 1e3
+                        elif line.startswith("data:") and event == "done":
+                            server_ms[i].append(json.loads(line[5:])["timings"]["ttft_ms"])
+                client_ms[i].append(first if first is not None else float("nan"))
+    return [{"client_ms": statistics.median(client_ms[i]), "server_ms": statistics.median(server_ms[i])} for i in range(len(prompts))]
 
 
 async def swap(base: str, store: PromptStore, frozen, rounds: int, wait_for_watcher: bool) -> dict:
@@ -187,7 +190,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (server and baseline)")
     parser.add_argument("--poll", type=float, default=0.2, help="server's store poll interval, seconds")
-    parser.add_argument("--repeats", type=int, default=5, help="TTFT repeats (median)")
+    parser.add_argument("--repeats", type=int, default=11, help="TTFT requests per prompt, alternating (median)")
     parser.add_argument("--swap-rounds", type=int, default=5)
     parser.add_argument("--natural-eos", action="store_true",
                         help="stop at end-of-sequence (rows end at different steps) instead of exactly max_new_tokens")
@@ -236,9 +239,8 @@ def main() -> int:
         serve_res = asyncio.run(served(base, requests, args.max_new_tokens, fixed))
         print(f"server, {args.clients} concurrent: {serve_res['tokens']} tokens in {serve_res['wall_s']:.1f} s", flush=True)
         query = QUERIES[0]
-        asyncio.run(ttft(base, "long", query, 1)), asyncio.run(ttft(base, None, query, 1))  # warm-up
-        t_none = asyncio.run(ttft(base, None, query, args.repeats))
-        t_long = asyncio.run(ttft(base, "long", query, args.repeats))
+        asyncio.run(ttft(base, [None, "long"], query, 1))  # warm-up
+        t_none, t_long = asyncio.run(ttft(base, [None, "long"], query, args.repeats))
         swap_res = asyncio.run(swap(base, store, frozen, args.swap_rounds, wait_for_watcher=True))
         swap_cold = asyncio.run(swap(base, store, frozen, args.swap_rounds, wait_for_watcher=False))
         stats = httpx.get(f"{base}/stats").json()
