@@ -25,6 +25,7 @@ from .engine import (
     Job,
     PromptCache,
     SamplingParams,
+    TokenEvent,
 )
 
 
@@ -105,13 +106,18 @@ class GenerationService:
             raise InputTooLongError(job.prompt_tokens, request.params.max_new_tokens, limit)
         return job, (str(loaded.version.id) if loaded else None)
 
-    async def start(self, prompt_ref: str | None, request: GenerationInput) -> RequestHandle:
-        """Resolve, validate and queue a request; raises the domain error if it cannot be served."""
+    async def start(self, prompt_ref: str | None, request: GenerationInput, *, stream: bool = True) -> RequestHandle:
+        """Resolve, validate and queue a request; raises the domain error if it cannot be served.
+
+        Without `stream` only the final event crosses into the event loop: a token event per
+        row per step would wake the loop 16 times a step at batch 16, and on a 2-core machine
+        that Python work competes with the decode step's matmul threads."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            if stream or not isinstance(event, TokenEvent):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
 
         job, label = await run_in_threadpool(self._build, prompt_ref, request, sink)
         self.engine.submit(job)

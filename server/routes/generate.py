@@ -29,8 +29,9 @@ async def generate(
         params=SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                               stop=tuple(body.stop or ()), seed=body.seed, ignore_eos=body.ignore_eos),
     )
-    handle = await service.start(prompt or None, request)
-    if stream or body.stream:
+    stream = stream or body.stream
+    handle = await service.start(prompt or None, request, stream=stream)
+    if stream:
         return EventSourceResponse(_sse(handle), ping=15)
     return _response(await handle.result(), handle.prompt_label)
 
