@@ -69,8 +69,10 @@ def _run_once(path: Path, fn):
 
 
 def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None, out: Path, spec: str, threads: int, steps: int | None,
-               max_test: int | None = None, seeds: tuple[int, ...] = (0,)) -> dict:
+               max_test: int | None = None, seeds: tuple[int, ...] = (0,), init_text: str | None = None) -> dict:
     settings = dict(TASKS[name], threads=threads, seed=0)
+    if init_text:
+        settings["init_text"] = init_text
     default_lrs = settings.pop("lrs")
     lrs = lrs or list(default_lrs)
     peft_lrs = list(default_lrs) if peft_lrs is None else peft_lrs  # [] = no PEFT runs
@@ -147,7 +149,8 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
             peft_seeds[seed] = test_metric(f"peft-lr{best_peft_lr:g}{_seed_suffix(seed)}", vectors, placement="sequence_start")["metric"]
     row = {
         "task": name, "metric": before["name"], "test_examples": len(test), "train_examples": len(train), "val_examples": init["val_examples"],
-        "steps": settings["steps"], "batch_size": settings["batch_size"],
+        "steps": settings["steps"], "batch_size": settings["batch_size"], "init_text": settings["init_text"],
+        "prompt_vectors": int(init_vectors.shape[0]),
         "test_before": before["metric"], "test_after": after["metric"], "test_hard_prompt": hard["metric"], "hard_prompt_text": hard_text,
         "test_peft": peft_test["metric"],
         "test_after_by_seed": after_seeds, "test_peft_by_seed": peft_seeds,
@@ -207,13 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="training seeds: the lr sweep uses seed 0, then each method is retrained at its chosen lr with the others")
+    parser.add_argument("--init", default=None,
+                        help="override the task's init text (e.g. a longer prompt = more vectors); use a separate --out")
     parser.add_argument("--max-test", type=int, default=None, help="smoke runs only: cap the test split (the reported table uses all of it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.no_peft:
         args.peft_lrs = []
     rows = [bench_task(t, args.lrs, args.peft_lrs, args.out, args.model, args.threads, args.steps, args.max_test,
-                       tuple(args.seeds)) for t in args.tasks]
+                       tuple(args.seeds), args.init) for t in args.tasks]
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
     logger.info("wrote %s\n%s", args.out / "table.md", text)
