@@ -1,0 +1,74 @@
+"""Paired A/B of one decode step: plain `F.linear` against MKL-packed weights (`PACKED_DECODE`).
+
+    .venv/bin/python bench/packed_ab.py [--steps 60]
+
+Two engines, each on its own copy of the model (packing swaps the linear layers in place),
+hold the same 16 mixed-prompt rows; their decode steps alternate (A B, B A, ...) so the VM's
+drift hits both alike, and the script prints the median step time of each, the median of
+the per-pair ratios, and whether both produced the same tokens. Whether packing pays is a
+property of the host's CPU and memory, so measure it on yours before turning it on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, text_ids  # noqa: E402
+from server.engine import Engine  # noqa: E402
+from tests.engine_helpers import make_job  # noqa: E402
+from trainer.modeling import load_frozen_model  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="decode steps per engine (alternating)")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    engines = {}
+    for packed in (False, True):
+        frozen = load_frozen_model(args.model, device="cpu")
+        engines[packed] = Engine(frozen, max_batch_size=args.rows, packed_decode=packed)
+    softs = {n: frozen.embedding.weight[torch.tensor(text_ids(frozen, t, PROMPT_LENGTHS[n]))].float()
+             for n, t in PROMPT_TEXTS.items()}
+    names = list(softs)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.inference_mode():
+        for engine in engines.values():  # the same rows in both, prefilled, then 3 warm-up steps
+            for i in range(args.rows):
+                name = names[i % len(names)]
+                job, _ = make_job(frozen.tokenizer, QUERIES[i % len(QUERIES)], softs[name], key=(name, 1, "c"),
+                                  max_new_tokens=args.steps + 10, ignore_eos=True)
+                engine._waiting.append(job)
+            engine._admit()
+            for _ in range(3):
+                engine._decode_step()
+        for step in range(args.steps):
+            for packed in ((True, False) if step % 2 else (False, True)):
+                started = time.perf_counter()
+                engines[packed]._decode_step()
+                times[packed].append((time.perf_counter() - started) * 1e3)
+    same = [s.ids for s in engines[False]._seqs] == [s.ids for s in engines[True]._seqs]
+    plain, packed = statistics.median(times[False]), statistics.median(times[True])
+    paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
+    print(f"{args.rows} rows, {args.steps} steps each, torch threads {torch.get_num_threads()}")
+    print(f"plain F.linear   {plain:7.1f} ms/step")
+    print(f"MKL-packed       {packed:7.1f} ms/step  ({engines[True].packed_bytes / 2**20:.0f} MB packed)")
+    print(f"packed speedup   {plain / packed:.3f}x (median of paired ratios {paired:.3f}x); same tokens: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
