@@ -1,12 +1,14 @@
 """Paired A/B of one decode step: plain `F.linear` against MKL-packed weights (`PACKED_DECODE`).
 
-    .venv/bin/python bench/packed_ab.py [--steps 60]
+    .venv/bin/python bench/packed_ab.py [--steps 60] [--profile]
 
 Two engines, each on its own copy of the model (packing swaps the linear layers in place),
 hold the same 16 mixed-prompt rows; their decode steps alternate (A B, B A, ...) so the VM's
 drift hits both alike, and the script prints the median step time of each, the median of
 the per-pair ratios, and whether both produced the same tokens. Whether packing pays is a
 property of the host's CPU and memory, so measure it on yours before turning it on.
+`--profile` then traces 10 more steps of the plain engine with torch.profiler and prints
+where a step's time goes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="decode steps per engine (alternating)")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="also profile 10 steps of the plain engine")
     parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,7 +53,7 @@ def main() -> int:
             for i in range(args.rows):
                 name = names[i % len(names)]
                 job, _ = make_job(frozen.tokenizer, QUERIES[i % len(QUERIES)], softs[name], key=(name, 1, "c"),
-                                  max_new_tokens=args.steps + 10, ignore_eos=True)
+                                  max_new_tokens=args.steps + 30, ignore_eos=True)
                 engine._waiting.append(job)
             engine._admit()
             for _ in range(3):
@@ -60,6 +63,15 @@ def main() -> int:
                 started = time.perf_counter()
                 engines[packed]._decode_step()
                 times[packed].append((time.perf_counter() - started) * 1e3)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as trace:
+                for _ in range(10):
+                    engines[False]._decode_step()
+            print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            for _ in range(10):  # keep both engines at the same length for the token check
+                engines[True]._decode_step()
     same = [s.ids for s in engines[False]._seqs] == [s.ids for s in engines[True]._seqs]
     plain, packed = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
