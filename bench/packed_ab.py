@@ -54,7 +54,8 @@ def main() -> int:
                 name = names[i % len(names)]
                 job, _ = make_job(frozen.tokenizer, QUERIES[i % len(QUERIES)], softs[name], key=(name, 1, "c"),
                                   max_new_tokens=args.steps + 30, ignore_eos=True)
-                engine._waiting.append(job)
+                engine._waiting.append(job)  # queued directly: no engine thread runs here
+                engine._waiting_count += 1
             engine._admit()
             for _ in range(3):
                 engine._decode_step()

@@ -142,7 +142,7 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
     # Seed spread: each method retrained at its chosen lr with other seeds (batch order, init noise).
     after_seeds, peft_seeds = {0: after["metric"]}, {0: peft_test["metric"]} if peft_runs else {}
     for seed in (s for s in seeds if s != 0):
-        summary, vectors = run_ours(best_lr, seed)
+        _, vectors = run_ours(best_lr, seed)
         after_seeds[seed] = test_metric(f"embedgrad-lr{best_lr:g}{_seed_suffix(seed)}", vectors)["metric"]
         if peft_runs:
             _, vectors = run_peft(best_peft_lr, seed)
