@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, text_ids  # noqa: E402
+from bench.serve_bench import QUERIES, text_prompts  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.engine.packed_linear import pack_linear_layers  # noqa: E402
 from tests.engine_helpers import make_job  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> int:
     weights = pack_linear_layers(packed.model, 16)  # in place, as Engine(packed_decode=True) does
     print(f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
           f"{_rss_mb():.0f} MB", flush=True)
-    softs = {n: plain.embedding.weight[torch.tensor(text_ids(plain, t, PROMPT_LENGTHS[n]))].float() for n, t in PROMPT_TEXTS.items()}
+    softs = text_prompts(plain)
     variants = [  # (growing, gqa, packed)
         (False, False, False), (True, False, False), (True, True, False), (True, False, True),
     ]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, text_ids  # noqa: E402
+from bench.serve_bench import QUERIES, text_prompts  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
@@ -44,8 +44,7 @@ def main() -> int:
     for packed in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
         engines[packed] = Engine(frozen, max_batch_size=args.rows, packed_decode=packed)
-    softs = {n: frozen.embedding.weight[torch.tensor(text_ids(frozen, t, PROMPT_LENGTHS[n]))].float()
-             for n, t in PROMPT_TEXTS.items()}
+    softs = text_prompts(frozen)
     names = list(softs)
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():

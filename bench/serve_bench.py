@@ -78,6 +78,12 @@ def text_ids(frozen, text: str, length: int | None = None) -> list[int]:
     return ids
 
 
+def text_prompts(frozen) -> dict[str, torch.Tensor]:
+    """The bench's 4 prompts as soft-prompt tensors: token embeddings of PROMPT_TEXTS, [P, D] each."""
+    return {name: frozen.embedding.weight[torch.tensor(text_ids(frozen, text, PROMPT_LENGTHS[name]))].float()
+            for name, text in PROMPT_TEXTS.items()}
+
+
 def publish_text(store: PromptStore, frozen, name: str, ids: list[int]):
     vectors = frozen.embedding.weight[torch.tensor(ids)].detach().float().cpu()  # [P, D]
     return store.publish(name, vectors, fingerprint=frozen.fingerprint, base_model=frozen.base_model,

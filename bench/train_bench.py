@@ -140,7 +140,8 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
         peft_summary, peft_vectors = peft_runs[best_peft_lr]
         peft_test = test_metric(f"peft-lr{best_peft_lr:g}", peft_vectors, placement="sequence_start")
     # Seed spread: each method retrained at its chosen lr with other seeds (batch order, init noise).
-    after_seeds, peft_seeds = {0: after["metric"]}, {0: peft_test["metric"]} if peft_runs else {}
+    after_seeds = {0: after["metric"]}
+    peft_seeds = {0: peft_test["metric"]} if peft_runs else {}
     for seed in (s for s in seeds if s != 0):
         _, vectors = run_ours(best_lr, seed)
         after_seeds[seed] = test_metric(f"embedgrad-lr{best_lr:g}{_seed_suffix(seed)}", vectors)["metric"]
