@@ -31,6 +31,22 @@ from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
 
+def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
+    """Prefill `rows` requests over the 4 bench prompts into an engine whose thread is not
+    running (the caller steps it), then take 3 warm-up decode steps."""
+    softs = text_prompts(engine.frozen)
+    names = list(softs)
+    for i in range(rows):
+        name = names[i % len(names)]
+        job, _ = make_job(engine.tokenizer, QUERIES[i % len(QUERIES)], softs[name], key=(name, 1, "c"),
+                          max_new_tokens=max_new_tokens, ignore_eos=True)
+        engine._waiting.append(job)
+        engine._waiting_count += 1
+    engine._admit()
+    for _ in range(3):
+        engine._decode_step()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="decode steps per engine (alternating)")
@@ -44,20 +60,10 @@ def main() -> int:
     for packed in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
         engines[packed] = Engine(frozen, max_batch_size=args.rows, packed_decode=packed)
-    softs = text_prompts(frozen)
-    names = list(softs)
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():
-        for engine in engines.values():  # the same rows in both, prefilled, then 3 warm-up steps
-            for i in range(args.rows):
-                name = names[i % len(names)]
-                job, _ = make_job(frozen.tokenizer, QUERIES[i % len(QUERIES)], softs[name], key=(name, 1, "c"),
-                                  max_new_tokens=args.steps + 30, ignore_eos=True)
-                engine._waiting.append(job)  # queued directly: no engine thread runs here
-                engine._waiting_count += 1
-            engine._admit()
-            for _ in range(3):
-                engine._decode_step()
+        for engine in engines.values():  # the same rows in both
+            fill_rows(engine, args.rows, max_new_tokens=args.steps + 30)
         for step in range(args.steps):
             for packed in ((True, False) if step % 2 else (False, True)):
                 started = time.perf_counter()

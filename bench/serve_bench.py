@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# Before torch loads; the server subprocess inherits the same environment, so both sides'
+# OpenMP threads wait alike (GOMP_SPINCOUNT, if set, applies to both too: bench/omp_ab.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -232,7 +234,7 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "SOFTPROMPT_STORE": str(workdir / "store"), "SOFTPROMPT_MODEL": args.model,
            "SOFTPROMPT_STORE_POLL_SECONDS": str(args.poll), "SOFTPROMPT_DEVICE": "cpu",
-           "SOFTPROMPT_MAX_BATCH_SIZE": str(max(16, args.clients)), "OMP_WAIT_POLICY": "PASSIVE"}
+           "SOFTPROMPT_MAX_BATCH_SIZE": str(max(16, args.clients))}
     env.pop("SOFTPROMPT_API_KEY", None)
     if args.threads:
         env["SOFTPROMPT_THREADS"] = str(args.threads)
@@ -250,7 +252,8 @@ def main() -> int:
             if time.time() > deadline or server.poll() is not None:
                 raise SystemExit("server did not become ready")
             time.sleep(0.2)
-        print(f"model: {frozen.base_model}; torch threads {torch.get_num_threads()}; {args.clients} requests x "
+        print(f"model: {frozen.base_model}; torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY "
+              f"{os.environ['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')} (both sides); {args.clients} requests x "
               f"{args.max_new_tokens} new tokens ({'stop at EOS' if args.natural_eos else 'exactly, EOS ignored'}) "
               f"over {versions}", flush=True)
         fixed = not args.natural_eos
@@ -300,7 +303,9 @@ def main() -> int:
         args.json.write_text(json.dumps({"baseline": {k: v for k, v in base_res.items() if k != "texts"},
                                          "server": {k: v for k, v in serve_res.items() if k != "texts"},
                                          "ttft_none": t_none, "ttft_long": t_long, "swap": swap_res,
-                                         "swap_no_wait": swap_cold, "stats": stats}, indent=2))
+                                         "swap_no_wait": swap_cold, "stats": stats,
+                                         "wait_policy": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}},
+                                        indent=2))
     return 0
 
 

@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         app.state.jobs = JobManager(settings.store, model_spec=settings.model, device=settings.device,
                                     threads=settings.train_threads, max_running=settings.train_concurrency)
         app.state.jobs.start()
+        state.reserved_threads = app.state.jobs.threads_in_use  # the engine leaves them free
         booting = None
         if frozen is not None:
             state.boot(frozen)

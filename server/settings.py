@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     store: Path = Field(Path("./prompt-store"), description="prompt store root")
     api_key: str | None = Field(None, description="if set, admin routes need 'Authorization: Bearer <key>'")
     device: str | None = Field(None, description="'cpu' or 'cuda' (default: cuda when available)")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads for serving (default: torch's)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads for serving (default: torch's); while "
+                                "training jobs run, the engine uses this minus their threads, at least one")
     max_batch_size: int = Field(16, ge=1, description="most sequences decoded together")
     max_queue: int = Field(64, ge=1, description="waiting requests before 503")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")

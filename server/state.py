@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,6 +36,7 @@ class AppState:
         self.admin: PromptAdmin | None = None
         self.watcher: StoreWatcher | None = None
         self.boot_error: str | None = None
+        self.reserved_threads: Callable[[], int] | None = None  # threads training workers hold
         self._ready = threading.Event()
 
     @property
@@ -61,7 +63,7 @@ class AppState:
             self.engine = Engine(frozen, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefix_cache=prefixes, use_prefix_cache=settings.use_prefix_cache,
                                  retry_after=settings.queue_retry_after, batch_window_ms=settings.batch_window_ms,
-                                 packed_decode=settings.packed_decode)
+                                 packed_decode=settings.packed_decode, reserved_threads=self.reserved_threads)
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(frozen, self.engine, self.prompts,
                                                 max_new_tokens_limit=settings.max_new_tokens_limit)

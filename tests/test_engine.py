@@ -233,3 +233,20 @@ def test_burst_within_the_batch_window_is_prefilled_together(mixing, tokenizer, 
         engine.stop()
     assert engine.counters["prefill_batches"] == 1
     assert all(d.batch_sizes[0] == len(sinks) for d in done)
+
+
+def test_engine_leaves_the_threads_other_work_holds_and_takes_them_back(mixing, tokenizer):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # the engine thread starts from this count
+    reserved = [0]
+    engine = _engine(mixing, reserved_threads=lambda: reserved[0])
+    try:
+        seen = []
+        for held in (0, 1, 5, 0):  # a training worker starts, a bigger one, then all finish
+            reserved[0] = held
+            _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=2)
+            seen.append(engine.stats()["threads"])
+    finally:
+        engine.stop()
+        torch.set_num_threads(previous)
+    assert seen == [2, 1, 1, 2]  # never below one thread

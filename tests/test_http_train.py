@@ -128,6 +128,21 @@ def test_generation_keeps_working_while_a_job_runs(client):
     wait_until(lambda: finished_job(client, job_id))
 
 
+def test_engine_leaves_a_running_job_its_threads(frozen, model_folder, tmp_path):
+    with make_client(frozen, model_folder, tmp_path / "store", threads=2, train_threads=1) as client:
+        def engine_threads() -> int:
+            assert client.post("/generate", json={"input": "hello", "max_new_tokens": 2}).status_code == 200
+            return client.get("/stats").json()["engine"]["threads"]
+
+        assert engine_threads() == 2
+        job_id = upload(client, steps="100000").json()["id"]
+        wait_until(lambda: client.get(f"/train/{job_id}").json()["state"] == "running")
+        assert engine_threads() == 1  # 2 cores' worth: one for the worker, one for serving
+        client.post(f"/train/{job_id}/cancel")
+        wait_until(lambda: finished_job(client, job_id))
+        wait_until(lambda: engine_threads() == 2)
+
+
 def test_unknown_job_is_404(client):
     answer = client.get("/train/does-not-exist")
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "job_not_found"

@@ -56,11 +56,14 @@ def test_jobs_run_one_at_a_time_in_submission_order(manager):
 
 
 def test_cancel_stops_a_running_job_and_publishes_nothing(manager, tmp_path):
+    assert manager.threads_in_use() == 0
     job = submit(manager, steps=100_000)
     wait_until(lambda: manager.get(job.id).step >= 1)
+    assert manager.threads_in_use() == manager.threads  # what the serving engine leaves free
     manager.cancel(job.id)
     record = wait_until(lambda: finished(manager, job.id))
     assert record.state == JobState.cancelled
+    wait_until(lambda: manager.threads_in_use() == 0)
     assert PromptStore(tmp_path / "store").names() == []
     with pytest.raises(JobStateError):
         manager.cancel(job.id)

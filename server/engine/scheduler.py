@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -47,6 +48,7 @@ class Engine:
         growing_cache: bool = True,
         batch_window_ms: float = 0.0,
         packed_decode: bool = False,
+        reserved_threads: Callable[[], int] | None = None,
     ):
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -56,6 +58,9 @@ class Engine:
         self.batch_window_s = batch_window_ms / 1e3
         # full decode batches through MKL-packed weights (CPU fp32 only; a no-op elsewhere)
         self.packed_bytes = pack_linear_layers(self.model, max_batch_size) if packed_decode else 0
+        # CPU threads other work on this host holds (training workers); the engine leaves them free
+        self.reserved_threads = reserved_threads or (lambda: 0)
+        self._threads_full = self._threads_now = 0  # set in the engine thread
         self.eos_ids = _eos_ids(frozen)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._pad_id = int(pad)
@@ -117,11 +122,12 @@ class Engine:
         with self._lock:
             waiting = self._waiting_count
         return {**self.counters, "running": len(self._seqs), "waiting": waiting,
-                "max_batch_size": self.max_batch_size, "packed_decode_weights_mb": round(self.packed_bytes / 2**20),
+                "max_batch_size": self.max_batch_size, "threads": self._threads_now, "packed_decode_weights_mb": round(self.packed_bytes / 2**20),
                 "prefix_cache": self.prefix_cache.stats()}
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        self._threads_full = self._threads_now = torch.get_num_threads()
         with torch.inference_mode():
             while not self._stop.is_set():
                 idle = not self._seqs and not self._waiting
@@ -129,12 +135,24 @@ class Engine:
                 if not self._running.is_set():
                     continue
                 try:
+                    self._fit_threads()
                     self._admit()
                     if self._seqs:
                         self._decode_step()
                 except Exception as exc:  # never let one bad batch kill the server
                     logger.exception("engine step failed; failing the running batch")
                     self._fail_running(exc)
+
+    def _fit_threads(self) -> None:
+        """Use the threads the host's other work leaves free (at least one). Two runnable threads
+        per core make each other wait: beside a 1-thread training worker on 2 cores, a batch-16
+        step on 1 serving thread beat 2 threads, sleeping or spinning (bench/omp_ab.py --busy)."""
+        want = max(1, self._threads_full - self.reserved_threads())
+        if want != self._threads_now:
+            torch.set_num_threads(want)  # per thread under OpenMP: must run in the engine thread
+            logger.info("engine threads %d -> %d (%d reserved by other work)", self._threads_now, want,
+                        self._threads_full - want)
+            self._threads_now = want
 
     def _drain_inbox(self, *, block: bool) -> None:
         """Move queued jobs to `_waiting` and run prewarms. When the engine was idle, wait up to

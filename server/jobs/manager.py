@@ -104,7 +104,7 @@ class JobManager:
         )
         request = {
             "name": name,
-            "config": {**config.to_dict(), "threads": config.threads or self.threads},
+            "config": {**config.to_dict(), "threads": self._job_threads(record)},
             "model": self.model_spec,
             "device": self.device,
             "store": str(self.store_root),
@@ -126,6 +126,14 @@ class JobManager:
     def list(self) -> list[JobRecord]:
         with self._changed:
             return [r.model_copy(deep=True) for r in sorted(self._records.values(), key=lambda r: r.id, reverse=True)]
+
+    def threads_in_use(self) -> int:
+        """CPU threads the running workers were given (what the serving engine leaves them)."""
+        with self._changed:
+            return sum(self._job_threads(self._records[job_id]) for job_id in self._procs)
+
+    def _job_threads(self, record: JobRecord) -> int:
+        return record.config.get("threads") or self.threads
 
     def cancel(self, job_id: str) -> JobRecord:
         with self._changed:
@@ -172,7 +180,8 @@ class JobManager:
     def _launch(self, record: JobRecord) -> subprocess.Popen:
         folder = self.files.folder(record.id)
         threads = str(self.threads)
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
+               "GOMP_SPINCOUNT": "0"}  # never spin beside the server, even if it was told to (bench/omp_ab.py)
         log = open(folder / "worker.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.jobs.worker", str(folder)],
