@@ -7,7 +7,7 @@
     .venv/bin/python bench/omp_ab.py --http 6                     # 16-request bursts over HTTP
 
 The policy is read once, when torch loads, so each variant runs in its own process: the
-same engine with the same prefilled rows as bench/packed_ab.py. The processes take decode
+same engine with the same prefilled rows as bench/decode_ab.py. The processes take decode
 steps in turn (A B, B A, ...) so the VM's drift hits all of them alike, with a 20 ms pause
 before each step so the previous process's spinning threads are asleep again. It prints each
 variant's median step time and the median of its per-step speed ratios against sleeping.
@@ -43,7 +43,7 @@ def child(rows: int, threads: int, max_new_tokens: int) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from bench.packed_ab import fill_rows
+    from bench.decode_ab import fill_rows
     from server.engine import Engine
     from trainer.modeling import load_frozen_model
 

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     queue_retry_after: int = Field(1, ge=1, description="Retry-After seconds sent with 503 queue_full")
     packed_decode: bool = Field(False, description="on CPU (fp32), decode batches of more than half max_batch_size rows "
                                 "use MKL-packed weights: same results, about 1.8x the linear weights' memory more; faster or "
-                                "slower depending on the host (bench/packed_ab.py measures it)")
+                                "slower depending on the host (bench/decode_ab.py --variant packed measures it)")
+    fused_projections: bool = Field(True, description="compute q/k/v and gate/up as one matrix product each (weights "
+                                    "become views of one concatenated matrix: no extra memory; same results up to rounding)")
     batch_window_ms: float = Field(10.0, ge=0, le=100, description="when idle, wait this long for more arrivals "
                                    "(each resets it, at most 4x) so a burst is prefilled as one batch")

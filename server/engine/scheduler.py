@@ -27,6 +27,7 @@ from trainer.prepend import prepend_soft_prompt
 
 from . import kv as kvops
 from .errors import EngineNotReadyError, QueueFullError
+from .fused_linear import fuse_projections
 from .packed_linear import pack_linear_layers
 from .prefix_cache import PrefixCache
 from .sampling import sample_next
@@ -48,6 +49,7 @@ class Engine:
         growing_cache: bool = True,
         batch_window_ms: float = 0.0,
         packed_decode: bool = False,
+        fused_projections: bool = True,
         reserved_threads: Callable[[], int] | None = None,
     ):
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
@@ -58,6 +60,8 @@ class Engine:
         self.batch_window_s = batch_window_ms / 1e3
         # full decode batches through MKL-packed weights (CPU fp32 only; a no-op elsewhere)
         self.packed_bytes = pack_linear_layers(self.model, max_batch_size) if packed_decode else 0
+        # q/k/v and gate/up as one GEMM each (layers already packed are left alone)
+        self.fused_groups = fuse_projections(self.model) if fused_projections else 0
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
         self._threads_full = self._threads_now = 0  # set in the engine thread
@@ -123,6 +127,7 @@ class Engine:
             waiting = self._waiting_count
         return {**self.counters, "running": len(self._seqs), "waiting": waiting,
                 "max_batch_size": self.max_batch_size, "threads": self._threads_now, "packed_decode_weights_mb": round(self.packed_bytes / 2**20),
+                "fused_projection_groups": self.fused_groups,
                 "prefix_cache": self.prefix_cache.stats()}
 
     # ------------------------------------------------------------ the loop

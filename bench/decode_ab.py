@@ -1,14 +1,16 @@
-"""Paired A/B of one decode step: plain `F.linear` against MKL-packed weights (`PACKED_DECODE`).
+"""Paired A/B of one decode step: plain `nn.Linear` layers against a faster variant of them.
 
-    .venv/bin/python bench/packed_ab.py [--steps 60] [--profile]
+    .venv/bin/python bench/decode_ab.py [--variant fused|packed] [--steps 60] [--profile]
 
-Two engines, each on its own copy of the model (packing swaps the linear layers in place),
-hold the same 16 mixed-prompt rows; their decode steps alternate (A B, B A, ...) so the VM's
-drift hits both alike, and the script prints the median step time of each, the median of
-the per-pair ratios, and whether both produced the same tokens. Whether packing pays is a
-property of the host's CPU and memory, so measure it on yours before turning it on.
-`--profile` then traces 10 more steps of the plain engine with torch.profiler and prints
-where a step's time goes.
+`fused` (the default, `FUSED_PROJECTIONS`): q/k/v and gate/up as one matrix product each.
+`packed` (`PACKED_DECODE`): MKL-packed weights for full decode batches.
+
+Two engines, each on its own copy of the model (both variants swap layers in place), hold
+the same 16 mixed-prompt rows. Their decode steps alternate (A B, B A, ...) so the VM's drift
+hits both alike. The script prints the median step time of each, the median of the per-pair
+ratios, and whether both produced the same tokens. Whether a variant pays is a property of
+the host's CPU and memory, so measure it on yours. `--profile` then traces 10 more steps of
+the plain engine with torch.profiler and prints where a step's time goes.
 """
 
 from __future__ import annotations
@@ -47,8 +49,15 @@ def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
         engine._decode_step()
 
 
+VARIANTS = {  # name: Engine keyword arguments of the variant (the plain engine turns both off)
+    "fused": {"fused_projections": True},
+    "packed": {"packed_decode": True},
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=list(VARIANTS), default="fused")
     parser.add_argument("--steps", type=int, default=60, help="decode steps per engine (alternating)")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -56,19 +65,20 @@ def main() -> int:
     parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    plain = {"fused_projections": False, "packed_decode": False}
     engines = {}
-    for packed in (False, True):
+    for variant in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
-        engines[packed] = Engine(frozen, max_batch_size=args.rows, packed_decode=packed)
+        engines[variant] = Engine(frozen, max_batch_size=args.rows, **{**plain, **(VARIANTS[args.variant] if variant else {})})
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():
         for engine in engines.values():  # the same rows in both
             fill_rows(engine, args.rows, max_new_tokens=args.steps + 30)
         for step in range(args.steps):
-            for packed in ((True, False) if step % 2 else (False, True)):
+            for variant in ((True, False) if step % 2 else (False, True)):
                 started = time.perf_counter()
-                engines[packed]._decode_step()
-                times[packed].append((time.perf_counter() - started) * 1e3)
+                engines[variant]._decode_step()
+                times[variant].append((time.perf_counter() - started) * 1e3)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -79,12 +89,14 @@ def main() -> int:
             for _ in range(10):  # keep both engines at the same length for the token check
                 engines[True]._decode_step()
     same = [s.ids for s in engines[False]._seqs] == [s.ids for s in engines[True]._seqs]
-    plain, packed = statistics.median(times[False]), statistics.median(times[True])
+    base, other = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
+    detail = {"fused": f"{engines[True].fused_groups} groups fused",
+              "packed": f"{engines[True].packed_bytes / 2**20:.0f} MB packed"}[args.variant]
     print(f"{args.rows} rows, {args.steps} steps each, torch threads {torch.get_num_threads()}")
-    print(f"plain F.linear   {plain:7.1f} ms/step")
-    print(f"MKL-packed       {packed:7.1f} ms/step  ({engines[True].packed_bytes / 2**20:.0f} MB packed)")
-    print(f"packed speedup   {plain / packed:.3f}x (median of paired ratios {paired:.3f}x); same tokens: {same}")
+    print(f"plain nn.Linear  {base:7.1f} ms/step")
+    print(f"{args.variant:16s} {other:7.1f} ms/step  ({detail})")
+    print(f"{args.variant} speedup   {base / other:.3f}x (median of paired ratios {paired:.3f}x); same tokens: {same}")
     return 0
 
 

@@ -1,0 +1,96 @@
+"""Fused q/k/v and gate/up projections: the model's numbers (to float rounding), no extra memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.engine import Engine
+from server.engine.fused_linear import FusedLinear, fuse_projections
+from tests.engine_helpers import make_job, untied_llama, wait_all
+from tests.tiny import tiny_llama
+from trainer.modeling import from_loaded
+
+
+def test_fusing_keeps_weights_outputs_and_memory(tokenizer):
+    model = tiny_llama(len(tokenizer)).requires_grad_(False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, len(tokenizer), (3, 7))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        fused = fuse_projections(model)
+        after = model(input_ids=ids).logits
+    layers = model.config.num_hidden_layers
+    assert fused == 2 * layers and fuse_projections(model) == 0  # q/k/v and gate/up per layer; idempotent
+    attention = model.model.layers[0].self_attn
+    assert all(isinstance(getattr(attention, n), FusedLinear) for n in ("q_proj", "k_proj", "v_proj"))
+    group = attention.q_proj.group
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    assert group._last.x is None  # every member took its part: nothing is held between forwards
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projection_runs_one_product_per_input(monkeypatch):
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = nn.Linear(8, 6), nn.Linear(8, 2), nn.Linear(8, 2)
+    parent.requires_grad_(False)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    expected = [parent.q_proj(x), parent.k_proj(x), parent.v_proj(x), parent.k_proj(y)]
+    assert fuse_projections(parent) == 1 and parent.q_proj.group.bounds == [0, 6, 8, 10]
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[0].shape) or linear(*a))
+    with torch.inference_mode():
+        got = [parent.q_proj(x), parent.k_proj(x), parent.v_proj(x)]
+        assert len(calls) == 1  # one [4, 10] product for the three
+        got.append(parent.k_proj(y))  # another input: computed for it, never the stale x
+    assert len(calls) == 2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_model_keeps_gradients_flowing(tokenizer):
+    """Training through a served model (the soft prompt needs gradients) takes the plain path."""
+    model = tiny_llama(len(tokenizer)).requires_grad_(False)
+    embeds = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    model(inputs_embeds=embeds).logits.square().mean().backward()
+    plain, embeds.grad = embeds.grad.clone(), None
+    fuse_projections(model)
+    model(inputs_embeds=embeds).logits.square().mean().backward()
+    torch.testing.assert_close(embeds.grad, plain)
+
+
+def test_engine_with_fused_projections_gives_the_same_tokens(tokenizer):
+    """A mixed batch through fused projections == the same batch and solo runs without them."""
+    torch.manual_seed(7)
+    softs = [torch.randn(3, 64), torch.randn(9, 64), None, torch.randn(5, 64)]
+    texts = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
+
+    def run(fused: bool, together: bool) -> tuple[list, Engine]:
+        engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"),
+                        max_batch_size=4, fused_projections=fused)
+        engine.start()
+        try:
+            jobs = [make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)
+                    for i, (text, soft) in enumerate(zip(texts, softs))]
+            if not together:
+                out = []
+                for job, sink in jobs:
+                    engine.submit(job)
+                    out.append(sink.result()[0].token_ids)
+                return out, engine
+            engine.pause()
+            for job, _ in jobs:
+                engine.submit(job)
+            engine.resume()
+            return [d.token_ids for d, _ in wait_all([sink for _, sink in jobs])], engine
+        finally:
+            engine.stop()
+
+    fused_ids, engine = run(fused=True, together=True)
+    assert engine.fused_groups > 0 and engine.stats()["fused_projection_groups"] == engine.fused_groups
+    assert fused_ids == run(fused=False, together=True)[0] == run(fused=False, together=False)[0]
+    assert run(fused=True, together=False)[0] == fused_ids
