@@ -64,7 +64,7 @@ class AppState:
                                  prefix_cache=prefixes, use_prefix_cache=settings.use_prefix_cache,
                                  retry_after=settings.queue_retry_after, batch_window_ms=settings.batch_window_ms,
                                  packed_decode=settings.packed_decode, fused_projections=settings.fused_projections,
-                                 reserved_threads=self.reserved_threads)
+                                 reserved_threads=self.reserved_threads, threads=settings.threads)
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(frozen, self.engine, self.prompts,
                                                 max_new_tokens_limit=settings.max_new_tokens_limit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -95,8 +97,9 @@ def test_bare_model_matches_hf_generate(mixing, tokenizer):
         engine.stop()
     layout = ChatLayout(tokenizer).for_input(TEXTS[0])
     ids = torch.tensor([layout.head_ids + layout.tail_ids])
+    plain = untied_llama(len(tokenizer))  # the same weights, never touched by an engine (mixing's are fused)
     with torch.no_grad():
-        reference = mixing.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+        reference = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert done.token_ids == reference[0, ids.shape[1]:].tolist()[: len(done.token_ids)]
 
@@ -237,16 +240,31 @@ def test_burst_within_the_batch_window_is_prefilled_together(mixing, tokenizer, 
 
 def test_engine_leaves_the_threads_other_work_holds_and_takes_them_back(mixing, tokenizer):
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)  # the engine thread starts from this count
     reserved = [0]
-    engine = _engine(mixing, reserved_threads=lambda: reserved[0])
+
+    def held() -> int:
+        if reserved[0] is None:
+            raise RuntimeError("the job manager is broken")
+        return reserved[0]
+
+    engine = _engine(mixing, reserved_threads=held, threads=2)
     try:
         seen = []
-        for held in (0, 1, 5, 0):  # a training worker starts, a bigger one, then all finish
-            reserved[0] = held
-            _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=2)
+        for reserved[0] in (0, 1, 5, None, 0, 1):  # a job starts, a bigger one, a broken probe, none, one again
+            [done] = _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=2)
+            assert done.finish_reason == "length"  # a broken probe fails no request
             seen.append(engine.stats()["threads"])
     finally:
         engine.stop()
+        after = _count_in_a_new_thread()
         torch.set_num_threads(previous)
-    assert seen == [2, 1, 1, 2]  # never below one thread
+    assert seen == [2, 1, 1, 1, 2, 1]  # never below one thread; a failed probe keeps the count
+    assert after == 2  # new threads start from the full count again, not from the engine's last cut
+
+
+def _count_in_a_new_thread() -> int:
+    """torch's thread count as a new thread sees it: the last count any thread set."""
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start(), thread.join()
+    return seen[0]

@@ -47,9 +47,27 @@ def test_fused_projection_runs_one_product_per_input(monkeypatch):
         got = [parent.q_proj(x), parent.k_proj(x), parent.v_proj(x)]
         assert len(calls) == 1  # one [4, 10] product for the three
         got.append(parent.k_proj(y))  # another input: computed for it, never the stale x
-    assert len(calls) == 2
-    for a, b in zip(got, expected):
+        assert len(calls) == 2
+        switched = [parent.q_proj(x), parent.k_proj(y), parent.v_proj(x)]  # inputs change within a group
+    assert len(calls) == 5
+    for a, b in zip(got + switched, expected + [expected[0], expected[3], expected[2]]):
         torch.testing.assert_close(a, b)
+
+
+def test_a_moved_or_reassigned_model_falls_back_to_its_own_weights(tokenizer):
+    """`.to(dtype)` or `load_state_dict(assign=True)` after fusing replace the parameters: the
+    group's matrix is stale then, so each layer must use its own (new) weight."""
+    model = tiny_llama(len(tokenizer)).requires_grad_(False)
+    plain = tiny_llama(len(tokenizer)).requires_grad_(False)
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, len(tokenizer), (2, 6))
+    fuse_projections(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.double()(input_ids=ids).logits, plain.double()(input_ids=ids).logits)
+        shifted = {k: v + 0.01 for k, v in plain.state_dict().items()}
+        model.load_state_dict(shifted, assign=True)
+        plain.load_state_dict(shifted)
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
 def test_fused_model_keeps_gradients_flowing(tokenizer):

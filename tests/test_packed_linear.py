@@ -70,7 +70,7 @@ def test_engine_with_packed_decode_gives_the_same_tokens(tokenizer):
 
     def run(packed: bool, together: bool):
         engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"),
-                        max_batch_size=4, packed_decode=packed)
+                        max_batch_size=4, packed_decode=packed, fused_projections=False)
         engine.start()
         try:
             jobs = [make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)

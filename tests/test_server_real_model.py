@@ -12,6 +12,7 @@ from server.engine import Engine
 from server.settings import Settings
 from tests.engine_helpers import make_job
 from trainer.layout import ChatLayout
+from trainer.modeling import load_frozen_model
 
 pytestmark = pytest.mark.real_model
 
@@ -25,6 +26,18 @@ def _text_prompt(frozen, text: str) -> torch.Tensor:
 
 
 def test_http_generate_with_a_text_initialised_prompt_matches_hf_generate(real_model, tmp_path):
+    # A soft prompt made of the instruction's own token embeddings must act like the text. The
+    # reference is HF generate on a copy no engine has touched (engines fuse projections in place).
+    plain = load_frozen_model("default")
+    layout = ChatLayout(plain.tokenizer).for_input(QUESTION)
+    text_ids = plain.tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
+    ids = torch.tensor([list(layout.head_ids) + text_ids + list(layout.tail_ids)])
+    with torch.no_grad():
+        out = plain.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                   do_sample=False, pad_token_id=plain.tokenizer.pad_token_id)
+    expected = plain.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    del plain, out
+
     store = PromptStore(tmp_path / "store")
     store.publish("adder", _text_prompt(real_model, INSTRUCTION), fingerprint=real_model.fingerprint,
                   base_model=real_model.base_model, init_text=INSTRUCTION)
@@ -36,15 +49,6 @@ def test_http_generate_with_a_text_initialised_prompt_matches_hf_generate(real_m
     assert soft.status_code == 200, soft.text
     assert soft.json()["prompt"] == "adder-v1" and bare.json()["prompt"] is None
     assert stats["model_loads"] == 1 and stats["engine"]["prefix_cache"]["hits"] >= 2
-
-    # A soft prompt made of the instruction's own token embeddings must act like the text.
-    layout = ChatLayout(real_model.tokenizer).for_input(QUESTION)
-    text_ids = real_model.tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
-    ids = torch.tensor([list(layout.head_ids) + text_ids + list(layout.tail_ids)])
-    with torch.no_grad():
-        out = real_model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                        do_sample=False, pad_token_id=real_model.tokenizer.pad_token_id)
-    expected = real_model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert soft.json()["text"] == expected
     assert soft.json()["text"].strip() and bare.json()["text"].strip()
 

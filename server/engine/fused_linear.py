@@ -11,7 +11,9 @@ plain layers, side by side.
 
 The results equal the separate products up to float rounding (a wider GEMM may sum in
 another order, as batch size already does). An input that needs gradients (training through
-a served model) takes the plain `F.linear` on the same weight view.
+a served model) takes the plain `F.linear` on the same weight view, and so does a layer whose
+weight no longer lives in the group's matrix (after `model.to(...)` or
+`load_state_dict(assign=True)` replaced it): fuse last, after moving the model.
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ class FusedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         start, end = group.bounds[index], group.bounds[index + 1]
         self.weight = nn.Parameter(group.weight[start:end], requires_grad=linear.weight.requires_grad)
-        self.bias = None if group.bias is None else nn.Parameter(group.bias[start:end], requires_grad=False)
+        self.bias = None if group.bias is None else nn.Parameter(group.bias[start:end],
+                                                                 requires_grad=linear.bias.requires_grad)
         self.group, self.index = group, index
+        self._view_ptr = self.weight.data_ptr()  # where the view starts in the group's matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        if self.weight.data_ptr() != self._view_ptr:  # the parameter was replaced: the group's copy is stale
             return F.linear(x, self.weight, self.bias)
         return self.group.output(x, self.index)
 
@@ -76,6 +82,8 @@ def fuse_projections(model: nn.Module) -> int:
 
     Returns how many groups were fused. Groups that are already fused, packed, mix biased and
     unbiased layers or trainable weights are left as they are, so calling it twice is harmless.
+    Call it after moving the model (`.to(device, dtype)`): a moved layer falls back to its own
+    weight and the group's product is no longer shared.
     """
     fused = 0
     for module in list(model.modules()):
@@ -85,7 +93,7 @@ def fuse_projections(model: nn.Module) -> int:
                 continue
             if len({linear.in_features for linear in linears}) != 1 or len({linear.bias is None for linear in linears}) != 1:
                 continue
-            if any(linear.weight.requires_grad for linear in linears):
+            if any(param.requires_grad for linear in linears for param in linear.parameters()):
                 continue
             group = FusedGroup(linears)
             for index, (name, linear) in enumerate(zip(names, linears)):

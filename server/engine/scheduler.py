@@ -51,6 +51,7 @@ class Engine:
         packed_decode: bool = False,
         fused_projections: bool = True,
         reserved_threads: Callable[[], int] | None = None,
+        threads: int | None = None,
     ):
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -64,7 +65,8 @@ class Engine:
         self.fused_groups = fuse_projections(self.model) if fused_projections else 0
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
-        self._threads_full = self._threads_now = 0  # set in the engine thread
+        # torch threads to serve on when nothing is reserved (default: the count now, in this thread)
+        self._threads_full = self._threads_now = threads or torch.get_num_threads()
         self.eos_ids = _eos_ids(frozen)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._pad_id = int(pad)
@@ -132,7 +134,13 @@ class Engine:
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        self._threads_full = self._threads_now = torch.get_num_threads()
+        torch.set_num_threads(self._threads_full)
+        try:
+            self._serve()
+        finally:  # the count set in this thread also becomes the process default: leave the full one
+            torch.set_num_threads(self._threads_full)
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
                 idle = not self._seqs and not self._waiting
@@ -152,11 +160,15 @@ class Engine:
         """Use the threads the host's other work leaves free (at least one). Two runnable threads
         per core make each other wait: beside a 1-thread training worker on 2 cores, a batch-16
         step on 1 serving thread beat 2 threads, sleeping or spinning (bench/omp_ab.py --busy)."""
-        want = max(1, self._threads_full - self.reserved_threads())
+        try:
+            reserved = self.reserved_threads()
+        except Exception:  # a broken probe must not fail the batch: keep the current count
+            logger.exception("could not read the threads other work holds; keeping %d", self._threads_now)
+            return
+        want = max(1, self._threads_full - reserved)
         if want != self._threads_now:
             torch.set_num_threads(want)  # per thread under OpenMP: must run in the engine thread
-            logger.info("engine threads %d -> %d (%d reserved by other work)", self._threads_now, want,
-                        self._threads_full - want)
+            logger.info("engine threads %d -> %d (%d held by other work)", self._threads_now, want, reserved)
             self._threads_now = want
 
     def _drain_inbox(self, *, block: bool) -> None:

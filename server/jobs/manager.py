@@ -55,6 +55,7 @@ class JobManager:
         self._records: dict[str, JobRecord] = {}
         self._queue: deque[str] = deque()
         self._procs: dict[str, subprocess.Popen] = {}
+        self._threads_held = 0  # sum of the running jobs' threads; changed under the lock, read without
         self._changed = threading.Condition()
         self._last_persist: dict[str, float] = {}
         self._stopping = False
@@ -128,9 +129,11 @@ class JobManager:
             return [r.model_copy(deep=True) for r in sorted(self._records.values(), key=lambda r: r.id, reverse=True)]
 
     def threads_in_use(self) -> int:
-        """CPU threads the running workers were given (what the serving engine leaves them)."""
-        with self._changed:
-            return sum(self._job_threads(self._records[job_id]) for job_id in self._procs)
+        """CPU threads the running workers were given (what the serving engine leaves them).
+
+        Read by the engine before every step, so it takes no lock: the lock is held while
+        records are written to disk, and a decode step must not wait for an fsync."""
+        return self._threads_held
 
     def _job_threads(self, record: JobRecord) -> int:
         return record.config.get("threads") or self.threads
@@ -173,13 +176,14 @@ class JobManager:
                 record = self._records[job_id]
                 proc = self._launch(record)
                 self._procs[job_id] = proc
+                self._threads_held += self._job_threads(record)
                 record.state, record.started_at = JobState.running, now()
                 self._touch(record, persist=True)
             threading.Thread(target=self._follow, args=(job_id, proc), name=f"job-{job_id}", daemon=True).start()
 
     def _launch(self, record: JobRecord) -> subprocess.Popen:
         folder = self.files.folder(record.id)
-        threads = str(self.threads)
+        threads = str(self._job_threads(record))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
                "GOMP_SPINCOUNT": "0"}  # never spin beside the server, even if it was told to (bench/omp_ab.py)
         log = open(folder / "worker.log", "ab")
@@ -204,7 +208,8 @@ class JobManager:
             final = self._apply(job_id, event) or final
         code = proc.wait()
         with self._changed:
-            self._procs.pop(job_id, None)
+            if self._procs.pop(job_id, None) is not None:
+                self._threads_held -= self._job_threads(self._records[job_id])
             record = self._records[job_id]
             if final is None and not record.state.finished:
                 if (self.files.folder(job_id) / CANCEL_FLAG).exists():

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Before torch: threads are capped by the server (SOFTPROMPT_TRAIN_THREADS) via OMP_NUM_THREADS.
+# Before torch: the server sets OMP_NUM_THREADS to the job's threads (default SOFTPROMPT_TRAIN_THREADS);
+# the trainer's loop sets the same count with torch.set_num_threads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # noqa: E402
