@@ -1,16 +1,17 @@
 """Paired A/B of one decode step: plain `nn.Linear` layers against a faster variant of them.
 
-    .venv/bin/python bench/decode_ab.py [--variant fused|packed] [--steps 60] [--profile]
+    .venv/bin/python bench/decode_ab.py [--variant served|fused|packed] [--rows 16] [--steps 60] [--profile]
 
-`fused` (the default, `FUSED_PROJECTIONS`): q/k/v and gate/up as one matrix product each.
-`packed` (`PACKED_DECODE`): MKL-packed weights for full decode batches.
+`served` (the default): the engine as the server builds it, both of the following.
+`fused` (`FUSED_PROJECTIONS`): q/k/v and gate/up as one matrix product each.
+`packed` (`PACKED_WEIGHTS`): every linear layer through a copy of its weight packed for oneDNN.
 
 Two engines, each on its own copy of the model (both variants swap layers in place), hold
 the same 16 mixed-prompt rows. Their decode steps alternate (A B, B A, ...) so the VM's drift
 hits both alike. The script prints the median step time of each, the median of the per-pair
 ratios, and whether both produced the same tokens. Whether a variant pays is a property of
 the host's CPU and memory, so measure it on yours. `--profile` then traces 10 more steps of
-the plain engine with torch.profiler and prints where a step's time goes.
+each engine with torch.profiler and prints where a step's time goes.
 """
 
 from __future__ import annotations
@@ -50,22 +51,23 @@ def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
 
 
 VARIANTS = {  # name: Engine keyword arguments of the variant (the plain engine turns both off)
+    "served": {"fused_projections": True, "packed_weights": True},
     "fused": {"fused_projections": True},
-    "packed": {"packed_decode": True},
+    "packed": {"packed_weights": True},
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=list(VARIANTS), default="fused")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="served")
     parser.add_argument("--steps", type=int, default=60, help="decode steps per engine (alternating)")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--profile", action="store_true", help="also profile 10 steps of the plain engine")
+    parser.add_argument("--profile", action="store_true", help="also profile 10 steps of each engine")
     parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    plain = {"fused_projections": False, "packed_decode": False}
+    plain = {"fused_projections": False, "packed_weights": False}
     engines = {}
     for variant in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
@@ -82,17 +84,16 @@ def main() -> int:
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as trace:
-                for _ in range(10):
-                    engines[False]._decode_step()
-            print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-            for _ in range(10):  # keep both engines at the same length for the token check
-                engines[True]._decode_step()
+            for variant, engine in engines.items():  # 10 steps each keeps both at the same length
+                with profile(activities=[ProfilerActivity.CPU]) as trace:
+                    for _ in range(10):
+                        engine._decode_step()
+                print(f"--- {args.variant if variant else 'plain'}: 10 decode steps")
+                print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     same = [s.ids for s in engines[False]._seqs] == [s.ids for s in engines[True]._seqs]
     base, other = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
-    detail = {"fused": f"{engines[True].fused_groups} groups fused",
-              "packed": f"{engines[True].packed_bytes / 2**20:.0f} MB packed"}[args.variant]
+    detail = f"{engines[True].fused_groups} groups fused, {engines[True].packed_bytes / 2**20:.0f} MB packed"
     print(f"{args.rows} rows, {args.steps} steps each, torch threads {torch.get_num_threads()}")
     print(f"plain nn.Linear  {base:7.1f} ms/step")
     print(f"{args.variant:16s} {other:7.1f} ms/step  ({detail})")

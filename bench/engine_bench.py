@@ -4,9 +4,10 @@
 
 Compares, side by side and interleaved (`--repeats` rounds): DynamicCache's re-concatenation
 against the growing KV buffer (one column written per step), SDPA's native GQA
-(TRANSFORMERS_SDPA_FORCE_GQA=1) against repeat_kv, and plain against MKL-packed linear weights
-(`packed_decode`, on a second copy of the model, since packing changes the model in place);
-the last column is the ratio to the first variant of the same round.
+(TRANSFORMERS_SDPA_FORCE_GQA=1) against repeat_kv, and plain against oneDNN-packed linear weights
+(`packed_weights`, on a second copy of the model, since packing changes the model in place);
+the last column is the ratio to the first variant of the same round. Projections are not
+fused in any variant (`bench/decode_ab.py` measures fusing and packing, paired).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from trainer.modeling import load_frozen_model  # noqa: E402
 
 def run(frozen, softs, *, growing: bool, gqa: bool, packed: bool, rows: int, new_tokens: int) -> tuple[float, float, list]:
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if gqa else "0"
-    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing, packed_decode=packed)
+    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing, packed_weights=packed, fused_projections=False)
     engine.start()
     try:
         names = list(softs)
@@ -75,7 +76,7 @@ def main() -> int:
     plain = load_frozen_model("default", device="cpu")
     packed = load_frozen_model("default", device="cpu")
     rss_before = _rss_mb()
-    weights = pack_linear_layers(packed.model, 16)  # in place, as Engine(packed_decode=True) does
+    weights = pack_linear_layers(packed.model, 16)  # in place, as Engine(packed_weights=True) does
     print(f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
           f"{_rss_mb():.0f} MB", flush=True)
     softs = text_prompts(plain)

@@ -31,9 +31,9 @@ class Settings(BaseSettings):
     prewarm: bool = Field(True, description="load and prefill new prompt versions as soon as they are published")
     max_prompt_upload_bytes: int = Field(50_000_000, ge=1, description="largest prompt file (safetensors or zip) accepted")
     queue_retry_after: int = Field(1, ge=1, description="Retry-After seconds sent with 503 queue_full")
-    packed_decode: bool = Field(False, description="on CPU (fp32), decode batches of more than half max_batch_size rows "
-                                "use MKL-packed weights: same results, about 1.8x the linear weights' memory more; faster or "
-                                "slower depending on the host (bench/decode_ab.py --variant packed measures it)")
+    packed_weights: bool = Field(True, description="on CPU (fp32), run every linear layer through a copy of its weight "
+                                 "packed for oneDNN: same results up to rounding, one more copy of the linear weights in "
+                                 "memory (bench/decode_ab.py --variant packed measures the speed on this host)")
     fused_projections: bool = Field(True, description="compute q/k/v and gate/up as one matrix product each (weights "
                                     "become views of one concatenated matrix: no extra memory; same results up to rounding)")
     batch_window_ms: float = Field(10.0, ge=0, le=100, description="when idle, wait this long for more arrivals "

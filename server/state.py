@@ -63,7 +63,7 @@ class AppState:
             self.engine = Engine(frozen, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefix_cache=prefixes, use_prefix_cache=settings.use_prefix_cache,
                                  retry_after=settings.queue_retry_after, batch_window_ms=settings.batch_window_ms,
-                                 packed_decode=settings.packed_decode, fused_projections=settings.fused_projections,
+                                 packed_weights=settings.packed_weights, fused_projections=settings.fused_projections,
                                  reserved_threads=self.reserved_threads, threads=settings.threads)
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(frozen, self.engine, self.prompts,

@@ -18,7 +18,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def frozen(tokenizer) -> FrozenModel:
     """A tiny random Llama wrapped like the served model (shared: never mutate it; engines built on
-    it fuse its projections in place, which keeps its weights and, to rounding, its outputs)."""
+    it fuse and pack its projections in place, which keeps its weights and, to rounding, its outputs)."""
     return from_loaded(tiny_llama(len(tokenizer)), tokenizer, base_model="tiny-llama")
 
 

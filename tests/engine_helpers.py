@@ -77,3 +77,36 @@ def untied_llama(vocab_size: int, *, seed: int = 0):
 
 def wait_all(sinks, timeout: float = 60.0):
     return [sink.result(timeout) for sink in sinks]
+
+
+MIXED_TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
+
+
+def mixed_batch_tokens(tokenizer, *, together: bool, **engine_kwargs):
+    """Greedy tokens of 4 requests (3 soft prompts of different lengths and the bare model) on a
+    fresh `untied_llama` engine built with `engine_kwargs`: all in one batch, or one by one.
+    Returns (token ids per request, the stopped engine)."""
+    from server.engine import Engine
+    from trainer.modeling import from_loaded
+
+    torch.manual_seed(7)
+    softs = [torch.randn(3, 64), torch.randn(9, 64), None, torch.randn(5, 64)]
+    engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"),
+                    max_batch_size=4, **engine_kwargs)
+    engine.start()
+    try:
+        jobs = [make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)
+                for i, (text, soft) in enumerate(zip(MIXED_TEXTS, softs))]
+        if not together:
+            out = []
+            for job, sink in jobs:
+                engine.submit(job)
+                out.append(sink.result()[0].token_ids)
+            return out, engine
+        engine.pause()
+        for job, _ in jobs:
+            engine.submit(job)
+        engine.resume()
+        return [done.token_ids for done, _ in wait_all([sink for _, sink in jobs])], engine
+    finally:
+        engine.stop()

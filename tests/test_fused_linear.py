@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engine import Engine
 from server.engine.fused_linear import FusedLinear, fuse_projections
-from tests.engine_helpers import make_job, untied_llama, wait_all
+from tests.engine_helpers import mixed_batch_tokens
 from tests.tiny import tiny_llama
-from trainer.modeling import from_loaded
 
 
 def test_fusing_keeps_weights_outputs_and_memory(tokenizer):
@@ -83,32 +81,11 @@ def test_fused_model_keeps_gradients_flowing(tokenizer):
 
 def test_engine_with_fused_projections_gives_the_same_tokens(tokenizer):
     """A mixed batch through fused projections == the same batch and solo runs without them."""
-    torch.manual_seed(7)
-    softs = [torch.randn(3, 64), torch.randn(9, 64), None, torch.randn(5, 64)]
-    texts = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
-
-    def run(fused: bool, together: bool) -> tuple[list, Engine]:
-        engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"),
-                        max_batch_size=4, fused_projections=fused)
-        engine.start()
-        try:
-            jobs = [make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)
-                    for i, (text, soft) in enumerate(zip(texts, softs))]
-            if not together:
-                out = []
-                for job, sink in jobs:
-                    engine.submit(job)
-                    out.append(sink.result()[0].token_ids)
-                return out, engine
-            engine.pause()
-            for job, _ in jobs:
-                engine.submit(job)
-            engine.resume()
-            return [d.token_ids for d, _ in wait_all([sink for _, sink in jobs])], engine
-        finally:
-            engine.stop()
-
-    fused_ids, engine = run(fused=True, together=True)
+    plain = {"packed_weights": False}  # fusing alone
+    fused_ids, engine = mixed_batch_tokens(tokenizer, together=True, fused_projections=True, **plain)
     assert engine.fused_groups > 0 and engine.stats()["fused_projection_groups"] == engine.fused_groups
-    assert fused_ids == run(fused=False, together=True)[0] == run(fused=False, together=False)[0]
-    assert run(fused=True, together=False)[0] == fused_ids
+    unfused = {"fused_projections": False, **plain}
+    assert fused_ids == mixed_batch_tokens(tokenizer, together=True, **unfused)[0]
+    assert fused_ids == mixed_batch_tokens(tokenizer, together=False, **unfused)[0]
+    assert mixed_batch_tokens(tokenizer, together=False, fused_projections=True, **plain)[0] == fused_ids
+    assert len(set(map(tuple, fused_ids))) == len(fused_ids)  # the four requests really differ

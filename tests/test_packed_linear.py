@@ -1,4 +1,4 @@
-"""MKL-packed linear layers for decode steps: nn.Linear's numbers (to float rounding), gradients untouched."""
+"""oneDNN-packed linear layers: nn.Linear's numbers (to float rounding), gradients and weight changes honoured."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine import Engine
+from server.engine.fused_linear import fuse_projections
 from server.engine.packed_linear import PackedLinear, pack_linear_layers, packing_available
-from tests.engine_helpers import make_job, untied_llama, wait_all
-from trainer.modeling import from_loaded
+from tests.engine_helpers import mixed_batch_tokens
+from tests.tiny import tiny_llama
 
-pytestmark = pytest.mark.skipif(not packing_available(nn.Linear(2, 2)), reason="this torch build has no MKL packed GEMM")
+pytestmark = pytest.mark.skipif(not packing_available(nn.Linear(2, 2)), reason="this torch build has no oneDNN linear")
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -20,10 +20,12 @@ def test_packed_linear_equals_linear_for_every_row_count(bias):
     linear = nn.Linear(96, 200, bias=bias).requires_grad_(False)
     packed = PackedLinear(linear, rows=8)
     with torch.inference_mode():
-        for rows in range(1, 12):
+        for rows in (*range(1, 12), 300):  # decode batches of any size, and a prefill
             x = torch.randn(rows, 1, 96)
             torch.testing.assert_close(packed(x), linear(x), rtol=1e-6, atol=1e-5, msg=f"{rows} rows")
-    assert packed.packed_calls == 4  # 5..8 rows are packed (8 exactly, 5-7 zero-padded); the rest fall back
+        x = torch.randn(4, 3, 192)[..., ::2]  # a strided view
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-6, atol=1e-5)
+    assert packed.packed_calls == 13
 
 
 def test_packed_linear_keeps_gradients_flowing():
@@ -38,59 +40,65 @@ def test_packed_linear_keeps_gradients_flowing():
     assert packed.packed_calls == 0
 
 
-def test_packing_a_model_keeps_ties_outputs_and_is_idempotent(tokenizer):
-    from tests.tiny import tiny_llama
+def test_a_changed_or_replaced_weight_is_never_served_from_the_stale_copy():
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40).requires_grad_(False)
+    packed = PackedLinear(linear, rows=4)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        linear.weight.mul_(2)  # in place: same storage, new version
+        torch.testing.assert_close(packed(x), linear(x))
+        linear.bias.zero_()
+        torch.testing.assert_close(packed(x), linear(x))
+        packed.weight = nn.Parameter(torch.randn(40, 24), requires_grad=False)  # replaced
+        torch.testing.assert_close(packed(x), nn.functional.linear(x, packed.weight, packed.bias))
+    assert packed.packed_calls == 0
 
-    model = tiny_llama(len(tokenizer))
-    ids = torch.randint(0, len(tokenizer), (4, 1))
+
+def test_packing_a_fused_model_keeps_ties_outputs_and_is_idempotent(tokenizer):
+    model = tiny_llama(len(tokenizer)).requires_grad_(False)
+    ids = torch.randint(0, len(tokenizer), (4, 5))
     with torch.inference_mode():
         before = model(input_ids=ids).logits
+        fused = fuse_projections(model)
         added = pack_linear_layers(model, rows=4)
         after = model(input_ids=ids).logits
-    assert added > 0 and pack_linear_layers(model, rows=4) == 0
+    assert fused > 0 and added > 0 and pack_linear_layers(model, rows=4) == 0
+    matrices = [p for p in model.parameters() if p.dim() == 2]  # the embedding is the tied lm_head's weight
+    assert added == sum(p.numel() * p.element_size() for p in matrices)  # every linear weight, each once
     assert isinstance(model.lm_head, PackedLinear) and model.lm_head.packed_calls == 1
     assert model.lm_head.weight is model.get_input_embeddings().weight
+    group = model.model.layers[0].self_attn.q_proj.group
+    assert isinstance(group.product, PackedLinear) and group.product.packed_calls == 1
     assert not any(type(m) is nn.Linear for m in model.modules())
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-4)  # rounding only: a different GEMM kernel
 
 
-def test_packing_skips_models_that_are_not_fp32_on_cpu(tokenizer):
-    from tests.tiny import tiny_llama
+def test_a_packed_model_follows_load_state_dict(tokenizer):
+    model = tiny_llama(len(tokenizer)).requires_grad_(False)
+    plain = tiny_llama(len(tokenizer)).requires_grad_(False)
+    fuse_projections(model)
+    pack_linear_layers(model, rows=4)
+    shifted = {k: v + 0.01 for k, v in plain.state_dict().items()}
+    model.load_state_dict(shifted)
+    plain.load_state_dict(shifted)
+    ids = torch.randint(0, len(tokenizer), (2, 6))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-4)
 
+
+def test_packing_skips_models_that_are_not_fp32_on_cpu(tokenizer):
     model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
     assert pack_linear_layers(model, rows=4) == 0
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def test_engine_with_packed_decode_gives_the_same_tokens(tokenizer):
-    """A full mixed batch decoded through packed weights == the same batch and solo runs without."""
-    torch.manual_seed(7)
-    softs = [torch.randn(3, 64), torch.randn(9, 64), None, torch.randn(5, 64)]
-    texts = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
-
-    def run(packed: bool, together: bool):
-        engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"),
-                        max_batch_size=4, packed_decode=packed, fused_projections=False)
-        engine.start()
-        try:
-            jobs = [make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)
-                    for i, (text, soft) in enumerate(zip(texts, softs))]
-            if not together:
-                return [_submit_and_wait(engine, job, sink) for job, sink in jobs], engine
-            engine.pause()
-            for job, _ in jobs:
-                engine.submit(job)
-            engine.resume()
-            return [d.token_ids for d, _ in wait_all([sink for _, sink in jobs])], engine
-        finally:
-            engine.stop()
-
-    packed_ids, engine = run(packed=True, together=True)
-    assert engine.packed_bytes > 0
+def test_engine_with_packed_weights_gives_the_same_tokens(tokenizer):
+    """A mixed batch through packed (and fused) weights == the same batch and solo runs without."""
+    packed_ids, engine = mixed_batch_tokens(tokenizer, together=True, packed_weights=True, fused_projections=True)
+    assert engine.packed_bytes > 0 and engine.stats()["packed_weights_mb"] == round(engine.packed_bytes / 2**20)
     assert engine.model.lm_head.packed_calls > 0  # the packed path really ran
-    assert packed_ids == run(packed=False, together=True)[0] == run(packed=False, together=False)[0]
-
-
-def _submit_and_wait(engine, job, sink) -> list[int]:
-    engine.submit(job)
-    return sink.result()[0].token_ids
+    plain = {"packed_weights": False, "fused_projections": False}
+    assert packed_ids == mixed_batch_tokens(tokenizer, together=True, **plain)[0]
+    assert packed_ids == mixed_batch_tokens(tokenizer, together=False, **plain)[0]
+    assert mixed_batch_tokens(tokenizer, together=False, packed_weights=True)[0] == packed_ids

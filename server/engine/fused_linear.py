@@ -31,11 +31,18 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # attribute
 
 
 class FusedGroup:
-    """The concatenated weight of several projections and the last output computed with it."""
+    """The concatenated weight of several projections and the last output computed with it.
+
+    `product` is the one `nn.Linear` over the concatenated weight (a plain tensor the members'
+    weights are views of); `pack_linear_layers` may swap it for a packed one.
+    """
 
     def __init__(self, linears: list[nn.Linear]):
         self.weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
         self.bias = torch.cat([linear.bias.detach() for linear in linears]) if linears[0].bias is not None else None
+        self.product = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None, device="meta")
+        self.product.weight = nn.Parameter(self.weight, requires_grad=False)  # the same storage, no copy
+        self.product.bias = None if self.bias is None else nn.Parameter(self.bias, requires_grad=False)
         self.bounds = [0]
         for linear in linears:
             self.bounds.append(self.bounds[-1] + linear.out_features)
@@ -45,7 +52,7 @@ class FusedGroup:
         """Projection `index` of `x`: the group's product is computed once per input tensor."""
         last = self._last
         if getattr(last, "x", None) is not x:
-            last.x, last.out, last.pending = x, F.linear(x, self.weight, self.bias), len(self.bounds) - 1
+            last.x, last.out, last.pending = x, self.product(x), len(self.bounds) - 1
         out = last.out[..., self.bounds[index] : self.bounds[index + 1]]
         last.pending -= 1
         if last.pending <= 0:  # every member has taken its part: hold no tensors between steps
@@ -80,10 +87,11 @@ class FusedLinear(nn.Linear):
 def fuse_projections(model: nn.Module) -> int:
     """Fuse every q/k/v and gate/up group of plain `nn.Linear`s with one input size, in place.
 
-    Returns how many groups were fused. Groups that are already fused, packed, mix biased and
-    unbiased layers or trainable weights are left as they are, so calling it twice is harmless.
-    Call it after moving the model (`.to(device, dtype)`): a moved layer falls back to its own
-    weight and the group's product is no longer shared.
+    Returns how many groups were fused. Groups that are already fused or packed, mix biased
+    and unbiased layers or have trainable weights are left as they are, so calling it twice is
+    harmless. Call it after moving the model (`.to(device, dtype)`): a moved layer falls back
+    to its own weight and the group's product is no longer shared. Pack after fusing:
+    `pack_linear_layers` packs each group's product too.
     """
     fused = 0
     for module in list(model.modules()):

@@ -48,7 +48,7 @@ class Engine:
         retry_after: int = 1,
         growing_cache: bool = True,
         batch_window_ms: float = 0.0,
-        packed_decode: bool = False,
+        packed_weights: bool = True,
         fused_projections: bool = True,
         reserved_threads: Callable[[], int] | None = None,
         threads: int | None = None,
@@ -59,10 +59,10 @@ class Engine:
         self.use_prefix_cache, self.retry_after = use_prefix_cache, retry_after
         self.growing_cache = growing_cache
         self.batch_window_s = batch_window_ms / 1e3
-        # full decode batches through MKL-packed weights (CPU fp32 only; a no-op elsewhere)
-        self.packed_bytes = pack_linear_layers(self.model, max_batch_size) if packed_decode else 0
-        # q/k/v and gate/up as one GEMM each (layers already packed are left alone)
+        # q/k/v and gate/up as one GEMM each, then every product through oneDNN-packed weights
+        # (CPU fp32 only; a no-op elsewhere). This order: fusing skips packed layers.
         self.fused_groups = fuse_projections(self.model) if fused_projections else 0
+        self.packed_bytes = pack_linear_layers(self.model, max_batch_size) if packed_weights else 0
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
         # torch threads to serve on when nothing is reserved (default: the count now, in this thread)
@@ -128,7 +128,7 @@ class Engine:
         with self._lock:
             waiting = self._waiting_count
         return {**self.counters, "running": len(self._seqs), "waiting": waiting,
-                "max_batch_size": self.max_batch_size, "threads": self._threads_now, "packed_decode_weights_mb": round(self.packed_bytes / 2**20),
+                "max_batch_size": self.max_batch_size, "threads": self._threads_now, "packed_weights_mb": round(self.packed_bytes / 2**20),
                 "fused_projection_groups": self.fused_groups,
                 "prefix_cache": self.prefix_cache.stats()}
 
