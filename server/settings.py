@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     packed_weights: bool = Field(True, description="on CPU (fp32), run every linear layer through a copy of its weight "
                                  "packed for oneDNN: same results up to rounding, one more copy of the linear weights in "
                                  "memory (bench/decode_ab.py --variant packed measures the speed on this host)")
+    gqa_attention: bool = Field(True, description="prefills read grouped key/value heads in place (SDPA's native GQA) "
+                                "instead of copying them per query head; same results up to rounding")
     fused_projections: bool = Field(True, description="compute q/k/v and gate/up as one matrix product each (weights "
                                     "become views of one concatenated matrix: no extra memory; same results up to rounding)")
     batch_window_ms: float = Field(10.0, ge=0, le=100, description="when idle, wait this long for more arrivals "

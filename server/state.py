@@ -64,6 +64,7 @@ class AppState:
                                  prefix_cache=prefixes, use_prefix_cache=settings.use_prefix_cache,
                                  retry_after=settings.queue_retry_after, batch_window_ms=settings.batch_window_ms,
                                  packed_weights=settings.packed_weights, fused_projections=settings.fused_projections,
+                                 gqa_attention=settings.gqa_attention,
                                  reserved_threads=self.reserved_threads, threads=settings.threads)
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(frozen, self.engine, self.prompts,

@@ -100,3 +100,28 @@ def test_health_ready_and_stats(app_client):
     assert stats["model_loads"] == 1 and stats["ready"] is True
     assert {"prefill_batches", "decode_steps", "max_batch_size_seen"} <= set(stats["engine"])
     assert {"hits", "misses"} <= set(stats["engine"]["prefix_cache"])
+
+
+def test_engine_speed_settings_reach_the_engine(tokenizer, tmp_path):
+    """FUSED_PROJECTIONS, PACKED_WEIGHTS and GQA_ATTENTION (all on by default) change the served
+    model in place, so each app gets a fresh model here."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.engine.attention import NAME
+    from server.engine.fused_linear import FusedLinear
+    from server.engine.packed_linear import PackedLinear
+    from tests.engine_helpers import untied_llama
+    from trainer.modeling import from_loaded
+
+    def served(**overrides):
+        frozen = from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
+        with TestClient(create_app(make_settings(tmp_path, **overrides), frozen=frozen)) as client:
+            engine = client.get("/stats").json()["engine"]
+            assert client.post("/generate", json=BODY).status_code == 200
+        modules = list(frozen.model.modules())
+        return (engine["fused_projection_groups"] > 0, any(isinstance(m, PackedLinear) for m in modules),
+                engine["attention"] == NAME, any(isinstance(m, FusedLinear) for m in modules))
+
+    assert served() == (True, True, True, True)
+    assert served(fused_projections=False, packed_weights=False, gqa_attention=False) == (False, False, False, False)

@@ -26,6 +26,7 @@ from trainer.modeling import FrozenModel
 from trainer.prepend import prepend_soft_prompt
 
 from . import kv as kvops
+from .attention import use_gqa_sdpa
 from .errors import EngineNotReadyError, QueueFullError
 from .fused_linear import fuse_projections
 from .packed_linear import pack_linear_layers
@@ -49,6 +50,7 @@ class Engine:
         growing_cache: bool = True,
         batch_window_ms: float = 0.0,
         packed_weights: bool = True,
+        gqa_attention: bool = True,
         fused_projections: bool = True,
         reserved_threads: Callable[[], int] | None = None,
         threads: int | None = None,
@@ -63,6 +65,8 @@ class Engine:
         # (CPU fp32 only; a no-op elsewhere). This order: fusing skips packed layers.
         self.fused_groups = fuse_projections(self.model) if fused_projections else 0
         self.packed_bytes = pack_linear_layers(self.model, max_batch_size) if packed_weights else 0
+        # prefills read grouped KV heads in place instead of copying them per query head
+        self.gqa_attention = use_gqa_sdpa(self.model) if gqa_attention else False
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
         # torch threads to serve on when nothing is reserved (default: the count now, in this thread)
@@ -129,7 +133,7 @@ class Engine:
             waiting = self._waiting_count
         return {**self.counters, "running": len(self._seqs), "waiting": waiting,
                 "max_batch_size": self.max_batch_size, "threads": self._threads_now, "packed_weights_mb": round(self.packed_bytes / 2**20),
-                "fused_projection_groups": self.fused_groups,
+                "fused_projection_groups": self.fused_groups, "attention": self.model.config._attn_implementation,
                 "prefix_cache": self.prefix_cache.stats()}
 
     # ------------------------------------------------------------ the loop

@@ -1,0 +1,57 @@
+"""The served model's attention: native GQA for prefills gives transformers' SDPA numbers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from server.engine.attention import NAME, use_gqa_sdpa
+from tests.engine_helpers import mixed_batch_tokens, untied_llama
+
+
+def _logits_with_a_cached_prefix(model, ids, mask) -> torch.Tensor:
+    """A padded prefill over a cached prefix, then one decode step: [B, 2, V]."""
+    prefix, rest = ids[:, :5], ids[:, 5:]
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, attention_mask=mask[:, :5], past_key_values=cache, use_cache=True)
+    tail = model(input_ids=rest, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:]
+    step = model(input_ids=tail.argmax(-1), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                 past_key_values=cache, use_cache=True).logits
+    return torch.cat([tail, step], 1)
+
+
+def test_native_gqa_gives_the_same_logits_and_skips_the_kv_copies(monkeypatch):
+    model = untied_llama(200).requires_grad_(False)
+    assert model.config.num_attention_heads // model.config.num_key_value_heads == 2  # grouped heads
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, so a mask is passed
+    with torch.inference_mode():
+        before = _logits_with_a_cached_prefix(model, ids, mask)
+        assert use_gqa_sdpa(model) and model.config._attn_implementation == NAME
+        calls = []
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[1], kw.get("enable_gqa", False)))
+                            or sdpa(q, k, v, **kw))
+        after = _logits_with_a_cached_prefix(model, ids, mask)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    layers = model.config.num_hidden_layers
+    kv_heads = model.config.num_key_value_heads
+    assert calls[layers : 2 * layers] == [(7, kv_heads, True)] * layers  # the prefill: grouped heads, no copies
+    assert all(not gqa for _, _, gqa in calls[2 * layers :])  # decode steps keep transformers' own path
+
+
+def test_models_on_other_attention_are_left_alone():
+    model = untied_llama(200)
+    model.set_attn_implementation("eager")
+    assert not use_gqa_sdpa(model) and model.config._attn_implementation == "eager"
+
+
+def test_engine_with_native_gqa_gives_the_same_tokens(tokenizer):
+    gqa_ids, engine = mixed_batch_tokens(tokenizer, together=True)
+    assert engine.gqa_attention and engine.stats()["attention"] == NAME
+    plain = {"gqa_attention": False, "packed_weights": False, "fused_projections": False}
+    assert gqa_ids == mixed_batch_tokens(tokenizer, together=True, **plain)[0]
+    assert gqa_ids == mixed_batch_tokens(tokenizer, together=False, **plain)[0]
