@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+logger = logging.getLogger(__name__)
+
+RETIRED = {"SOFTPROMPT_PACKED_DECODE": "SOFTPROMPT_PACKED_WEIGHTS (oneDNN packing, on by default)"}
 
 
 class Settings(BaseSettings):
@@ -34,9 +41,16 @@ class Settings(BaseSettings):
     packed_weights: bool = Field(True, description="on CPU (fp32), run every linear layer through a copy of its weight "
                                  "packed for oneDNN: same results up to rounding, one more copy of the linear weights in "
                                  "memory (bench/decode_ab.py --variant packed measures the speed on this host)")
-    gqa_attention: bool = Field(True, description="prefills read grouped key/value heads in place (SDPA's native GQA) "
-                                "instead of copying them per query head; same results up to rounding")
+    gqa_attention: bool = Field(True, description="on CPU, prefills read grouped key/value heads in place (SDPA's "
+                                "native GQA) instead of copying them per query head; same results up to rounding")
     fused_projections: bool = Field(True, description="compute q/k/v and gate/up as one matrix product each (weights "
                                     "become views of one concatenated matrix: no extra memory; same results up to rounding)")
     batch_window_ms: float = Field(10.0, ge=0, le=100, description="when idle, wait this long for more arrivals "
                                    "(each resets it, at most 4x) so a burst is prefilled as one batch")
+
+    @model_validator(mode="after")
+    def _warn_about_retired_variables(self) -> Settings:
+        for old, new in RETIRED.items():
+            if old in os.environ:
+                logger.warning("%s is no longer read; see %s", old, new)
+        return self

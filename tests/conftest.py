@@ -18,7 +18,8 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def frozen(tokenizer) -> FrozenModel:
     """A tiny random Llama wrapped like the served model (shared: never mutate it; engines built on
-    it fuse and pack its projections in place, which keeps its weights and, to rounding, its outputs)."""
+    it fuse and pack its projections and switch its attention to `softprompt_sdpa` in place,
+    which keeps its weights and, to rounding, its outputs)."""
     return from_loaded(tiny_llama(len(tokenizer)), tokenizer, base_model="tiny-llama")
 
 

@@ -110,7 +110,7 @@ def test_engine_speed_settings_reach_the_engine(tokenizer, tmp_path):
     from server.app import create_app
     from server.engine.attention import NAME
     from server.engine.fused_linear import FusedLinear
-    from server.engine.packed_linear import PackedLinear
+    from server.engine.packed_linear import PackedLinear, packing_available
     from tests.engine_helpers import untied_llama
     from trainer.modeling import from_loaded
 
@@ -123,5 +123,13 @@ def test_engine_speed_settings_reach_the_engine(tokenizer, tmp_path):
         return (engine["fused_projection_groups"] > 0, any(isinstance(m, PackedLinear) for m in modules),
                 engine["attention"] == NAME, any(isinstance(m, FusedLinear) for m in modules))
 
-    assert served() == (True, True, True, True)
+    packing = packing_available(untied_llama(len(tokenizer)))  # False on a torch build without oneDNN
+    assert served() == (True, packing, True, True)
     assert served(fused_projections=False, packed_weights=False, gqa_attention=False) == (False, False, False, False)
+
+
+def test_a_retired_setting_is_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SOFTPROMPT_PACKED_DECODE", "true")
+    with caplog.at_level("WARNING", logger="server.settings"):
+        make_settings(tmp_path)
+    assert "SOFTPROMPT_PACKED_DECODE is no longer read; see SOFTPROMPT_PACKED_WEIGHTS" in caplog.text

@@ -48,11 +48,40 @@ def test_a_changed_or_replaced_weight_is_never_served_from_the_stale_copy():
     with torch.no_grad():
         linear.weight.mul_(2)  # in place: same storage, new version
         torch.testing.assert_close(packed(x), linear(x))
+        assert not packed.is_packed  # the stale copy is dropped, not kept in memory
         linear.bias.zero_()
         torch.testing.assert_close(packed(x), linear(x))
         packed.weight = nn.Parameter(torch.randn(40, 24), requires_grad=False)  # replaced
         torch.testing.assert_close(packed(x), nn.functional.linear(x, packed.weight, packed.bias))
     assert packed.packed_calls == 0
+    rebias = PackedLinear(nn.Linear(24, 40).requires_grad_(False), rows=4)
+    with torch.no_grad():
+        rebias.bias.add_(1)  # the bias alone changed
+        torch.testing.assert_close(rebias(x), nn.functional.linear(x, rebias.weight, rebias.bias))
+    assert rebias.packed_calls == 0
+
+
+def test_a_dtype_round_trip_cannot_land_the_new_weight_on_the_packed_address():
+    """`.half().float()` frees the old storage and allocates one of the same size; the layer keeps
+    what it packed alive, so the new weight gets another address and the layer falls back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40)).requires_grad_(False)
+    pack_linear_layers(model, rows=4)
+    packed_address = model[0].weight.data_ptr()
+    model.half().float()  # same Parameter objects, new data (rounded through fp16)
+    assert model[0].weight.data_ptr() != packed_address
+    x = torch.randn(3, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), nn.functional.linear(x, model[0].weight, model[0].bias))
+    assert model[0].packed_calls == 0 and not model[0].is_packed
+
+
+def test_a_frozen_weight_with_a_trainable_bias_keeps_gradients():
+    linear = nn.Linear(8, 4)
+    linear.weight.requires_grad_(False)
+    packed = PackedLinear(linear, rows=4)
+    packed(torch.randn(2, 8)).sum().backward()
+    assert packed.bias.grad is not None and packed.packed_calls == 0
 
 
 def test_packing_a_fused_model_keeps_ties_outputs_and_is_idempotent(tokenizer):
@@ -91,6 +120,15 @@ def test_packing_skips_models_that_are_not_fp32_on_cpu(tokenizer):
     model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
     assert pack_linear_layers(model, rows=4) == 0
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    meta = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    assert pack_linear_layers(meta, rows=4) == 0 and type(meta[0]) is nn.Linear
+
+
+def test_packing_skips_weights_made_under_inference_mode():
+    """They keep no in-place version, so a packed copy could not tell when they change."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert pack_linear_layers(model, rows=4) == 0 and type(model[0]) is nn.Linear
 
 
 def test_engine_with_packed_weights_gives_the_same_tokens(tokenizer):

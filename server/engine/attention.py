@@ -17,9 +17,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +29,9 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, H, q, d], key/value [B, H_kv, k, d] -> ([B, q, H, d], None), as transformers' SDPA."""
     plain = (query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1 or attention_mask is None
-             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
-    if plain:  # decode steps, models without groups, and anything this function does not cover
+             or query.device.type != "cpu" or kwargs.get("position_bias") is not None
+             or kwargs.get("softcap") is not None)
+    if plain:  # decode steps, models without groups, CUDA, and anything this function does not cover
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
@@ -40,17 +39,28 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(NAME, gqa_sdpa_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as "sdpa"
+def _register() -> None:
+    """Make `NAME` known to transformers (idempotent; done on first use, not at import)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, gqa_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as "sdpa"
 
 
 def use_gqa_sdpa(model: torch.nn.Module) -> bool:
-    """Switch a model that runs transformers' SDPA attention to `gqa_sdpa_attention`, in place.
-    Returns whether it did (a model on another implementation, e.g. flash attention, is left)."""
+    """Switch a CPU model with grouped KV heads that runs transformers' SDPA attention to
+    `gqa_sdpa_attention`, in place. Returns whether the model now uses it (models on another
+    implementation, e.g. eager or flash attention, on CUDA, or without groups are left alone)."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation == NAME:
+        return True
+    param = next(model.parameters(), None)
+    grouped = any(getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())
+    if implementation != "sdpa" or param is None or param.device.type != "cpu" or not grouped:
         return False
-    if config._attn_implementation == "sdpa":
-        model.set_attn_implementation(NAME)
-        logger.info("attention: SDPA with native GQA for multi-token queries (%s)", NAME)
-    return config._attn_implementation == NAME
+    _register()
+    model.set_attn_implementation(NAME)
+    logger.info("attention: SDPA with native GQA for multi-token queries (%s)", NAME)
+    return True

@@ -38,8 +38,10 @@ class FusedGroup:
     """
 
     def __init__(self, linears: list[nn.Linear]):
-        self.weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
-        self.bias = torch.cat([linear.bias.detach() for linear in linears]) if linears[0].bias is not None else None
+        with torch.inference_mode(False):  # ordinary tensors even when fused under inference mode: the
+            # model's weights become views of these, and inference tensors could not be trained through
+            self.weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
+            self.bias = torch.cat([linear.bias.detach() for linear in linears]) if linears[0].bias is not None else None
         self.product = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None, device="meta")
         self.product.weight = nn.Parameter(self.weight, requires_grad=False)  # the same storage, no copy
         self.product.bias = None if self.bias is None else nn.Parameter(self.bias, requires_grad=False)

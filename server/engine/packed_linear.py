@@ -3,16 +3,21 @@
 A decode step multiplies one row per running request by every weight matrix of the model.
 For such few-row products MKL's plain `sgemm` (what `F.linear` calls on CPU) reads the weights
 far below the memory bandwidth; oneDNN's kernels on a weight reordered once into their
-blocked layout come close to it. This is what PyTorch's own inductor does for frozen fp32
-linears on CPU (`torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise`, which
-this module calls directly). `bench/decode_ab.py --variant packed` measures a decode step
-both ways, side by side, on the same rows.
+blocked layout come close to it. These are the ops PyTorch's own inductor uses for frozen fp32
+linears on CPU whose batch size varies (`torch.ops.mkldnn._reorder_linear_weight` and
+`_linear_pointwise`, which this module calls directly; for a fixed batch size inductor takes
+MKL's packed sgemm, which a paired A/B measured slower on this kind of host).
+`bench/decode_ab.py --variant packed` measures a decode step both ways, side by side, on the
+same rows.
 
 The results equal the plain call's up to float rounding (another kernel may sum in another
-order, as batch size already does). The packed copy is taken once; the layer checks that its
-weight is still the tensor it packed, unchanged (same storage, same in-place version), and
-otherwise, or when the input needs gradients or is not fp32, takes the ordinary `F.linear` on
-the same, shared weight. Packing costs one extra copy of the linear weights in memory.
+order, as batch size already does). The packed copy is taken once. The layer keeps a reference
+to the weight it packed, so that memory cannot be handed to another tensor, and serves from the
+copy only while its weight is still that tensor with the same in-place version. Once the weight
+has been replaced or changed in place (`model.to(...)`, `load_state_dict`, `weight.add_(...)`),
+the layer drops the copy and takes `F.linear` from then on; writes through `weight.data`
+bypass the version counter and are not detected. Inputs that need gradients or are not fp32
+take `F.linear` too. Packing costs one extra copy of the linear weights in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ def packing_available(model: nn.Module) -> bool:
     has_ops = (torch.backends.mkldnn.is_available() and ops is not None
                and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
     param = next(model.parameters(), None)
-    return bool(has_ops and param is not None and param.device.type == "cpu" and param.dtype == torch.float32)
+    return bool(has_ops and param is not None and _packable(param))
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    """fp32 on the CPU, and made outside `torch.inference_mode` (such tensors keep no in-place
+    version, so a packed copy could not tell when they change)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and not weight.is_inference()
 
 
 class PackedLinear(nn.Linear):
@@ -42,26 +53,39 @@ class PackedLinear(nn.Linear):
 
     `rows` is the row count the layout is chosen for (the engine's batch size); any row count
     works. The packed copy is a plain attribute, not a buffer: it is not saved, and moving the
-    module leaves it behind, which the checks in `forward` notice.
+    module leaves it behind, which the check in `forward` notices.
     """
 
     def __init__(self, linear: nn.Linear, rows: int):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.rows = linear.in_features, linear.out_features, rows
         self.weight, self.bias = linear.weight, linear.bias  # shared (tied embeddings stay tied)
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        # what was packed, kept alive so its memory cannot be reused by a later weight
+        self._sources = tuple(t.detach() for t in (linear.weight, linear.bias) if t is not None)
+        self._packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
         self._packed_from = self._weight_state()
         self.packed_calls = 0  # forwards that took the packed path (diagnostics, tests)
 
     def _weight_state(self) -> tuple:
-        """Storage and in-place version of the weight and bias (tensors made under
-        `torch.inference_mode` keep no version: their storage is all there is to compare)."""
-        tensors = (self.weight,) if self.bias is None else (self.weight, self.bias)
-        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+        """Storage and in-place version of the weight and bias."""
+        return tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the layer still serves from its packed copy."""
+        return self._packed is not None
+
+    def _still_packed(self) -> bool:
+        if self._packed is not None and self._weight_state() != self._packed_from:
+            logger.info("PackedLinear(%d -> %d): weight replaced or changed in place since packing; "
+                        "F.linear from now on", self.in_features, self.out_features)
+            self._packed, self._sources = None, ()
+        return self._packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if needs_grad or x.dtype != torch.float32 or self._weight_state() != self._packed_from:
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if needs_grad or x.dtype != torch.float32 or not self._still_packed():
             return F.linear(x, self.weight, self.bias)
         self.packed_calls += 1
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
@@ -82,10 +106,11 @@ def pack_linear_layers(model: nn.Module, rows: int) -> int:
     added = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and _packable(child.weight):
                 setattr(parent, name, PackedLinear(child, rows))
                 added += child.weight.numel() * child.weight.element_size()
-            elif isinstance(child, FusedLinear) and type(child.group.product) is nn.Linear:
+            elif (isinstance(child, FusedLinear) and type(child.group.product) is nn.Linear
+                  and _packable(child.group.product.weight)):
                 product = child.group.product
                 child.group.product = PackedLinear(product, rows)
                 added += product.weight.numel() * product.weight.element_size()
