@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.serve_bench import QUERIES, text_prompts  # noqa: E402
+from bench.engine_bench import rss_mb  # noqa: E402
+from bench.serve_bench import QUERIES, host_line, text_prompts  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
@@ -51,7 +52,7 @@ def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
 
 
 VARIANTS = {  # name: Engine keyword arguments of the variant (the plain engine turns both off)
-    "served": {"fused_projections": True, "packed_weights": True},
+    "served": {"fused_projections": True, "packed_weights": True, "gqa_attention": True},
     "fused": {"fused_projections": True},
     "packed": {"packed_weights": True},
 }
@@ -67,11 +68,13 @@ def main() -> int:
     parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    plain = {"fused_projections": False, "packed_weights": False}
-    engines = {}
+    plain = {"fused_projections": False, "packed_weights": False, "gqa_attention": False}
+    engines, grew = {}, 0.0
     for variant in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
+        before = rss_mb()
         engines[variant] = Engine(frozen, max_batch_size=args.rows, **{**plain, **(VARIANTS[args.variant] if variant else {})})
+        grew = rss_mb() - before  # what building the variant's engine added (the last one built)
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():
         for engine in engines.values():  # the same rows in both
@@ -93,7 +96,9 @@ def main() -> int:
     same = [s.ids for s in engines[False]._seqs] == [s.ids for s in engines[True]._seqs]
     base, other = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
-    detail = f"{engines[True].fused_groups} groups fused, {engines[True].packed_bytes / 2**20:.0f} MB packed"
+    detail = (f"{engines[True].fused_groups} groups fused, {engines[True].packed_bytes / 2**20:.0f} MB packed; "
+              f"building it added {grew:.0f} MB to the process")
+    print(host_line())
     print(f"{args.rows} rows, {args.steps} steps each, torch threads {torch.get_num_threads()}")
     print(f"plain nn.Linear  {base:7.1f} ms/step")
     print(f"{args.variant:16s} {other:7.1f} ms/step  ({detail})")

@@ -32,7 +32,8 @@ from trainer.modeling import load_frozen_model  # noqa: E402
 
 def run(frozen, softs, *, growing: bool, gqa: bool, packed: bool, rows: int, new_tokens: int) -> tuple[float, float, list]:
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if gqa else "0"
-    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing, packed_weights=packed, fused_projections=False)
+    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing, packed_weights=packed,
+                    fused_projections=False, gqa_attention=False)
     engine.start()
     try:
         names = list(softs)
@@ -59,7 +60,8 @@ def run(frozen, softs, *, growing: bool, gqa: bool, packed: bool, rows: int, new
     return tokens / wall, decode_ms, [d.token_ids for d in done]
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """This process's resident memory, MB (Linux)."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -75,10 +77,10 @@ def main() -> int:
     args = parser.parse_args()
     plain = load_frozen_model("default", device="cpu")
     packed = load_frozen_model("default", device="cpu")
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     weights = pack_linear_layers(packed.model, 16)  # in place, as Engine(packed_weights=True) does
     print(f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
-          f"{_rss_mb():.0f} MB", flush=True)
+          f"{rss_mb():.0f} MB", flush=True)
     softs = text_prompts(plain)
     variants = [  # (growing, gqa, packed)
         (False, False, False), (True, False, False), (True, True, False), (True, False, True),

@@ -65,6 +65,13 @@ LONG_TEXT = ("Think about the question carefully, consider what the user really 
              "Be warm and patient.")
 
 
+def host_line() -> str:
+    """The CPU this ran on: the same command gives other absolute times, and other ratios, on other hosts."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return f"host: {names[0] if names else 'unknown CPU'}, {os.cpu_count()} logical CPUs"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -252,6 +259,7 @@ def main() -> int:
             if time.time() > deadline or server.poll() is not None:
                 raise SystemExit("server did not become ready")
             time.sleep(0.2)
+        print(host_line())
         print(f"model: {frozen.base_model}; torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY "
               f"{os.environ['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')} (both sides); {args.clients} requests x "
               f"{args.max_new_tokens} new tokens ({'stop at EOS' if args.natural_eos else 'exactly, EOS ignored'}) "
@@ -295,6 +303,9 @@ def main() -> int:
         ("swap: extra latency (target <= +100 ms)", f"{swap_res['extra_ms']:+.0f}", ""),
         ("swap without waiting for the watcher: extra (ms)", f"{swap_cold['extra_ms']:+.0f}", "prefix computed on demand"),
         ("model loads in the server", str(stats["model_loads"]), ""),
+        ("server engine", f"{stats['engine']['attention']}",
+         f"{stats['engine']['fused_projection_groups']} fused projection groups, "
+         f"{stats['engine']['packed_weights_mb']} MB packed weights (the baseline is plain transformers)"),
     ]
     width = max(len(r[0]) for r in rows)
     for label, value, note in rows:
