@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.engine_bench import rss_mb  # noqa: E402
+from bench.engine_bench import anon_mb, rss_mb  # noqa: E402
 from bench.serve_bench import QUERIES, host_line, text_prompts  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from tests.engine_helpers import make_job  # noqa: E402
@@ -69,12 +69,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     plain = {"fused_projections": False, "packed_weights": False, "gqa_attention": False}
-    engines, grew = {}, 0.0
+    engines, grew = {}, (0.0, 0.0)
     for variant in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
-        before = rss_mb()
+        before = anon_mb(), rss_mb()
         engines[variant] = Engine(frozen, max_batch_size=args.rows, **{**plain, **(VARIANTS[args.variant] if variant else {})})
-        grew = rss_mb() - before  # what building the variant's engine added (the last one built)
+        grew = anon_mb() - before[0], rss_mb() - before[1]  # what building the variant's engine added (the last one built)
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():
         for engine in engines.values():  # the same rows in both
@@ -97,7 +97,8 @@ def main() -> int:
     base, other = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
     detail = (f"{engines[True].fused_groups} groups fused, {engines[True].packed_bytes / 2**20:.0f} MB packed; "
-              f"building it added {grew:.0f} MB to the process")
+              f"building it added {grew[0]:.0f} MB of anonymous memory to the process, RSS {grew[1]:+.0f} MB "
+              f"including weight-file pages it read")
     print(host_line())
     print(f"{args.rows} rows, {args.steps} steps each, torch threads {torch.get_num_threads()}")
     print(f"plain nn.Linear  {base:7.1f} ms/step")

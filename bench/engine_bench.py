@@ -65,6 +65,16 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def anon_mb() -> float:
+    """This process's resident anonymous memory, MB (Linux): what it allocated itself. The rest of
+    its RSS is file-backed, e.g. pages of the model's safetensors file, which the weights are
+    mapped from: those count once read, and the kernel can drop them again."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def statistics_median(values):
     values = sorted(values)
     return values[len(values) // 2]
@@ -77,10 +87,10 @@ def main() -> int:
     args = parser.parse_args()
     plain = load_frozen_model("default", device="cpu")
     packed = load_frozen_model("default", device="cpu")
-    rss_before = rss_mb()
+    rss_before, anon_before = rss_mb(), anon_mb()
     weights = pack_linear_layers(packed.model, 16)  # in place, as Engine(packed_weights=True) does
     print(f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
-          f"{rss_mb():.0f} MB", flush=True)
+          f"{rss_mb():.0f} MB, anonymous {anon_before:.0f} -> {anon_mb():.0f} MB", flush=True)
     softs = text_prompts(plain)
     variants = [  # (growing, gqa, packed)
         (False, False, False), (True, False, False), (True, True, False), (True, False, True),
