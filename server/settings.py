@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     gqa_attention: bool = Field(True, description="on CPU, prefills read grouped key/value heads in place (SDPA's "
                                 "native GQA) instead of copying them per query head; same results up to rounding")
     fused_projections: bool = Field(True, description="compute q/k/v and gate/up as one matrix product each (weights "
-                                    "become views of one concatenated matrix: no extra memory; same results up to rounding)")
+                                    "become views of one concatenated matrix that replaces them; same results up to rounding)")
     batch_window_ms: float = Field(10.0, ge=0, le=100, description="when idle, wait this long for more arrivals "
                                    "(each resets it, at most 4x) so a burst is prefilled as one batch")
 

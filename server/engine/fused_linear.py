@@ -4,8 +4,9 @@ A decode step multiplies a few rows by every weight matrix of the model. Each pr
 separate MKL call whose threads have to wake and meet again, so fewer, wider products are
 cheaper. vLLM's `QKVParallelLinear` and `MergedColumnParallelLinear` fuse the same groups.
 Here the model is left as transformers built it: each projection becomes a `FusedLinear`
-whose weight is a view into its group's concatenated matrix, so no memory is added. The
-first projection of a group to see an input computes the whole group's output; the others
+whose weight is a view into its group's concatenated matrix, which replaces the separate
+weights (freed, or, for a model mapped from its safetensors file, left as file pages the
+kernel can drop). The first projection of a group to see an input computes the whole group's output; the others
 return their columns of it. `bench/decode_ab.py --variant fused` measures it against the
 plain layers, side by side.
 
