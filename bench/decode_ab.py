@@ -51,7 +51,7 @@ def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
         engine._decode_step()
 
 
-VARIANTS = {  # name: Engine keyword arguments of the variant (the plain engine turns both off)
+VARIANTS = {  # name: Engine keyword arguments of the variant (the plain engine turns all three off)
     "served": {"fused_projections": True, "packed_weights": True, "gqa_attention": True},
     "fused": {"fused_projections": True},
     "packed": {"packed_weights": True},

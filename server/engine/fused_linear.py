@@ -6,8 +6,8 @@ cheaper. vLLM's `QKVParallelLinear` and `MergedColumnParallelLinear` fuse the sa
 Here the model is left as transformers built it: each projection becomes a `FusedLinear`
 whose weight is a view into its group's concatenated matrix, which replaces the separate
 weights (freed, or, for a model mapped from its safetensors file, left as file pages the
-kernel can drop). The first projection of a group to see an input computes the whole group's output; the others
-return their columns of it. `bench/decode_ab.py --variant fused` measures it against the
+kernel can drop). The first projection of a group to see an input computes the whole group's
+output; the others return their columns of it. `bench/decode_ab.py --variant fused` measures it against the
 plain layers, side by side.
 
 The results equal the separate products up to float rounding (a wider GEMM may sum in

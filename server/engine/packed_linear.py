@@ -17,7 +17,8 @@ copy only while its weight is still that tensor with the same in-place version. 
 has been replaced or changed in place (`model.to(...)`, `load_state_dict`, `weight.add_(...)`),
 the layer drops the copy and takes `F.linear` from then on; writes through `weight.data`
 bypass the version counter and are not detected. Inputs that need gradients or are not fp32
-take `F.linear` too. Packing costs one extra copy of the linear weights in memory.
+take `F.linear` too, and weights made under `torch.inference_mode` (no version counter) are
+not packed. Packing costs one extra copy of the linear weights in memory.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class PackedLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias  # shared (tied embeddings stay tied)
         # what was packed, kept alive so its memory cannot be reused by a later weight
         self._sources = tuple(t.detach() for t in (linear.weight, linear.bias) if t is not None)
-        self._packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self._packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(self._sources[0], rows)
         self._packed_from = self._weight_state()
         self.packed_calls = 0  # forwards that took the packed path (diagnostics, tests)
 
