@@ -59,6 +59,11 @@ def test_a_changed_or_replaced_weight_is_never_served_from_the_stale_copy():
         rebias.bias.add_(1)  # the bias alone changed
         torch.testing.assert_close(rebias(x), nn.functional.linear(x, rebias.weight, rebias.bias))
     assert rebias.packed_calls == 0
+    swapped = PackedLinear(nn.Linear(24, 40).requires_grad_(False), rows=4)
+    with torch.inference_mode():  # replaced by a tensor that keeps no version counter
+        swapped.weight = nn.Parameter(torch.randn(40, 24), requires_grad=False)
+        torch.testing.assert_close(swapped(x), nn.functional.linear(x, swapped.weight, swapped.bias))
+    assert swapped.packed_calls == 0 and not swapped.is_packed
 
 
 def test_a_dtype_round_trip_cannot_land_the_new_weight_on_the_packed_address():

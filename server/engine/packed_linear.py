@@ -68,8 +68,10 @@ class PackedLinear(nn.Linear):
         self.packed_calls = 0  # forwards that took the packed path (diagnostics, tests)
 
     def _weight_state(self) -> tuple:
-        """Storage and in-place version of the weight and bias."""
-        return tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
+        """Storage and in-place version of the weight and bias. A packed weight always has a version;
+        one replaced by an inference tensor (which keeps none) reads None, so it never matches."""
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                     for t in (self.weight, self.bias) if t is not None)
 
     @property
     def is_packed(self) -> bool:
