@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from starlette.concurrency import run_in_threadpool
+from concurrent.futures import ThreadPoolExecutor
 
 from trainer.layout import ChatLayout, PromptLayout
 from trainer.modeling import FrozenModel
@@ -72,6 +72,13 @@ class GenerationService:
         self.frozen, self.engine, self.prompts = frozen, engine, prompts
         self.max_new_tokens_limit = max_new_tokens_limit
         self.layout = ChatLayout(frozen.tokenizer)
+        # Building a request (chat template, tokenizer, prompt load) is Python that holds the GIL:
+        # one thread does it, so under a burst the event loop competes with one builder, not with
+        # the forty of the shared thread pool (bench/overload_bench.py: slow 503s otherwise).
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-builder")
+
+    def close(self) -> None:
+        self._builder.shutdown(wait=False, cancel_futures=True)
 
     @property
     def default_head(self) -> tuple[int, ...]:
@@ -119,6 +126,11 @@ class GenerationService:
             if stream or not isinstance(event, TokenEvent):
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job, label = await run_in_threadpool(self._build, prompt_ref, request, sink)
-        self.engine.submit(job)
+        self.engine.reserve()  # a full queue answers at once, before any tokenizing or prompt loading
+        try:
+            job, label = await loop.run_in_executor(self._builder, self._build, prompt_ref, request, sink)
+        except BaseException:  # a refused request or a client that left: give the place back
+            self.engine.release()
+            raise
+        self.engine.submit(job, reserved=True)
         return RequestHandle(job, label, loop, queue)

@@ -40,3 +40,15 @@ class EngineNotReadyError(EngineError):
     """The model is still loading, or the engine stopped."""
 
     code = "not_ready"
+
+
+class SamplingError(EngineError):
+    """Choosing one request's next token failed (e.g. the model produced NaN logits)."""
+
+    code = "sampling_failed"
+
+
+class ShuttingDownError(EngineNotReadyError):
+    """The engine stopped before the request finished."""
+
+    code = "shutting_down"

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SamplingError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,22 +35,33 @@ class SamplingParams:
         return gen
 
 
-def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """Pick one token per row of `logits` [B, V] (fp32); greedy rows in one argmax."""
-    choices = logits.argmax(dim=-1).tolist()  # [B]
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int | Exception]:
+    """One token per row of `logits` [B, V] (fp32); greedy rows in one argmax.
+
+    A row whose sampling fails gets its exception in place of a token, so one bad row never
+    costs the others theirs."""
+    choices: list[int | Exception] = logits.argmax(dim=-1).tolist()  # [B]
     for row, p in enumerate(params):
         if not p.greedy:
-            choices[row] = _sample_row(logits[row].float(), p, generators[row])
+            try:
+                choices[row] = sample_row(logits[row].float(), p, generators[row])
+            except Exception as exc:  # e.g. NaN logits from the model: fail this row only
+                choices[row] = SamplingError(f"sampling failed: {exc}")
     return choices
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / p.temperature, dim=-1)  # [V]
+def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """Temperature + nucleus sampling over one row's logits [V].
+
+    Scaling `logits - max` (all <= 0) cannot overflow for any temperature > 0: a tiny one drives
+    every other token to -inf and the top token stays exp(0) = 1, never NaN. The top token is
+    always kept by top-p, however small top_p is."""
+    probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)  # [V]
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest set whose mass reaches top_p (always at least the top token)
         drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        drop[0] = False
+        pick = torch.multinomial(sorted_probs.masked_fill(drop, 0.0), 1, generator=generator)
         return int(order[pick])
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -27,12 +27,12 @@ from trainer.prepend import prepend_soft_prompt
 
 from . import kv as kvops
 from .attention import use_gqa_sdpa
-from .errors import EngineNotReadyError, QueueFullError
+from .errors import EngineError, EngineNotReadyError, QueueFullError, ShuttingDownError
 from .fused_linear import fuse_projections
 from .packed_linear import pack_linear_layers
 from .prefix_cache import PrefixCache
-from .sampling import sample_next
-from .sequence import FailedEvent, Job, Sequence
+from .sampling import choose_tokens
+from .sequence import DoneEvent, Job, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._waiting_count = 0
         self._lock = threading.Lock()
+        self._closed = False  # set under the lock once the loop has ended: no more submissions
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
@@ -112,15 +113,35 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
-    def submit(self, job: Job) -> None:
-        """Queue a request (thread-safe). Raises QueueFullError when too many are waiting."""
-        if not self.alive:
-            raise EngineNotReadyError("The generation engine is not running.")
+    def reserve(self) -> None:
+        """Take a place in the queue for a request still being built (thread-safe, never waits).
+
+        Raises QueueFullError at once when the queue is full, so overload is refused before any
+        tokenizing or prompt loading. Hand the place to `submit(job, reserved=True)` or give it
+        back with `release()`."""
         with self._lock:
+            if self._closed or not self.alive:
+                raise EngineNotReadyError("The generation engine is not running.")
             if self._waiting_count >= self.max_queue:
                 raise QueueFullError(self._waiting_count, self.max_queue, self.retry_after)
             self._waiting_count += 1
-        self._inbox.put(job)
+
+    def release(self) -> None:
+        """Give back a place taken by `reserve()` for a request that will not be submitted."""
+        with self._lock:
+            self._waiting_count -= 1
+
+    def submit(self, job: Job, *, reserved: bool = False) -> None:
+        """Queue a request (thread-safe). Raises QueueFullError when too many are waiting.
+
+        Once queued, the job gets exactly one final event (done or failed), whatever happens."""
+        if not reserved:
+            self.reserve()
+        with self._lock:
+            if self._closed:
+                self._waiting_count -= 1
+                raise ShuttingDownError("The server is shutting down.")
+            self._inbox.put(job)
 
     def prewarm(self, prompt_key: tuple | None, soft: torch.Tensor | None, head_ids: tuple[int, ...]) -> Future:
         """Compute (in the engine thread) the prefix KV of a prompt for `head_ids` ahead of use."""
@@ -143,6 +164,7 @@ class Engine:
             self._serve()
         finally:  # the count set in this thread also becomes the process default: leave the full one
             torch.set_num_threads(self._threads_full)
+            self._close_out()
 
     def _serve(self) -> None:
         with torch.inference_mode():
@@ -151,14 +173,33 @@ class Engine:
                 self._drain_inbox(block=idle or not self._running.is_set())
                 if not self._running.is_set():
                     continue
+                self._fit_threads()
                 try:
-                    self._fit_threads()
                     self._admit()
                     if self._seqs:
                         self._decode_step()
-                except Exception as exc:  # never let one bad batch kill the server
+                except Exception as exc:  # a bug outside the guarded stages: keep serving the next requests
                     logger.exception("engine step failed; failing the running batch")
-                    self._fail_running(exc)
+                    self._fail_running(EngineError(f"The engine failed: {exc}"))
+
+    def _close_out(self) -> None:
+        """The loop ended (stop, or a bug): refuse new submissions, fail everything queued or running."""
+        with self._lock:
+            self._closed = True
+        error = ShuttingDownError("The server is shutting down; the request did not finish.")
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Job):
+                self._waiting.append(item)
+            elif isinstance(item, tuple):
+                item[-1].set_exception(error)  # a prewarm's future
+        for job in self._waiting:
+            self._fail(job, error)
+        self._waiting.clear()
+        self._fail_running(error)
 
     def _fit_threads(self) -> None:
         """Use the threads the host's other work leaves free (at least one). Two runnable threads
@@ -208,37 +249,45 @@ class Engine:
 
     # ------------------------------------------------------------ admission + prefill
     def _admit(self) -> None:
+        """Move waiting requests into the batch: prefill them together, choose their first tokens.
+
+        Each stage fails only the requests it concerns: a request that cannot start fails alone, a
+        failed prefill fails the rows it was prefilling, a failed merge leaves the running batch as
+        it was."""
         new: list[Sequence] = []
         while self._waiting and len(self._seqs) + len(new) < self.max_batch_size:
             job = self._waiting.popleft()
             with self._lock:
                 self._waiting_count -= 1
-            if not job.cancelled:
+            if job.cancelled:
+                job.send(_cancelled(job))
+                continue
+            try:
                 new.append(Sequence(job, self.tokenizer, self.eos_ids))
+            except Exception as exc:
+                logger.exception("could not start a request")
+                self._fail(job, EngineError(f"The request could not start: {exc}"))
         if not new:
             return
         started = time.perf_counter()
         try:
             kv, mask, logits = self._prefill([s.job for s in new])
-        except Exception as exc:
-            logger.exception("prefill failed")
+            self.counters["prefill_batches"] += 1
+            elapsed = (time.perf_counter() - started) * 1e3
+            size = len(self._seqs) + len(new)
             for s in new:
-                self.counters["requests_failed"] += 1
-                s.job.sink(FailedEvent(exc))
+                s.prefill_ms, s.joined_batch = elapsed, size
+            self._advance(new, logits)
+            running = [] if self._cache is None else [(kvops.from_cache(self._cache), self._mask)]
+            kv, mask = kvops.stack_rows(running + [(kv, mask)])
+            cache = self._decode_cache(kv, self._seqs + new)
+        except Exception as exc:
+            logger.exception("prefill of %d new rows failed", len(new))
+            for s in new:
+                self._fail(s.job, EngineError(f"Prefill failed: {exc}"))
             return
-        self.counters["prefill_batches"] += 1
-        elapsed = (time.perf_counter() - started) * 1e3
-        size = len(self._seqs) + len(new)
-        for s in new:
-            s.prefill_ms, s.joined_batch = elapsed, size
-        tokens = sample_next(logits, [s.params for s in new], [s.generator for s in new])
-        for s, token in zip(new, tokens):
-            s.push(token)
-        self.counters["tokens_generated"] += len(new)
-        running = [] if self._cache is None else [(kvops.from_cache(self._cache), self._mask)]
-        kv, mask = kvops.stack_rows(running + [(kv, mask)])
         self._seqs += new
-        self._cache, self._mask = self._decode_cache(kv), mask
+        self._cache, self._mask = cache, mask
         self._retire_finished()
 
     def _prefill(self, jobs: list[Job]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
@@ -310,35 +359,54 @@ class Engine:
     def _decode_step(self) -> None:
         seqs = self._seqs
         device = self.model.device
-        ids = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long, device=device)  # [B, 1]
-        positions = self._mask.sum(dim=1, keepdim=True)  # [B, 1]: real tokens so far
-        mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)  # [B, L+1]
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        try:
+            ids = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long, device=device)  # [B, 1]
+            positions = self._mask.sum(dim=1, keepdim=True)  # [B, 1]: real tokens so far
+            mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)  # [B, L+1]
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as exc:  # the shared batch state is unknown now: every row in it fails
+            logger.exception("decode step over %d rows failed", len(seqs))
+            self._fail_running(EngineError(f"Decoding failed: {exc}"))
+            return
         self._cache, self._mask = out.past_key_values, mask
         self.counters["decode_steps"] += 1
         self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(seqs))
-        tokens = sample_next(out.logits[:, -1].float(), [s.params for s in seqs], [s.generator for s in seqs])
-        for s, token in zip(seqs, tokens):
+        for s in seqs:
             s.max_batch = max(s.max_batch, len(seqs))
-            if not s.job.cancelled:
-                s.push(token)
-        self.counters["tokens_generated"] += len(seqs)
+        self._advance(seqs, out.logits[:, -1].float())
         self._retire_finished()
 
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose and record each row's next token (logits [B, V]); a row that fails here fails alone."""
+        tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for s, token in zip(seqs, tokens):
+            if s.job.cancelled or s.job.closed:
+                continue
+            if isinstance(token, Exception):
+                self._fail(s.job, token)
+                continue
+            try:
+                s.push(token)
+            except Exception as exc:
+                logger.exception("could not record a token")
+                self._fail(s.job, EngineError(f"Could not decode the output: {exc}"))
+        self.counters["tokens_generated"] += len(seqs)
+
     def _retire_finished(self) -> None:
-        done = [i for i, s in enumerate(self._seqs) if s.finish_reason is not None or s.job.cancelled]
+        done = [i for i, s in enumerate(self._seqs) if s.finish_reason is not None or s.job.cancelled or s.job.closed]
         if not done:
             return
         for i in done:
-            self._seqs[i].finish()
-            self.counters["requests_finished"] += 1
+            if not self._seqs[i].job.closed:
+                self._seqs[i].finish()
+                self.counters["requests_finished"] += 1
         keep = [i for i in range(len(self._seqs)) if i not in set(done)]
         self._seqs = [self._seqs[i] for i in keep]
         if not keep:
@@ -347,20 +415,30 @@ class Engine:
         index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         kv = kvops.select_rows(kvops.from_cache(self._cache), index)
         kv, mask = kvops.trim_left(kv, self._mask.index_select(0, index))
-        self._cache, self._mask = self._decode_cache(kv), mask
+        self._cache, self._mask = self._decode_cache(kv, self._seqs), mask
 
-    def _decode_cache(self, kv: kvops.KV):
+    def _decode_cache(self, kv: kvops.KV, seqs: list[Sequence]):
         """The cache the decode steps append to: room for the longest remaining generation."""
         if not self.growing_cache:
             return kvops.to_cache(kv)
-        spare = max(s.params.max_new_tokens - len(s.ids) for s in self._seqs) + 1
+        spare = max(s.params.max_new_tokens - len(s.ids) for s in seqs) + 1
         return kvops.to_growing_cache(kv, spare)
 
-    def _fail_running(self, exc: Exception) -> None:
-        for s in self._seqs:
+    def _fail(self, job: Job, error: Exception) -> None:
+        if not job.closed:
             self.counters["requests_failed"] += 1
-            s.job.sink(FailedEvent(exc))
+        job.fail(error)
+
+    def _fail_running(self, error: Exception) -> None:
+        for s in self._seqs:
+            self._fail(s.job, error)
         self._seqs, self._cache, self._mask = [], None, None
+
+
+def _cancelled(job: Job) -> DoneEvent:
+    """The final event of a request cancelled while it waited."""
+    return DoneEvent(text="", finish_reason="cancelled", prompt_tokens=job.prompt_tokens, soft_prompt_tokens=job.soft_len,
+                     completion_tokens=0, queue_ms=0.0, ttft_ms=0.0, prefill_ms=0.0, decode_ms=0.0, total_ms=0.0)
 
 
 def _eos_ids(frozen: FrozenModel) -> set[int]:

@@ -7,6 +7,7 @@ the start of a stop string is held back from the stream until it is decided.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,6 +15,8 @@ from typing import Callable
 import torch
 
 from .sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,22 @@ class Job:
     sink: Callable[[Event], None]
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
+    closed: bool = False  # a final event (done or failed) was sent; nothing follows it
+
+    def send(self, event: Event) -> None:
+        """Deliver an event. The first final event closes the job: every request gets exactly
+        one, whichever part of the engine ends it. A failing sink never reaches the engine."""
+        if self.closed:
+            return
+        if not isinstance(event, TokenEvent):
+            self.closed = True
+        try:
+            self.sink(event)
+        except Exception:
+            logger.exception("could not deliver %s", type(event).__name__)
+
+    def fail(self, error: Exception) -> None:
+        self.send(FailedEvent(error))
 
     @property
     def soft_len(self) -> int:
@@ -126,14 +145,14 @@ class Sequence:
     def _emit(self, *, final: bool) -> None:
         upto = len(self.text) if final else max(self.emitted, len(self.text) - self._hold)
         if upto > self.emitted:
-            self.job.sink(TokenEvent(self.text[self.emitted : upto], self.ids[-1]))
+            self.job.send(TokenEvent(self.text[self.emitted : upto], self.ids[-1]))
             self.emitted = upto
 
     def finish(self) -> None:
         now = time.perf_counter()
         job = self.job
         first = self.first_token_at or now
-        job.sink(
+        job.send(
             DoneEvent(
                 text=self.text,
                 finish_reason=self.finish_reason or "cancelled",
