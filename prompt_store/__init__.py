@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .errors import (
     AliasInUseError,
     ChecksumMismatchError,
+    IdempotencyKeyReusedError,
     IncompatibleModelError,
     InvalidAdapterError,
     InvalidNameError,
@@ -28,6 +29,7 @@ from .store import LoadedPrompt, PromptStore, PromptVersion
 __all__ = [
     "AliasInUseError",
     "ChecksumMismatchError",
+    "IdempotencyKeyReusedError",
     "IncompatibleModelError",
     "InvalidAdapterError",
     "InvalidNameError",

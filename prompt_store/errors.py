@@ -74,3 +74,13 @@ class IncompatibleModelError(PromptStoreError):
     """The prompt was made for a model with another hidden size or embedding matrix."""
 
     code = "incompatible_model"
+
+
+class IdempotencyKeyReusedError(PromptStoreError, ValueError):
+    """An Idempotency-Key already answered a different request (another name, file or setting)."""
+
+    code = "idempotency_key_reused"
+
+    def __init__(self, key: str, first: str):
+        super().__init__(f"Idempotency-Key {key!r} was already used for a different request ({first}); "
+                         "use a new key for a new request.")

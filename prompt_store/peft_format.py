@@ -17,6 +17,7 @@ from .errors import InvalidAdapterError, InvalidShapeError, NonFiniteValuesError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TENSOR_KEY = "prompt_embeddings"
+TEXT_FIELDS = ("prompt_tuning_init_text", "base_model_name_or_path")  # kept with an imported prompt
 
 
 def adapter_config(
@@ -72,15 +73,44 @@ def read_adapter(folder: Path) -> tuple[torch.Tensor, dict]:
         raise InvalidAdapterError(
             f"{folder}: a PEFT prompt-tuning adapter needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}."
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InvalidAdapterError(f"{config_path}: not readable JSON ({exc}).") from exc
+    config = read_config(config_path)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise InvalidAdapterError(
             f"{config_path}: peft_type is {config.get('peft_type')!r}; only PROMPT_TUNING adapters hold soft prompts."
         )
     return read_weights(weights_path), config
+
+
+def read_config(path: Path) -> dict:
+    """Read adapter_config.json: a UTF-8 JSON object whose text fields we use are valid text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidAdapterError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+    except OSError as exc:
+        raise InvalidAdapterError(f"{path}: not readable ({exc.strerror}).") from exc
+    try:
+        config = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer with more digits than Python converts
+        raise InvalidAdapterError(f"{path}: not readable JSON ({exc}).") from exc
+    except RecursionError:
+        raise InvalidAdapterError(f"{path}: not readable JSON (nested too deeply).") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapterError(f"{path}: must be a JSON object of PEFT settings, got a JSON {type(config).__name__}.")
+    for key in TEXT_FIELDS:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, str) and _is_text(value)):
+            raise InvalidAdapterError(f"{path}: {key} must be a text string or null.")
+    return config
+
+
+def _is_text(value: str) -> bool:
+    """False for strings that are not valid Unicode (lone surrogates from JSON escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_weights(path: Path) -> torch.Tensor:

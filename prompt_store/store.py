@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ from .atomic import fsync_dir, pid_alive, replace_json_atomically, write_bytes_d
 from .errors import (
     AliasInUseError,
     ChecksumMismatchError,
+    IdempotencyKeyReusedError,
     IncompatibleModelError,
     NameConflictError,
     PromptNotFoundError,
@@ -46,6 +48,7 @@ from .names import VersionId, parse_ref, validate_name
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+STAGING_MAX_AGE_SECONDS = 600.0  # a publish or delete holds its .tmp folder for well under a second
 FORMAT_VERSION = 1
 
 
@@ -177,8 +180,15 @@ class PromptStore:
         extra: dict | None = None,
         num_layers: int | None = None,
         num_attention_heads: int | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> PromptVersion:
-        """Publish `embeddings` `[P, D]` as the next version of `name`, atomically."""
+        """Publish `embeddings` `[P, D]` as the next version of `name`, atomically.
+
+        `idempotency` is (key, SHA-256 of the request): when a version of `name` was already
+        published with that key, it is returned instead of publishing again (a client's retry
+        after a lost answer); the same key with another request raises IdempotencyKeyReusedError.
+        The key is written in the version's meta.json in the same rename, so the check and the
+        publish are one step under the name's lock."""
         validate_name(name)
         if name in self.aliases():
             raise NameConflictError(f"{name!r} is an alias; choose another prompt name or remove the alias.")
@@ -210,10 +220,17 @@ class PromptStore:
             "tensor_sha256": hashlib.sha256(weights).hexdigest(),
             **(extra or {}),
         }
+        if idempotency is not None:
+            meta["idempotency_key"], meta["request_sha256"] = idempotency
         staging = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             with FileLock(self._locks / f"{name}.lock"):
+                earlier = self._published_with(name, *idempotency) if idempotency is not None else None
+                if earlier is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    logger.info("%s was already published with this Idempotency-Key", earlier.id)
+                    return earlier
                 number = max(self._version_numbers(name, include_deleted=True), default=0) + 1
                 version_id = VersionId(name, number)
                 meta["name"], meta["version"], meta["id"] = name, number, str(version_id)
@@ -321,7 +338,7 @@ class PromptStore:
                     folder = self._prompts / version_id.name / f"v{version_id.version}"
                     tombstone = folder.with_name(f"v{version_id.version}.deleted")
                     write_bytes_durably(tombstone, b"")
-                    trash = self._tmp / f"deleted-{uuid.uuid4().hex}"
+                    trash = self._tmp / f"{os.getpid()}-deleted-{uuid.uuid4().hex}"
                     os.rename(folder, trash)
                     fsync_dir(folder.parent)
                     shutil.rmtree(trash)
@@ -330,13 +347,21 @@ class PromptStore:
         logger.info("deleted %s", ", ".join(map(str, targets)))
         return targets
 
-    def collect_garbage(self) -> int:
-        """Remove temp folders left by publishers that died; return how many were removed."""
+    def collect_garbage(self, *, older_than_seconds: float = STAGING_MAX_AGE_SECONDS) -> int:
+        """Remove temp folders left by publishers and deleters that died; return how many were removed.
+
+        A folder goes when its owner's pid is gone, or when it is older than any publish takes
+        (a pid can live on: in a container every server is pid 1)."""
         removed = 0
+        cutoff = time.time() - older_than_seconds
         for folder in self._tmp.iterdir():
             owner = folder.name.split("-", 1)[0]
-            if folder.name.startswith("deleted-") or (owner.isdigit() and not pid_alive(int(owner))):
-                shutil.rmtree(folder)
+            try:
+                stale = folder.stat().st_mtime < cutoff
+            except FileNotFoundError:  # its publisher just renamed it into place
+                continue
+            if stale or (owner.isdigit() and not pid_alive(int(owner))):
+                shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
         return removed
 
@@ -354,6 +379,16 @@ class PromptStore:
                 elif suffix == "deleted" and include_deleted:
                     numbers.add(int(stem[1:]))
         return sorted(numbers)
+
+    def _published_with(self, name: str, key: str, request_sha256: str) -> PromptVersion | None:
+        """The version of `name` published under Idempotency-Key `key`, if any (call under the name's lock)."""
+        for number in self._version_numbers(name):
+            version = self._read_version(VersionId(name, number))
+            if version.meta.get("idempotency_key") == key:
+                if version.meta.get("request_sha256") != request_sha256:
+                    raise IdempotencyKeyReusedError(key, f"it published {version.id}")
+                return version
+        return None
 
     def _read_version(self, version_id: VersionId) -> PromptVersion:
         path = self._prompts / version_id.name / f"v{version_id.version}"

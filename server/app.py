@@ -9,18 +9,24 @@ which is used synchronously.
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from trainer.modeling import FrozenModel
 
+from .body_limit import BodySizeLimit
 from .errors import register_error_handlers
 from .jobs import JobManager
 from .routes import generate, health, prompts, train
 from .settings import Settings
 from .state import AppState
+
+logger = logging.getLogger(__name__)
+
+FORM_OVERHEAD = 65536  # multipart boundaries and the small form fields beside the files
 
 
 def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None = None) -> FastAPI:
@@ -35,24 +41,44 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
                                     threads=settings.train_threads, max_running=settings.train_concurrency)
         app.state.jobs.start()
         state.reserved_threads = app.state.jobs.threads_in_use  # the engine leaves them free
-        booting = None
+        _log_admin_access(settings)
         if frozen is not None:
             state.boot(frozen)
-        else:
-            booting = asyncio.create_task(asyncio.to_thread(state.boot, raise_errors=False))
+        else:  # a daemon thread: a shutdown during the load does not wait for it (boot then stops early)
+            threading.Thread(target=state.boot, kwargs={"raise_errors": False}, name="softprompt-boot", daemon=True).start()
         try:
             yield
         finally:
-            if booting is not None and not booting.done():
-                await asyncio.wait([booting], timeout=300)
             app.state.jobs.stop()
             state.shutdown()
 
     app = FastAPI(title="softprompt-server", version="0.1.0", lifespan=lifespan,
                   description="Serve EmbedGrad soft prompts for one frozen causal LM.")
     register_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit_for=body_limits(settings))
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(prompts.router)
     app.include_router(train.router)
     return app
+
+
+def body_limits(settings: Settings):
+    """(limit, setting) per request: the two upload routes get their upload limits, the rest one small limit."""
+    uploads = {
+        ("POST", "/prompts"): (settings.max_prompt_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_PROMPT_UPLOAD_BYTES"),
+        ("POST", "/train"): (2 * settings.max_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_UPLOAD_BYTES, twice: data and eval_file"),
+    }
+    default = (settings.max_request_bytes, "SOFTPROMPT_MAX_REQUEST_BYTES")
+    return lambda method, path: uploads.get((method, path.rstrip("/") or "/"), default)
+
+
+def _log_admin_access(settings: Settings) -> None:
+    if settings.api_key:
+        logger.info("admin routes need the API key")
+    elif settings.allow_open_admin:
+        logger.warning("admin routes are open to anyone who can reach %s (SOFTPROMPT_ALLOW_OPEN_ADMIN)", settings.host)
+    elif settings.admin_open_without_key:
+        logger.info("admin routes answer without a key: %s is a loopback address", settings.host)
+    else:
+        logger.warning("admin routes are off: %s is not a loopback address and no SOFTPROMPT_API_KEY is set", settings.host)

@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="area", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server (settings from SOFTPROMPT_* env)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=None, help="address to bind (overrides SOFTPROMPT_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (overrides SOFTPROMPT_PORT; default 8000)")
     serve.add_argument("--model", default=None, help="model spec (overrides SOFTPROMPT_MODEL)")
     serve.add_argument("--store", default=None, help="store root (overrides SOFTPROMPT_STORE)")
     serve.add_argument("--log-level", default="info")
@@ -41,13 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from server.app import create_app
     from server.settings import Settings
 
-    overrides = {k: v for k, v in {"model": args.model, "store": args.store}.items() if v is not None}
-    app = create_app(Settings(**overrides))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    given = {"model": args.model, "store": args.store, "host": args.host, "port": args.port}
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(map(str, error["loc"]))
+            print(f"softprompt serve: {'SOFTPROMPT_' + field.upper() + ': ' if field else ''}{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    # Requests still running this long after SIGTERM are cut off: a shutdown always finishes.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)
     return 0
 
 

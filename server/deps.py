@@ -1,14 +1,18 @@
-"""Typed dependencies: routes reach the app's state through `request.app.state`."""
+"""Typed dependencies: routes reach the app's state through `request.app.state`.
+
+They are `async def` although they never wait: FastAPI runs a plain `def` dependency in its
+thread pool, a hop per dependency per request that, under overload, delays even the answers
+that refuse work (bench/overload_bench.py)."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from .engine import EngineNotReadyError
-from .errors import UnauthorizedError
+from .errors import AdminDisabledError, UnauthorizedError
 from .generation import GenerationService
 from .jobs import JobManager
 from .prompt_admin import PromptAdmin
@@ -16,14 +20,14 @@ from .settings import Settings
 from .state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.app.state.softprompt
 
 
 State = Annotated[AppState, Depends(get_state)]
 
 
-def get_settings(state: State) -> Settings:
+async def get_settings(state: State) -> Settings:
     return state.settings
 
 
@@ -34,25 +38,33 @@ def _ready_state(state: State) -> AppState:
     return state
 
 
-def get_generation(state: State) -> GenerationService:
+async def get_generation(state: State) -> GenerationService:
     return _ready_state(state).generation
 
 
-def get_admin(state: State) -> PromptAdmin:
+async def get_admin(state: State) -> PromptAdmin:
     return _ready_state(state).admin
 
 
-def require_admin(request: Request, state: State) -> None:
-    """Admin routes need `Authorization: Bearer <SOFTPROMPT_API_KEY>` when a key is set."""
-    key = state.settings.api_key
+async def require_admin(request: Request, state: State) -> None:
+    """Admin routes need `Authorization: Bearer <SOFTPROMPT_API_KEY>` when a key is set. Without a
+    key they answer only on a loopback address, unless SOFTPROMPT_ALLOW_OPEN_ADMIN says otherwise."""
+    settings = state.settings
+    key = settings.api_key
     if not key:
-        return
+        if settings.admin_open_without_key:
+            return
+        raise AdminDisabledError(
+            f"Admin routes are off: this server listens on {settings.host} with no SOFTPROMPT_API_KEY. Set "
+            "SOFTPROMPT_API_KEY and send 'Authorization: Bearer <key>', or set SOFTPROMPT_ALLOW_OPEN_ADMIN=true "
+            "to serve them to anyone who can reach it."
+        )
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise UnauthorizedError("This route needs 'Authorization: Bearer <SOFTPROMPT_API_KEY>'.")
 
 
-def get_jobs(request: Request) -> JobManager:
+async def get_jobs(request: Request) -> JobManager:
     return request.app.state.jobs
 
 
@@ -61,3 +73,8 @@ Generation = Annotated[GenerationService, Depends(get_generation)]
 Admin = Annotated[PromptAdmin, Depends(get_admin)]
 AdminAuth = Depends(require_admin)
 Jobs = Annotated[JobManager, Depends(get_jobs)]
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+    description="any unique string (e.g. a UUID) of visible ASCII: a retry with the same key and the same request "
+                "returns the first answer instead of doing the work twice; the same key with another request is a 422",
+)]

@@ -9,11 +9,13 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from prompt_store import (
     AliasInUseError,
+    IdempotencyKeyReusedError,
     IncompatibleModelError,
     InvalidNameError,
     InvalidPromptError,
@@ -36,6 +38,12 @@ class UnauthorizedError(Exception):
     code = "unauthorized"
 
 
+class AdminDisabledError(Exception):
+    """Admin routes are off: no API key is set and the server listens beyond loopback."""
+
+    code = "admin_disabled"
+
+
 class InvalidTrainRequestError(Exception):
     """A /train request lacks a required part (file, name, init) or has the wrong content type."""
 
@@ -53,6 +61,7 @@ class PayloadTooLargeError(Exception):
 # Most specific first: the first matching class decides the status.
 STATUS: list[tuple[type[Exception], int]] = [
     (UnauthorizedError, 401),
+    (AdminDisabledError, 403),
     (PayloadTooLargeError, 413),
     (UploadTooLargeError, 413),
     (JobNotFoundError, 404),
@@ -66,6 +75,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (AliasInUseError, 409),
     (InvalidNameError, 422),
     (InvalidPromptError, 422),
+    (IdempotencyKeyReusedError, 422),
     (InputTooLongError, 422),
     (InvalidGenerationRequestError, 422),
     (QueueFullError, 503),
@@ -118,10 +128,29 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"error": {"code": "invalid_request", "message": message, "details": details}}, status_code=422)
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # RFC 9110: OPTIONS answers with, and a 405 carries, the full `Allow`
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=headers)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+                        headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves on this path (Starlette's own 405 names one route's methods only).
+
+    Each method is probed with a clean scope: routers (nested ones too) decide, and HEAD is listed
+    only where a route really serves it."""
+    path, root_path = request.scope["path"], request.scope.get("root_path", "")
+
+    def served(method: str) -> bool:
+        scope = {"type": "http", "path": path, "root_path": root_path, "method": method}
+        return any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes)
+
+    return ", ".join([m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if served(m)] + ["OPTIONS"])
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -132,6 +161,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def register_error_handlers(app: FastAPI) -> None:
     for cls in (
         UnauthorizedError,
+        AdminDisabledError,
         PayloadTooLargeError,
         PromptStoreError,
         EngineError,

@@ -7,13 +7,15 @@ they are published, and pre-warmed right after, so the new version is servable a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from prompt_store import IncompatibleModelError, InvalidAdapterError, PromptStore, PromptVersion
-from prompt_store.peft_format import ADAPTER_CONFIG, read_adapter, read_weights
+from prompt_store.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, read_weights
 from trainer.modeling import FrozenModel
 
 from .engine import PrefixCache, PromptCache
@@ -21,6 +23,12 @@ from .errors import PayloadTooLargeError
 from .watcher import StoreWatcher
 
 MAX_ZIP_MEMBERS = 16
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+ENCRYPTED = 0x1  # general-purpose flag bit of a password-protected member
+COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+# What zipfile raises for a corrupt or unsupported archive: bad headers or CRC, broken deflate
+# data, a truncated stream, features it lacks, impossible offsets or member names that are not UTF-8.
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError)
 
 
 def version_info(version: PromptVersion) -> dict:
@@ -77,7 +85,7 @@ class PromptAdmin:
             self.prefixes.evict_prompt(version_id.name, version_id.version)
         return [str(v) for v in removed]
 
-    def upload(self, name: str, filename: str, data: bytes) -> dict:
+    def upload(self, name: str, filename: str, data: bytes, *, idempotency_key: str | None = None) -> dict:
         if len(data) > self.max_upload_bytes:
             raise PayloadTooLargeError(len(data), self.max_upload_bytes)
         if data[:4] == b"PK\x03\x04":
@@ -93,8 +101,9 @@ class PromptAdmin:
                 f"{filename or 'upload'}: prompt width {tensor.shape[1]} does not match the served model's hidden size {hidden}."
             )
         # Uploaded for the model this server runs: record its full fingerprint.
+        idempotency = (idempotency_key, _request_sha256(name, data)) if idempotency_key else None
         version = self.store.publish(name, tensor, fingerprint=self.frozen.fingerprint, base_model=base_model,
-                                     init_text=init_text, extra={"uploaded_as": filename})
+                                     init_text=init_text, extra={"uploaded_as": filename}, idempotency=idempotency)
         self._warm(version)
         return version_info(version)
 
@@ -112,11 +121,12 @@ class PromptAdmin:
     def _read_zip(self, data: bytes):
         try:
             archive = zipfile.ZipFile(io.BytesIO(data))
-        except zipfile.BadZipFile as exc:
+        except ZIP_ERRORS as exc:
             raise InvalidAdapterError(f"not a readable zip file ({exc}).") from exc
         members = [m for m in archive.infolist() if not m.is_dir()]
-        if len(members) > MAX_ZIP_MEMBERS or sum(m.file_size for m in members) > self.max_upload_bytes:
-            raise PayloadTooLargeError(sum(m.file_size for m in members), self.max_upload_bytes)
+        declared = sum(m.file_size for m in members)
+        if len(members) > MAX_ZIP_MEMBERS or declared > self.max_upload_bytes:
+            raise PayloadTooLargeError(declared, self.max_upload_bytes)
         configs = [m for m in members if PurePosixPath(m.filename).name == ADAPTER_CONFIG]
         if len(configs) != 1:
             raise InvalidAdapterError(f"the zip must hold exactly one {ADAPTER_CONFIG} (found {len(configs)}).")
@@ -124,7 +134,31 @@ class PromptAdmin:
         with tempfile.TemporaryDirectory() as tmp:
             for member in members:
                 path = PurePosixPath(member.filename)
-                if path.parent != folder or path.is_absolute() or ".." in path.parts:
-                    continue  # only the adapter's own folder, never paths outside the temp dir
-                (Path(tmp) / path.name).write_bytes(archive.read(member))
+                if path.parent == folder and path.name in ADAPTER_FILES:  # fixed names: nothing lands outside tmp
+                    (Path(tmp) / path.name).write_bytes(_read_member(archive, member))
             return read_adapter(Path(tmp))
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
+    """A member's bytes, read no further than its declared size (so a member that inflates past
+    it fails its CRC check), which they must fill exactly."""
+    name = member.filename
+    if member.flag_bits & ENCRYPTED:
+        raise InvalidAdapterError(f"{name}: the zip member is encrypted; zip the adapter without a password.")
+    if member.compress_type not in COMPRESSIONS:
+        raise InvalidAdapterError(
+            f"{name}: compression method {member.compress_type} is not supported; zip it stored or deflated."
+        )
+    try:
+        with archive.open(member) as handle:
+            content = handle.read(member.file_size)
+    except ZIP_ERRORS as exc:
+        raise InvalidAdapterError(f"{name}: corrupt zip member ({exc}).") from exc
+    if len(content) != member.file_size:
+        raise InvalidAdapterError(f"{name}: decompresses to another size than the {member.file_size} bytes declared.")
+    return content
+
+
+def _request_sha256(name: str, data: bytes) -> str:
+    """What makes two uploads the same request: the name and the file's bytes."""
+    return hashlib.sha256(name.encode() + b"\0" + data).hexdigest()

@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, field_validator, model_validator
+
+from trainer.data import is_text
+
+MAX_TEXT_CHARS = 100_000  # one input or message content
+MAX_MESSAGES = 256
+MAX_STOPS, MAX_STOP_CHARS = 8, 256
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 5.0  # below 0.01 sampling is greedy in all but name: ask for 0
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
+
+def _unicode(value):
+    if isinstance(value, str) and not is_text(value):
+        raise ValueError("must be valid Unicode text: remove lone surrogate escapes like \\ud800")
+    return value
+
+
+# Text the tokenizer can take: valid Unicode (JSON escapes can smuggle in lone surrogates; checked
+# before pydantic's own str check, whose message says less) and bounded.
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS), BeforeValidator(_unicode)]
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class GenerateRequest(BaseModel):
     """Give `input` (one user turn) or `messages` (a chat); greedy unless `temperature` > 0."""
 
-    input: str | None = Field(None, description="the user's text (one turn)")
-    messages: list[Message] | None = Field(None, description="a chat; the soft prompt opens the last user turn")
+    input: Text | None = Field(None, description="the user's text (one turn)")
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES,
+                                           description="a chat; the soft prompt opens the last user turn")
     max_new_tokens: int = Field(32, ge=1)
-    temperature: float | None = Field(None, ge=0, le=5, description="0 or absent: greedy")
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE,
+                                      description=f"0 or absent: greedy; else {MIN_TEMPERATURE} to {MAX_TEMPERATURE}")
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | str | None = Field(None, description="stop strings (not included in the text)")
-    seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
+    stop: list[str] | str | None = Field(None, description=f"up to {MAX_STOPS} stop strings (not included in the text)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
     stream: bool = Field(False, description="answer with Server-Sent Events")
     ignore_eos: bool = Field(False, description="keep going past end-of-sequence up to max_new_tokens (benchmarks)")
 
@@ -37,9 +58,16 @@ class GenerateRequest(BaseModel):
         if value is None:
             return []
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > 8 or any(not s for s in stops):
-            raise ValueError("up to 8 non-empty stop strings")
-        return stops
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"give up to {MAX_STOPS} stop strings of 1 to {MAX_STOP_CHARS} characters")
+        return [_unicode(s) for s in stops]
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 for greedy decoding, or a temperature from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}")
+        return value
 
 
 class Usage(BaseModel):

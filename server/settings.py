@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 logger = logging.getLogger(__name__)
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
 
 RETIRED = {"SOFTPROMPT_PACKED_DECODE": "SOFTPROMPT_PACKED_WEIGHTS (oneDNN packing, on by default)"}
 
@@ -20,7 +31,16 @@ class Settings(BaseSettings):
 
     model: str = Field("default", description="model spec: 'default' (embedded SmolLM2), a HF folder or a .gguf file")
     store: Path = Field(Path("./prompt-store"), description="prompt store root")
-    api_key: str | None = Field(None, description="if set, admin routes need 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(None, description="if set, admin routes need 'Authorization: Bearer <key>'; an "
+                                "empty key is refused at start")
+    host: str = Field("127.0.0.1", description="address `softprompt serve` binds to")
+    port: int = Field(8000, ge=0, le=65535, description="port `softprompt serve` binds to")
+    allow_open_admin: bool = Field(False, description="serve admin routes without an API key on a non-loopback "
+                                   "address (off: without a key they answer only on 127.0.0.1/::1/localhost)")
+    shutdown_timeout_s: float = Field(5.0, gt=0, le=600, description="on SIGTERM, requests still running after "
+                                      "this long are cut off, so a shutdown always finishes")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body of any route except "
+                                   "the uploads below (413 before the body is read)")
     device: str | None = Field(None, description="'cpu' or 'cuda' (default: cuda when available)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads for serving (default: torch's); while "
                                 "training jobs run, the engine uses this minus their threads, at least one")
@@ -47,6 +67,19 @@ class Settings(BaseSettings):
                                     "become views of one concatenated matrix that replaces them; same results up to rounding)")
     batch_window_ms: float = Field(10.0, ge=0, le=100, description="when idle, wait this long for more arrivals "
                                    "(each resets it, at most 4x) so a burst is prefilled as one batch")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("SOFTPROMPT_API_KEY is set but empty: set a real key, or unset it (admin routes then "
+                             "answer only on a loopback address unless SOFTPROMPT_ALLOW_OPEN_ADMIN=true)")
+        return key
+
+    @property
+    def admin_open_without_key(self) -> bool:
+        """Whether admin routes may answer with no key: only on loopback, or when explicitly allowed."""
+        return self.allow_open_admin or is_loopback(self.host)
 
     @model_validator(mode="after")
     def _warn_about_retired_variables(self) -> Settings:

@@ -27,6 +27,9 @@ class AppState:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = PromptStore(settings.store)
+        collected = self.store.collect_garbage()
+        if collected:
+            logger.info("removed %d abandoned staging folders from %s", collected, self.store.root / ".tmp")
         self.started_at = time.time()
         self.model_loads = 0
         self.frozen: FrozenModel | None = None
@@ -38,6 +41,7 @@ class AppState:
         self.boot_error: str | None = None
         self.reserved_threads: Callable[[], int] | None = None  # threads training workers hold
         self._ready = threading.Event()
+        self._closing = threading.Event()
 
     @property
     def ready(self) -> bool:
@@ -57,6 +61,9 @@ class AppState:
                 torch.set_num_threads(settings.threads)
             if frozen is None:
                 frozen = load_frozen_model(settings.model, device=settings.device)
+            if self._closing.is_set():
+                logger.info("shutting down: not starting the engine")
+                return
             self.model_loads += 1
             self.frozen = frozen
             prefixes = PrefixCache(max_bytes=settings.prefix_cache_mb * 1024 * 1024)
@@ -87,10 +94,13 @@ class AppState:
                 raise
 
     def shutdown(self) -> None:
+        self._closing.set()
         if self.watcher is not None:
             self.watcher.stop()
         if self.engine is not None:
             self.engine.stop()
+        if self.generation is not None:
+            self.generation.close()
 
     def stats(self) -> dict:
         out = {"model_loads": self.model_loads, "ready": self.ready, "uptime_s": round(time.time() - self.started_at, 1)}

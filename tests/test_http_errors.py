@@ -64,10 +64,11 @@ def test_bad_bodies_are_422_json(app_client):
         neither = client.post("/generate", json={"max_new_tokens": 4})
         both = client.post("/generate", json={"input": "a", "messages": [{"role": "user", "content": "b"}]})
         no_user = client.post("/generate", json={"messages": [{"role": "system", "content": "b"}]})
+        empty_chat = client.post("/generate", json={"messages": []})
         bad_ref = client.post("/generate", params={"prompt": "Not A Name"}, json={"input": "a"})
         unknown_route = client.get("/nope")
     assert _error(neither) == (422, "invalid_request") and _error(both) == (422, "invalid_request")
-    assert _error(no_user) == (422, "invalid_request")
+    assert _error(no_user) == (422, "invalid_request") and _error(empty_chat) == (422, "invalid_request")
     assert _error(bad_ref) == (422, "invalid_name")
     assert _error(unknown_route) == (404, "not_found")
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
+from .data import is_text
+
 TASKS = ("auto", "classification", "generation")
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
 class TrainConfigError(ValueError):
@@ -44,25 +49,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.init_text, str) or not self.init_text.strip():
             raise TrainConfigError("init_text", "must be a non-empty text (its token embeddings start the prompt)")
+        if not is_text(self.init_text):
+            raise TrainConfigError("init_text", "is not valid Unicode text (it holds a lone surrogate escape like \\ud800)")
         _positive_int(self, "steps", "batch_size", "grad_accum", "eval_every", "max_new_tokens", "max_input_tokens", "eval_batch_size")
         _non_negative_int(self, "warmup_steps", "seed")
-        if not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 10:
-            raise TrainConfigError("lr", f"must be in (0, 10], got {self.lr!r}")
-        if not isinstance(self.min_cosine, (int, float)) or not -1 <= self.min_cosine < 1:
-            raise TrainConfigError("min_cosine", f"must be in [-1, 1), got {self.min_cosine!r}")
-        if not isinstance(self.eval_fraction, (int, float)) or not 0 < self.eval_fraction < 1:
-            raise TrainConfigError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
-        if self.weight_decay < 0:
-            raise TrainConfigError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise TrainConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise TrainConfigError("max_grad_norm", f"must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.seed > MAX_SEED:
+            raise TrainConfigError("seed", f"must be at most 2**64 - 1, got {self.seed!r}")
+        _number(self, "lr", "in (0, 10]", lambda x: 0 < x <= 10)
+        _number(self, "min_cosine", "in [-1, 1)", lambda x: -1 <= x < 1)
+        _number(self, "eval_fraction", "in (0, 1)", lambda x: 0 < x < 1)
+        _number(self, "weight_decay", ">= 0", lambda x: x >= 0)
+        _number(self, "min_lr_ratio", "in [0, 1]", lambda x: 0 <= x <= 1)
+        if self.max_grad_norm is not None:
+            _number(self, "max_grad_norm", "> 0, or null for no clipping", lambda x: x > 0)
         for name in ("patience", "threads", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise TrainConfigError(name, f"must be a positive integer or None, got {value!r}")
-        if self.task not in TASKS:
+        if self.use_chat_template is not None and not isinstance(self.use_chat_template, bool):
+            raise TrainConfigError("use_chat_template", f"must be true, false or null (auto), got {self.use_chat_template!r}")
+        if not isinstance(self.task, str) or self.task not in TASKS:
             raise TrainConfigError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
 
     def to_dict(self) -> dict:
@@ -83,6 +89,25 @@ def _positive_int(config: TrainConfig, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise TrainConfigError(name, f"must be a positive integer, got {value!r}")
+
+
+def _number(config: TrainConfig, name: str, rule: str, ok: Callable[[float], bool]) -> None:
+    """The field must be a finite real number (bools are not numbers) for which `ok` holds."""
+    value = getattr(config, name)
+    number = _finite(value)
+    if number is None or not ok(number):
+        raise TrainConfigError(name, f"must be a finite number {rule}, got {value!r}")
+
+
+def _finite(value) -> float | None:
+    """`value` as a float; None for non-numbers, bools, NaN, infinities and ints too big for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _non_negative_int(config: TrainConfig, *names: str) -> None:

@@ -42,6 +42,10 @@ def parse_examples(lines: Iterable[str], source: str = "<upload>") -> list[Examp
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+        except ValueError as error:  # e.g. an integer with more digits than Python converts
+            raise DataError(f"{where}: not valid JSON ({error})") from None
         if not isinstance(record, dict):
             raise DataError(f'{where}: expected a JSON object like {{"input": "...", "output": "..."}}, got {type(record).__name__}')
         for key in ("input", "output"):
@@ -49,6 +53,8 @@ def parse_examples(lines: Iterable[str], source: str = "<upload>") -> list[Examp
                 raise DataError(f"{where}: missing field {key!r}")
             if not isinstance(record[key], str):
                 raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+            if not is_text(record[key]):
+                raise DataError(f"{where}: field {key!r} is not valid Unicode text (it holds a lone surrogate escape like \\ud800)")
         if not record["output"].strip():
             raise DataError(f"{where}: field 'output' is empty")
         split = record.get("split")
@@ -60,6 +66,16 @@ def parse_examples(lines: Iterable[str], source: str = "<upload>") -> list[Examp
     if not examples:
         raise DataError(f"{source}: no examples (the file is empty)")
     return examples
+
+
+def is_text(value: str) -> bool:
+    """False for a str that is not valid Unicode: JSON escapes like "\\ud800" decode to lone
+    surrogates, which no UTF-8 (so no tokenizer) can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_examples(path: str | Path) -> list[Example]:

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from prompt_store import IdempotencyKeyReusedError
 from trainer.config import TrainConfig
 
 from .errors import JobNotFoundError, JobStateError
@@ -57,6 +58,7 @@ class JobManager:
         self._procs: dict[str, subprocess.Popen] = {}
         self._threads_held = 0  # sum of the running jobs' threads; changed under the lock, read without
         self._changed = threading.Condition()
+        self._submitting = threading.Lock()
         self._last_persist: dict[str, float] = {}
         self._stopping = False
         self._dispatcher: threading.Thread | None = None
@@ -94,7 +96,28 @@ class JobManager:
         *,
         num_train_examples: int,
         num_eval_examples: int = 0,
+        idempotency: tuple[str, str] | None = None,
     ) -> JobRecord:
+        """Queue a job. `idempotency` is (key, SHA-256 of the request): a job already submitted
+        with that key is returned instead of a new one; the key with another request is refused."""
+        with self._submitting:  # the key check and the new record are one step
+            earlier = self._submitted_with(*idempotency) if idempotency is not None else None
+            if earlier is not None:
+                logger.info("job %s was already submitted with this Idempotency-Key", earlier.id)
+                return earlier
+            return self._submit(name, config, train_data, eval_data, num_train_examples, num_eval_examples, idempotency)
+
+    def _submitted_with(self, key: str, request_sha256: str) -> JobRecord | None:
+        with self._changed:
+            earlier = next((r for r in self._records.values() if r.idempotency_key == key), None)
+            if earlier is None:
+                return None
+            if earlier.request_sha256 != request_sha256:
+                raise IdempotencyKeyReusedError(key, f"it started job {earlier.id}")
+            return earlier.model_copy(deep=True)
+
+    def _submit(self, name, config, train_data, eval_data, num_train_examples, num_eval_examples, idempotency) -> JobRecord:
+        key, digest = idempotency or (None, None)
         record = JobRecord(
             id=new_job_id(),
             name=name,
@@ -102,6 +125,8 @@ class JobManager:
             total=config.steps,
             num_train_examples=num_train_examples,
             num_eval_examples=num_eval_examples,
+            idempotency_key=key,
+            request_sha256=digest,
         )
         request = {
             "name": name,

@@ -45,3 +45,5 @@ class JobRecord(BaseModel):
     finished_at: str | None = None
     history: list[dict] = Field(default_factory=list, description="step, loss, val_metric per step")
     revision: int = Field(0, description="increases on every change (for event streams)")
+    idempotency_key: str | None = Field(None, description="the Idempotency-Key the job was submitted with")
+    request_sha256: str | None = Field(None, description="what the key answered: name, settings and data, hashed")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
 from prompt_store import validate_name
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, TrainConfigError
 from trainer.data import DataError, Example, parse_examples, split_examples
 
 from .errors import UploadTooLargeError
@@ -24,6 +25,13 @@ class Submission:
     num_train: int
     num_eval: int
 
+    def sha256(self) -> str:
+        """What makes two submissions the same request: name, settings and both files' bytes."""
+        digest = hashlib.sha256(json.dumps([self.name, self.config.to_dict()], sort_keys=True).encode())
+        for data in (self.train_data, self.eval_data or b""):
+            digest.update(b"\0" + hashlib.sha256(data).digest())
+        return digest.hexdigest()
+
 
 def check_size(data: bytes, limit: int) -> bytes:
     if len(data) > limit:
@@ -31,9 +39,15 @@ def check_size(data: bytes, limit: int) -> bytes:
     return data
 
 
-def examples_to_jsonl(examples: list[dict]) -> bytes:
-    """A JSON body's examples, stored as the same JSONL a file upload would be."""
-    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode()
+def examples_to_jsonl(examples: list, source: str = "examples") -> bytes:
+    """A JSON body's examples, stored as the same JSONL a file upload would be. ASCII escapes
+    keep any text that is not valid Unicode storable, for parse_examples to name its line."""
+    for index, example in enumerate(examples):
+        if not isinstance(example, dict):
+            raise DataError(
+                f'{source}[{index}]: expected an object like {{"input": "...", "output": "..."}}, got {type(example).__name__}'
+            )
+    return "".join(json.dumps(e) + "\n" for e in examples).encode()
 
 
 def build_submission(
@@ -54,7 +68,10 @@ def build_submission(
     check_size(train_data, size_limit)
     if eval_data is not None:
         check_size(eval_data, size_limit)
-    settings = dict(fields.get("config") or {})
+    config_fields = fields.get("config")
+    if config_fields is not None and not isinstance(config_fields, dict):
+        raise TrainConfigError("config", f"must be a JSON object of training settings, got {type(config_fields).__name__}")
+    settings = dict(config_fields or {})
     for field, target in FIELD_TO_CONFIG.items():
         if fields.get(field) not in (None, ""):
             settings[target] = fields[field]

@@ -16,11 +16,12 @@ from starlette.datastructures import UploadFile
 
 from trainer.curves import plot_curves
 
-from ..deps import AdminAuth, Jobs, SettingsDep
+from ..deps import AdminAuth, IdempotencyKey, Jobs, SettingsDep
 from ..errors import InvalidTrainRequestError
 from ..jobs.errors import UploadTooLargeError
 from ..jobs.records import JobRecord
 from ..jobs.submission import build_submission, examples_to_jsonl
+from ..openapi_responses import PNG, error_responses, event_stream
 
 router = APIRouter(prefix="/train", tags=["training"])
 
@@ -40,8 +41,8 @@ def public(record: JobRecord, *, history: bool = False) -> dict:
     return data
 
 
-@router.post("", status_code=202, dependencies=[AdminAuth])
-async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep) -> dict:
+@router.post("", status_code=202, dependencies=[AdminAuth], responses=error_responses(400, 401, 403, 409, 413, 422))
+async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> dict:
     """Start a training job from a multipart upload (`file` = JSONL, form fields `name`, `init`,
     optional `steps`, `lr`, `min_cosine`, `eval_fraction`, optional `eval_file`) or a JSON body
     (`{"name", "init", "examples": [{"input", "output"}], ...}`). Everything is validated before
@@ -64,11 +65,9 @@ async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep) -> dic
             fields["config"] = _json_field(form.get("config"), "config")
         name, source = form.get("name"), upload.filename or "file"
     elif content_type.startswith("application/json"):
-        body = await request.json()
-        if not isinstance(body, dict) or not isinstance(body.get("examples"), list):
-            raise InvalidTrainRequestError("A JSON body needs 'name', 'init' and 'examples': [{\"input\", \"output\"}, ...].")
-        train_data = examples_to_jsonl(body["examples"])
-        eval_data = examples_to_jsonl(body["eval_examples"]) if isinstance(body.get("eval_examples"), list) else None
+        body = _json_body(await request.body())
+        train_data = examples_to_jsonl(body["examples"], "examples")
+        eval_data = examples_to_jsonl(body["eval_examples"], "eval_examples") if body.get("eval_examples") is not None else None
         fields = {key: body.get(key) for key in (*FORM_FIELDS, "config")}
         name, source = body.get("name"), "examples"
     else:
@@ -88,6 +87,7 @@ async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep) -> dic
         submission.eval_data,
         num_train_examples=submission.num_train,
         num_eval_examples=submission.num_eval,
+        idempotency=(idempotency_key, submission.sha256()) if idempotency_key else None,
     )
     return public(record)
 
@@ -97,31 +97,32 @@ async def list_jobs(jobs: Jobs) -> dict:
     return {"jobs": [public(r) for r in jobs.list()]}
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=error_responses(404, 422))
 async def get_job(job_id: str, jobs: Jobs) -> dict:
     return public(jobs.get(job_id))
 
 
-@router.post("/{job_id}/cancel", dependencies=[AdminAuth])
+@router.post("/{job_id}/cancel", dependencies=[AdminAuth], responses=error_responses(401, 403, 404, 409, 422))
 async def cancel_job(job_id: str, jobs: Jobs) -> dict:
     return public(jobs.cancel(job_id))
 
 
-@router.get("/{job_id}/curve")
+@router.get("/{job_id}/curve", responses=error_responses(404, 422))
 async def job_curve(job_id: str, jobs: Jobs) -> dict:
     """The training curve as JSON: step, loss and validation metric per step."""
     record = jobs.get(job_id)
     return {"id": record.id, "history": record.history}
 
 
-@router.get("/{job_id}/curve.png")
+@router.get("/{job_id}/curve.png", response_class=Response, responses={**PNG, **error_responses(404, 422)})
 async def job_curve_png(job_id: str, jobs: Jobs) -> Response:
     record = jobs.get(job_id)
     png = await run_in_threadpool(_curve_png, record.history)
     return Response(png, media_type="image/png")
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={**event_stream("`progress` events, then `end`", "progress", "end"), **error_responses(404, 422)})
 async def job_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceResponse:
     """Server-Sent Events: one `progress` event per change, then a final `end` event."""
     record = jobs.get(job_id)
@@ -153,6 +154,23 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     if len(data) > limit:
         raise UploadTooLargeError(limit)
     return data
+
+
+def _json_body(data: bytes) -> dict:
+    """The request's JSON object with its `examples` list (and `eval_examples`, if given, a list)."""
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise InvalidTrainRequestError(f"The JSON body is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    except RecursionError:
+        raise InvalidTrainRequestError("The JSON body is not valid JSON (nested too deeply).") from None
+    except ValueError as error:  # JSONDecodeError, or an integer with more digits than Python converts
+        raise InvalidTrainRequestError(f"The JSON body is not valid JSON ({error}).") from None
+    if not isinstance(body, dict) or not isinstance(body.get("examples"), list):
+        raise InvalidTrainRequestError("A JSON body needs 'name', 'init' and 'examples': [{\"input\", \"output\"}, ...].")
+    if body.get("eval_examples") is not None and not isinstance(body["eval_examples"], list):
+        raise InvalidTrainRequestError("'eval_examples' must be a list like 'examples': [{\"input\", \"output\"}, ...].")
+    return body
 
 
 def _json_field(value, name: str) -> dict:
