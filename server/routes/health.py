@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from ..deps import State
+from ..openapi_responses import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -16,7 +17,7 @@ def health(state: State) -> dict:
     return {"status": "ok", "ready": state.ready, "model_loads": state.model_loads}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=error_responses(503))
 def ready(state: State):
     """Readiness: 200 once the model is loaded and the engine runs, else 503."""
     if state.ready:
