@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import InvalidAdapterError, InvalidShapeError, NonFiniteValuesError
+from .untrusted import is_text, parse_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -84,33 +85,18 @@ def read_adapter(folder: Path) -> tuple[torch.Tensor, dict]:
 def read_config(path: Path) -> dict:
     """Read adapter_config.json: a UTF-8 JSON object whose text fields we use are valid text."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidAdapterError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+        config = parse_json(path.read_bytes())
     except OSError as exc:
         raise InvalidAdapterError(f"{path}: not readable ({exc.strerror}).") from exc
-    try:
-        config = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, or an integer with more digits than Python converts
-        raise InvalidAdapterError(f"{path}: not readable JSON ({exc}).") from exc
-    except RecursionError:
-        raise InvalidAdapterError(f"{path}: not readable JSON (nested too deeply).") from None
+    except ValueError as exc:
+        raise InvalidAdapterError(f"{path}: {exc}.") from None
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{path}: must be a JSON object of PEFT settings, got a JSON {type(config).__name__}.")
     for key in TEXT_FIELDS:
         value = config.get(key)
-        if value is not None and not (isinstance(value, str) and _is_text(value)):
+        if value is not None and not (isinstance(value, str) and is_text(value)):
             raise InvalidAdapterError(f"{path}: {key} must be a text string or null.")
     return config
-
-
-def _is_text(value: str) -> bool:
-    """False for strings that are not valid Unicode (lone surrogates from JSON escapes)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def read_weights(path: Path) -> torch.Tensor:

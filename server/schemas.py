@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, field_validator, model_validator
 
-from trainer.data import is_text
+from prompt_store.untrusted import is_text
 
 MAX_TEXT_CHARS = 100_000  # one input or message content
 MAX_MESSAGES = 256

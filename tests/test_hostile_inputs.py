@@ -122,6 +122,13 @@ def test_bad_config_in_a_form_is_refused(train_client):
     assert assert_refused(answer, "min_lr_ratio")["field"] == "min_lr_ratio"
 
 
+def test_a_form_config_that_is_not_json_is_refused(train_client):
+    for config, needle in (("[" * 3000, "nested too deeply"), ("{oops", "not valid JSON"), ("[1]", "JSON object")):
+        answer = train_client.post("/train", files={"file": ("t.jsonl", jsonl(SENTIMENT))},
+                                   data={"name": "s", "init": INIT, "config": config})
+        assert assert_refused(answer, needle)["code"] == "invalid_train_request"
+
+
 def test_lone_surrogate_in_init_is_refused(train_client):
     body = f'{{"name": "s", "init": {LONE_SURROGATE}, "examples": {json.dumps(SENTIMENT)}}}'
     assert assert_refused(post_json(train_client, "/train", body), "init_text")["field"] == "init_text"

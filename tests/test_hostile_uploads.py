@@ -74,7 +74,7 @@ def test_a_hand_built_zip_is_accepted(app_client):
         (b'"PROMPT_TUNING"', "must be a JSON object"),
         (b"null", "must be a JSON object"),
         ('{"peft_type": "PROMPT_TUNING", "note": "caf\u00e9"}'.encode("latin-1"), "UTF-8"),
-        (b"[" * 100_000, "not readable JSON"),
+        (b"[" * 100_000, "not valid JSON (nested too deeply)"),
         (b'{"peft_type": "PROMPT_TUNING", "prompt_tuning_init_text": ["a"]}', "prompt_tuning_init_text"),
         (b'{"peft_type": "PROMPT_TUNING", "prompt_tuning_init_text": "\\ud800"}', "prompt_tuning_init_text"),
         (b'{"peft_type": "PROMPT_TUNING", "base_model_name_or_path": 7}', "base_model_name_or_path"),

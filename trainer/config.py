@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
-from .data import is_text
+from prompt_store.untrusted import is_text
 
 TASKS = ("auto", "classification", "generation")
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes

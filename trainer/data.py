@@ -7,11 +7,12 @@ Other fields (e.g. `movie`) are ignored.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from prompt_store.untrusted import is_text, parse_json
 
 SPLITS = ("train", "validation")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "dev": "validation"}
@@ -39,13 +40,9 @@ def parse_examples(lines: Iterable[str], source: str = "<upload>") -> list[Examp
             continue
         where = f"{source}, line {number}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        except RecursionError:
-            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
-        except ValueError as error:  # e.g. an integer with more digits than Python converts
-            raise DataError(f"{where}: not valid JSON ({error})") from None
+            record = parse_json(line)
+        except ValueError as error:
+            raise DataError(f"{where}: {error}") from None
         if not isinstance(record, dict):
             raise DataError(f'{where}: expected a JSON object like {{"input": "...", "output": "..."}}, got {type(record).__name__}')
         for key in ("input", "output"):
@@ -66,16 +63,6 @@ def parse_examples(lines: Iterable[str], source: str = "<upload>") -> list[Examp
     if not examples:
         raise DataError(f"{source}: no examples (the file is empty)")
     return examples
-
-
-def is_text(value: str) -> bool:
-    """False for a str that is not valid Unicode: JSON escapes like "\\ud800" decode to lone
-    surrogates, which no UTF-8 (so no tokenizer) can take."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def load_examples(path: str | Path) -> list[Example]:

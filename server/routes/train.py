@@ -14,6 +14,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from prompt_store.untrusted import parse_json
 from trainer.curves import plot_curves
 
 from ..deps import AdminAuth, IdempotencyKey, Jobs, SettingsDep
@@ -159,13 +160,9 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 def _json_body(data: bytes) -> dict:
     """The request's JSON object with its `examples` list (and `eval_examples`, if given, a list)."""
     try:
-        body = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise InvalidTrainRequestError(f"The JSON body is not UTF-8 text ({error.reason} at byte {error.start}).") from None
-    except RecursionError:
-        raise InvalidTrainRequestError("The JSON body is not valid JSON (nested too deeply).") from None
-    except ValueError as error:  # JSONDecodeError, or an integer with more digits than Python converts
-        raise InvalidTrainRequestError(f"The JSON body is not valid JSON ({error}).") from None
+        body = parse_json(data)
+    except ValueError as error:
+        raise InvalidTrainRequestError(f"The JSON body is {error}.") from None
     if not isinstance(body, dict) or not isinstance(body.get("examples"), list):
         raise InvalidTrainRequestError("A JSON body needs 'name', 'init' and 'examples': [{\"input\", \"output\"}, ...].")
     if body.get("eval_examples") is not None and not isinstance(body["eval_examples"], list):
@@ -175,9 +172,9 @@ def _json_body(data: bytes) -> dict:
 
 def _json_field(value, name: str) -> dict:
     try:
-        parsed = json.loads(value)
-    except (TypeError, ValueError):
-        raise InvalidTrainRequestError(f"Form field {name!r} must be a JSON object.") from None
+        parsed = parse_json(value) if isinstance(value, str) else None
+    except ValueError as error:
+        raise InvalidTrainRequestError(f"Form field {name!r} must be a JSON object; it is {error}.") from None
     if not isinstance(parsed, dict):
         raise InvalidTrainRequestError(f"Form field {name!r} must be a JSON object.")
     return parsed
