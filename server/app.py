@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from trainer.modeling import FrozenModel
 
+from .admission import QueueGate
 from .body_limit import BodySizeLimit
 from .errors import register_error_handlers
 from .jobs import JobManager
@@ -26,6 +27,7 @@ from .state import AppState
 
 logger = logging.getLogger(__name__)
 
+GENERATION_PATHS = ("/generate",)  # the routes that queue work for the engine
 FORM_OVERHEAD = 65536  # multipart boundaries and the small form fields beside the files
 
 
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
                   description="Serve EmbedGrad soft prompts for one frozen causal LM.")
     register_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit_for=body_limits(settings))
+    app.add_middleware(QueueGate, paths=GENERATION_PATHS)  # outermost: a refusal costs nothing else
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(prompts.router)

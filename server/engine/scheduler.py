@@ -126,6 +126,11 @@ class Engine:
                 raise QueueFullError(self._waiting_count, self.max_queue, self.retry_after)
             self._waiting_count += 1
 
+    @property
+    def queue_full(self) -> bool:
+        """Whether a request now would be refused (a lock-free read: callers only use it to refuse early)."""
+        return self._waiting_count >= self.max_queue
+
     def release(self) -> None:
         """Give back a place taken by `reserve()` for a request that will not be submitted."""
         with self._lock:
