@@ -233,9 +233,11 @@ def test_out_of_range_generate_fields_are_refused(app_client, fields, needle):
 @pytest.mark.parametrize(
     "fields",
     [{"temperature": 0}, {"temperature": 0.01, "seed": 2**64 - 1}, {"temperature": 5, "top_p": 1e-9, "seed": 0},
-     {"stop": ["x" * 256]}],
+     {"stop": ["x" * 256]}, {"temperature": 1, "top_p": 1e-46}, {"temperature": 1, "top_p": 1e-46, "stream": True}],
 )
 def test_generate_edge_values_are_served(app_client, fields):
     with app_client() as client:
         answer = post_json(client, "/generate", json.dumps({"input": "hi", "max_new_tokens": 2, **fields}))
     assert answer.status_code == 200, answer.text
+    if fields.get("stream"):  # the stream ends with its final event, not an error
+        assert "event: done" in answer.text and "event: error" not in answer.text
