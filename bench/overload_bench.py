@@ -24,7 +24,6 @@ import multiprocessing
 import random
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-from bench.serve_bench import QUERIES, free_port, host_line  # noqa: E402
+from bench.serve_bench import QUERIES, free_port, host_line, start_server, wait_ready  # noqa: E402
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -134,20 +133,10 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "SOFTPROMPT_STORE": str(workdir / "store"), "SOFTPROMPT_MODEL": args.model,
            "SOFTPROMPT_DEVICE": "cpu", "SOFTPROMPT_MAX_QUEUE": str(args.max_queue)}
-    server = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"],
-                              env=env, cwd=Path(__file__).resolve().parents[1])
+    server = start_server(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
+        wait_ready(server, base)
         for _ in range(3):  # warm-up: first requests allocate what every later one reuses
             httpx.post(f"{base}/generate", json={"input": QUERIES[0], "max_new_tokens": args.max_new_tokens}, timeout=60)
         rss_before = rss_mb(server.pid)

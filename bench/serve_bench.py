@@ -78,6 +78,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(env: dict, port: int) -> subprocess.Popen:
+    """`softprompt serve` on 127.0.0.1:`port` in a process of its own, with `env` (SOFTPROMPT_*)."""
+    return subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"],
+                            env=env, cwd=Path(__file__).resolve().parents[1])
+
+
+def wait_ready(server: subprocess.Popen, base: str, timeout: float = 300) -> None:
+    """Poll /ready until it answers 200; exit if the server dies or takes longer than `timeout`."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            raise SystemExit("server did not become ready")
+        time.sleep(0.2)
+
+
 def text_ids(frozen, text: str, length: int | None = None) -> list[int]:
     ids = frozen.tokenizer(text, add_special_tokens=False).input_ids
     if length is not None:
@@ -245,20 +265,10 @@ def main() -> int:
     env.pop("SOFTPROMPT_API_KEY", None)
     if args.threads:
         env["SOFTPROMPT_THREADS"] = str(args.threads)
-    server = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"],
-                              env=env, cwd=Path(__file__).resolve().parents[1])
+    server = start_server(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
+        wait_ready(server, base)
         print(host_line())
         print(f"model: {frozen.base_model}; torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY "
               f"{os.environ['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')} (both sides); {args.clients} requests x "
