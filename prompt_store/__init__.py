@@ -24,7 +24,8 @@ from .errors import (
 )
 from .fingerprint import ModelFingerprint
 from .names import VersionId, parse_ref, validate_name
-from .store import LoadedPrompt, PromptStore, PromptVersion
+from .store import PromptStore
+from .version import LoadedPrompt, PromptVersion
 
 __all__ = [
     "AliasInUseError",

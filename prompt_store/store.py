@@ -25,7 +25,6 @@ import shutil
 import stat
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,46 +43,13 @@ from .errors import (
 )
 from .fingerprint import ModelFingerprint
 from .names import VersionId, parse_ref, validate_name
+from .version import LoadedPrompt, PromptVersion
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 STAGING_MAX_AGE_SECONDS = 600.0  # a publish or delete holds its .tmp folder for well under a second
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PromptVersion:
-    """Metadata of one published version (the contents of its meta.json)."""
-
-    id: VersionId
-    path: Path
-    meta: dict
-
-    @property
-    def checksum(self) -> str:
-        return self.meta["tensor_sha256"]
-
-    @property
-    def fingerprint(self) -> ModelFingerprint:
-        return ModelFingerprint.from_dict(self.meta["fingerprint"])
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return int(self.meta["num_virtual_tokens"])
-
-
-@dataclass(frozen=True)
-class LoadedPrompt:
-    """A validated prompt tensor ready to prepend: `embeddings` is fp32 `[P, D]` on CPU."""
-
-    version: PromptVersion
-    embeddings: torch.Tensor = field(repr=False)
-
-    @property
-    def cache_key(self) -> tuple[str, int, str]:
-        """Identity for caches: name, version and checksum (never the name alone)."""
-        return (self.version.id.name, self.version.id.version, self.version.checksum)
 
 
 class PromptStore:
