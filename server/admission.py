@@ -3,19 +3,17 @@
 Under overload most requests are refusals. Routed through FastAPI, each refusal still costs
 a route match, dependency resolution and body validation: with clients that retry at once,
 that work took most of the CPU the engine needed (bench/overload_bench.py --retry-ms 0). This
-ASGI middleware answers them first, with the same 503 `queue_full` body and `Retry-After`
-as the route would. It only reads the queue's length; the route's reservation still decides
+ASGI middleware answers them first, with the same `queue_full` answer and `Retry-After` as
+the route would. It only reads the queue's length; the route's reservation still decides
 every request it lets through.
 """
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .engine import QueueFullError
-from .errors import error_body
+from .errors import send_error
 
 
 class QueueGate:
@@ -27,11 +25,6 @@ class QueueGate:
             state = getattr(scope["app"].state, "softprompt", None)
             engine = state.engine if state is not None else None
             if engine is not None and engine.queue_full:
-                refusal = QueueFullError(engine.max_queue, engine.max_queue, engine.retry_after)
-                body = json.dumps(error_body(refusal)).encode()
-                await send({"type": "http.response.start", "status": 503, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(refusal.retry_after).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await send_error(send, scope["path"], QueueFullError(engine.max_queue, engine.max_queue, engine.retry_after))
                 return
         await self.app(scope, receive, send)

@@ -14,6 +14,8 @@ import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
 
 from trainer.modeling import FrozenModel
 
@@ -21,22 +23,27 @@ from .admission import QueueGate
 from .body_limit import BodySizeLimit
 from .errors import register_error_handlers
 from .jobs import JobManager
-from .routes import generate, health, prompts, train
+from .metrics import RequestMetrics, StateCollector
+from .openapi_responses import openai_routes_answer_400
+from .routes import generate, health, openai, prompts, train
 from .settings import Settings
 from .state import AppState
 
 logger = logging.getLogger(__name__)
 
-GENERATION_PATHS = ("/generate",)  # the routes that queue work for the engine
+GENERATION_PATHS = ("/generate", "/v1/chat/completions", "/v1/completions")  # the routes that queue engine work
 FORM_OVERHEAD = 65536  # multipart boundaries and the small form fields beside the files
 
 
 def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None = None) -> FastAPI:
     settings = settings or Settings()
 
+    registry = CollectorRegistry()  # the app's own: several apps in one process never collide
+    request_metrics = RequestMetrics(registry)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = AppState(settings)
+        state = AppState(settings, metrics=request_metrics)
         app.state.softprompt = state
         # Training jobs need no model in this process: workers load their own.
         app.state.jobs = JobManager(settings.store, model_spec=settings.model, device=settings.device,
@@ -56,13 +63,20 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
 
     app = FastAPI(title="softprompt-server", version="0.1.0", lifespan=lifespan,
                   description="Serve EmbedGrad soft prompts for one frozen causal LM.")
+    app.state.metrics_registry = registry
+    registry.register(StateCollector(lambda: _running_parts(app)))
     register_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit_for=body_limits(settings))
-    app.add_middleware(QueueGate, paths=GENERATION_PATHS)  # outermost: a refusal costs nothing else
+    app.add_middleware(QueueGate, paths=GENERATION_PATHS)  # before routing: a refusal costs nothing else
+    # outermost: per-route request counts, sizes and latencies (softprompt_http_*), the gate's and
+    # the body limit's refusals included; /metrics itself is not counted
+    Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app, metric_namespace="softprompt")
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(prompts.router)
     app.include_router(train.router)
+    app.include_router(openai.router)
+    openai_routes_answer_400(app)
     return app
 
 
@@ -74,6 +88,11 @@ def body_limits(settings: Settings):
     }
     default = (settings.max_request_bytes, "SOFTPROMPT_MAX_REQUEST_BYTES")
     return lambda method, path: uploads.get((method, path.rstrip("/") or "/"), default)
+
+
+def _running_parts(app: FastAPI):
+    state, jobs = getattr(app.state, "softprompt", None), getattr(app.state, "jobs", None)
+    return None if state is None or jobs is None else (state, jobs)
 
 
 def _log_admin_access(settings: Settings) -> None:

@@ -8,25 +8,11 @@ the route never sees more than `limit` bytes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-class BodyTooLarge:
-    """The 413 answer, in the JSON shape of every other error."""
-
-    def __init__(self, limit: int, method: str, path: str, setting: str):
-        message = (f"The request body is over {limit} bytes, the limit for {method} {path} ({setting}); "
-                   "send less, or raise the limit.")
-        self.body = json.dumps({"error": {"code": "payload_too_large", "message": message, "limit": limit}}).encode()
-
-    async def send(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": self.body})
+from .errors import BodyTooLargeError, send_error
 
 
 class BodySizeLimit:
@@ -41,10 +27,10 @@ class BodySizeLimit:
             return
         method, path = scope["method"], scope["path"]
         limit, setting = self.limit_for(method, path)
-        too_large = BodyTooLarge(limit, method, path, setting)
+        too_large = BodyTooLargeError(limit, method, path, setting)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await too_large.send(send)
+            await send_error(send, path, too_large, close=True)
             return
         received = 0
         refused = False
@@ -60,7 +46,7 @@ class BodySizeLimit:
                 if received > limit:
                     refused = True
                     if not started:
-                        await too_large.send(send)
+                        await send_error(send, path, too_large, close=True)
                     return {"type": "http.disconnect"}  # the route stops reading; its answer is dropped
             return message
 

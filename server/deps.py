@@ -15,6 +15,7 @@ from .engine import EngineNotReadyError
 from .errors import AdminDisabledError, UnauthorizedError
 from .generation import GenerationService
 from .jobs import JobManager
+from .openai.serving import OpenAIServing
 from .prompt_admin import PromptAdmin
 from .settings import Settings
 from .state import AppState
@@ -64,6 +65,25 @@ async def require_admin(request: Request, state: State) -> None:
         raise UnauthorizedError("This route needs 'Authorization: Bearer <SOFTPROMPT_API_KEY>'.")
 
 
+async def require_client(request: Request, state: State) -> None:
+    """/generate and /v1 need a client key (or the admin key) when SOFTPROMPT_CLIENT_KEYS is set.
+    Every key is compared, in constant time, whatever the first comparisons found."""
+    settings = state.settings
+    keys = settings.client_key_list
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    allowed = keys + ([settings.api_key] if settings.api_key else [])
+    matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in allowed]
+    if scheme.lower() != "bearer" or not any(matches):
+        raise UnauthorizedError("This route needs 'Authorization: Bearer <key>' with a client key "
+                                "(SOFTPROMPT_CLIENT_KEYS) or the admin key.")
+
+
+async def get_openai(state: State) -> OpenAIServing:
+    return _ready_state(state).openai
+
+
 async def get_jobs(request: Request) -> JobManager:
     return request.app.state.jobs
 
@@ -72,6 +92,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 Generation = Annotated[GenerationService, Depends(get_generation)]
 Admin = Annotated[PromptAdmin, Depends(get_admin)]
 AdminAuth = Depends(require_admin)
+ClientAuth = Depends(require_client)
+OpenAI = Annotated[OpenAIServing, Depends(get_openai)]
 Jobs = Annotated[JobManager, Depends(get_jobs)]
 IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",

@@ -5,12 +5,14 @@ Every error answer is JSON: `{"error": {"code": "...", "message": "...", ...deta
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 from starlette.routing import Match
 
 from prompt_store import (
@@ -29,9 +31,12 @@ from trainer.data import DataError
 
 from .engine import EngineError, EngineNotReadyError, InputTooLongError, InvalidGenerationRequestError, QueueFullError
 
+from .openai.errors import UnsupportedParameterError, openai_error_body, openai_status
 from .jobs.errors import JobError, JobNotFoundError, JobStateError, UploadTooLargeError
 
 logger = logging.getLogger(__name__)
+
+OPENAI_PREFIX = "/v1/"
 
 
 class UnauthorizedError(Exception):
@@ -42,6 +47,17 @@ class AdminDisabledError(Exception):
     """Admin routes are off: no API key is set and the server listens beyond loopback."""
 
     code = "admin_disabled"
+
+
+class BodyTooLargeError(Exception):
+    """A request body over its route's limit (refused by server/body_limit.py before it is read)."""
+
+    code = "payload_too_large"
+
+    def __init__(self, limit: int, method: str, path: str, setting: str):
+        self.limit = limit
+        super().__init__(f"The request body is over {limit} bytes, the limit for {method} {path} ({setting}); "
+                         "send less, or raise the limit.")
 
 
 class InvalidTrainRequestError(Exception):
@@ -63,6 +79,8 @@ STATUS: list[tuple[type[Exception], int]] = [
     (UnauthorizedError, 401),
     (AdminDisabledError, 403),
     (PayloadTooLargeError, 413),
+    (BodyTooLargeError, 413),
+    (UnsupportedParameterError, 400),
     (UploadTooLargeError, 413),
     (JobNotFoundError, 404),
     (JobStateError, 409),
@@ -99,7 +117,7 @@ def error_body(exc: Exception) -> dict:
         body.update(limit=exc.limit, prompt_tokens=exc.prompt_tokens, max_new_tokens=exc.max_new_tokens)
     elif isinstance(exc, QueueFullError):
         body.update(waiting=exc.waiting, limit=exc.limit, retry_after=exc.retry_after)
-    elif isinstance(exc, (PayloadTooLargeError, UploadTooLargeError)):
+    elif isinstance(exc, (PayloadTooLargeError, UploadTooLargeError, BodyTooLargeError)):
         body.update(limit=exc.limit)
     elif isinstance(exc, TrainConfigError):
         body.update(field=exc.field)
@@ -110,21 +128,51 @@ def status_of(exc: Exception) -> int:
     return next((status for cls, status in STATUS if isinstance(exc, cls)), 500)
 
 
-async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    status = status_of(exc)
-    headers = {}
+def is_openai(path: str) -> bool:
+    """Routes under /v1 answer errors in OpenAI's shape (server/openai/errors.py)."""
+    return path.startswith(OPENAI_PREFIX)
+
+
+def error_answer(path: str, exc: Exception) -> tuple[int, dict, dict[str, str]]:
+    """(status, JSON body, headers) for a domain error on `path`: the one mapping every handler
+    and middleware uses."""
+    status, body, headers = status_of(exc), error_body(exc), {}
     if isinstance(exc, QueueFullError):
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if is_openai(path):
+        status = openai_status(exc, status)
+        body = openai_error_body(exc, status, body["error"]["code"], body["error"]["message"])
+    return status, body, headers
+
+
+async def send_error(send: Send, path: str, exc: Exception, *, close: bool = False) -> None:
+    """Answer with `exc` straight from ASGI middleware (before any route runs)."""
+    status, body, headers = error_answer(path, exc)
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    if close:
+        raw.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    status, body, headers = error_answer(request.url.path, exc)
     if status >= 500 and not isinstance(exc, (QueueFullError, EngineNotReadyError)):
         logger.exception("error serving %s", request.url.path, exc_info=exc)
-    return JSONResponse(error_body(exc), status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
     message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+    if is_openai(request.url.path):
+        first = [str(part) for part in details[0]["loc"][1:]] if details else []  # without "body"/"query"
+        return JSONResponse(openai_error_body(exc, 400, "invalid_request", message, param=".".join(first) or None),
+                            status_code=400)
     return JSONResponse({"error": {"code": "invalid_request", "message": message, "details": details}}, status_code=422)
 
 
@@ -135,8 +183,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=headers)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                        headers=headers)
+    body = {"error": {"code": code, "message": str(exc.detail)}}
+    if is_openai(request.url.path):
+        body = openai_error_body(exc, exc.status_code, code, str(exc.detail))
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 def _allowed_methods(request: Request) -> str:
@@ -155,7 +205,10 @@ def _allowed_methods(request: Request) -> str:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error serving %s", request.url.path, exc_info=exc)
-    return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, status_code=500)
+    body = {"error": {"code": "internal_error", "message": "internal server error"}}
+    if is_openai(request.url.path):
+        body = openai_error_body(exc, 500, "internal_error", "internal server error")
+    return JSONResponse(body, status_code=500)
 
 
 def register_error_handlers(app: FastAPI) -> None:
@@ -163,6 +216,8 @@ def register_error_handlers(app: FastAPI) -> None:
         UnauthorizedError,
         AdminDisabledError,
         PayloadTooLargeError,
+        BodyTooLargeError,
+        UnsupportedParameterError,
         PromptStoreError,
         EngineError,
         JobError,

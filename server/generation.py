@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 from trainer.layout import ChatLayout, PromptLayout
 from trainer.modeling import FrozenModel
@@ -27,20 +26,36 @@ from .engine import (
     SamplingParams,
     TokenEvent,
 )
+from .metrics import RequestMetrics
 
 
 class RequestHandle:
-    """The asyncio end of one engine request: events arrive through call_soon_threadsafe."""
+    """The asyncio end of one engine request. The engine thread calls `sink` with every event;
+    it records the finished request's metrics there (exactly once, whether or not anyone still
+    listens) and hands events to the event loop: all of them when streaming, else only the
+    final one (a token event per row per step would wake the loop 16 times a step at batch 16,
+    and on a 2-core machine that Python work competes with the decode step's threads)."""
 
-    def __init__(self, job: Job, prompt_label: str | None, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self.job, self.prompt_label = job, prompt_label
-        self._loop, self._queue = loop, queue
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, stream: bool, metrics: RequestMetrics | None):
+        self.job: Job | None = None  # set once built, before the engine sees it
+        self.done: DoneEvent | None = None  # the final event, once a reader has seen it
+        self.prompt_label: str | None = None  # the resolved version, e.g. "math-v3"
+        self._loop, self._stream, self._metrics = loop, stream, metrics
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(self, event: Event) -> None:
+        if self._metrics is not None and not isinstance(event, TokenEvent):
+            self._metrics.observe(self.job, event)
+        if self._stream or not isinstance(event, TokenEvent):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
             event = await self._queue.get()
             if isinstance(event, FailedEvent):
                 raise event.error
+            if isinstance(event, DoneEvent):
+                self.done = event
             yield event
             if isinstance(event, DoneEvent):
                 return
@@ -57,7 +72,8 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Client went away: the engine drops the row at its next step."""
-        self.job.cancelled = True
+        if self.job is not None:
+            self.job.cancelled = True
 
 
 @dataclass
@@ -65,11 +81,13 @@ class GenerationInput:
     input: str | None
     messages: list[dict] | None
     params: SamplingParams
+    fit_max_new_tokens: bool = False  # cap max_new_tokens at what the context leaves (OpenAI chat's default)
 
 
 class GenerationService:
-    def __init__(self, frozen: FrozenModel, engine: Engine, prompts: PromptCache, *, max_new_tokens_limit: int = 512):
-        self.frozen, self.engine, self.prompts = frozen, engine, prompts
+    def __init__(self, frozen: FrozenModel, engine: Engine, prompts: PromptCache, *, max_new_tokens_limit: int = 512,
+                 metrics: RequestMetrics | None = None):
+        self.frozen, self.engine, self.prompts, self.metrics = frozen, engine, prompts, metrics
         self.max_new_tokens_limit = max_new_tokens_limit
         self.layout = ChatLayout(frozen.tokenizer)
         # Building a request (chat template, tokenizer, prompt load) is Python that holds the GIL:
@@ -93,7 +111,7 @@ class GenerationService:
         except ValueError as exc:
             raise InvalidGenerationRequestError(str(exc)) from exc
 
-    def _build(self, prompt_ref: str | None, request: GenerationInput, sink) -> tuple[Job, str | None]:
+    def _build(self, prompt_ref: str | None, request: GenerationInput, handle: RequestHandle) -> None:
         if request.params.max_new_tokens > self.max_new_tokens_limit:
             raise InvalidGenerationRequestError(
                 f"max_new_tokens {request.params.max_new_tokens} is above this server's limit {self.max_new_tokens_limit}."
@@ -106,31 +124,36 @@ class GenerationService:
             head_ids=layout.head_ids,
             tail_ids=layout.tail_ids,
             params=request.params,
-            sink=sink,
+            sink=handle.sink,
         )
         limit = self.frozen.context_length
-        if job.prompt_tokens + request.params.max_new_tokens > limit:
-            raise InputTooLongError(job.prompt_tokens, request.params.max_new_tokens, limit)
-        return job, (str(loaded.version.id) if loaded else None)
+        if request.fit_max_new_tokens and 0 < limit - job.prompt_tokens < job.params.max_new_tokens:
+            job.params = replace(job.params, max_new_tokens=limit - job.prompt_tokens)
+        if job.prompt_tokens + job.params.max_new_tokens > limit:
+            raise InputTooLongError(job.prompt_tokens, job.params.max_new_tokens, limit)
+        handle.job, handle.prompt_label = job, (str(loaded.version.id) if loaded else None)
+
+    def _build_all(self, prompt_ref: str | None, requests: list[GenerationInput], handles: list[RequestHandle]) -> None:
+        for request, handle in zip(requests, handles):
+            self._build(prompt_ref, request, handle)
 
     async def start(self, prompt_ref: str | None, request: GenerationInput, *, stream: bool = True) -> RequestHandle:
-        """Resolve, validate and queue a request; raises the domain error if it cannot be served.
+        """Resolve, validate and queue a request; raises the domain error if it cannot be served."""
+        [handle] = await self.start_many(prompt_ref, [request], stream=stream)
+        return handle
 
-        Without `stream` only the final event crosses into the event loop: a token event per
-        row per step would wake the loop 16 times a step at batch 16, and on a 2-core machine
-        that Python work competes with the decode step's matmul threads."""
+    async def start_many(self, prompt_ref: str | None, requests: list[GenerationInput], *,
+                         stream: bool = True) -> list[RequestHandle]:
+        """Queue several requests for one prompt reference (OpenAI's `n`, a list of prompts): all
+        of them or, when one cannot be served, none."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def sink(event: Event) -> None:
-            if stream or not isinstance(event, TokenEvent):
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        self.engine.reserve()  # a full queue answers at once, before any tokenizing or prompt loading
+        handles = [RequestHandle(loop, stream=stream, metrics=self.metrics) for _ in requests]
+        self.engine.reserve(len(requests))  # a full queue answers at once, before any tokenizing or prompt loading
         try:
-            job, label = await loop.run_in_executor(self._builder, self._build, prompt_ref, request, sink)
-        except BaseException:  # a refused request or a client that left: give the place back
-            self.engine.release()
+            await loop.run_in_executor(self._builder, self._build_all, prompt_ref, requests, handles)
+        except BaseException:  # a refused request or a client that left: give the places back
+            self.engine.release(len(requests))
             raise
-        self.engine.submit(job, reserved=True)
-        return RequestHandle(job, label, loop, queue)
+        for handle in handles:
+            self.engine.submit(handle.job, reserved=True)
+        return handles

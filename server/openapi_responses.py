@@ -10,8 +10,10 @@ Declaring 422 also replaces FastAPI's default `HTTPValidationError`, which this 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -38,21 +40,36 @@ DESCRIPTIONS: dict[int, str] = {
     422: "invalid: invalid_request (with `details`), invalid_name, invalid_prompt, input_too_long, "
     "invalid_train_request, invalid_training_data, invalid_training_config (with `field`), "
     "idempotency_key_reused (an Idempotency-Key sent before with another request)",
+    429: "too many requests (/v1 routes): the queue is full (OpenAI SDKs retry after `Retry-After`)",
     503: "unavailable: not_ready (the model is loading or start-up failed) or queue_full "
     "(with `waiting`, `limit`, `retry_after`)",
 }
 
 HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
     503: {"Retry-After": {"description": "seconds to wait (sent with queue_full)", "schema": {"type": "string"}}},
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` of a route that can answer these error statuses, each with ErrorResponse."""
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, rate_limit_error, ...")
+    param: str | None = Field(description="the request field at fault, if one is")
+    code: str | None = Field(description="e.g. model_not_found, context_length_exceeded, unsupported_parameter")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error shape of the /v1 routes: OpenAI's, so SDKs raise their own exception classes."""
+
+    error: OpenAIErrorDetail
+
+
+def error_responses(*statuses: int, model: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can answer these error statuses, each with `model` as its body."""
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        responses[status] = {"model": ErrorResponse, "description": DESCRIPTIONS[status]}
+        responses[status] = {"model": model, "description": DESCRIPTIONS[status]}
         if status in HEADERS:
             responses[status]["headers"] = HEADERS[status]
     return responses
@@ -68,3 +85,31 @@ def event_stream(description: str, *events: str) -> dict[int | str, dict[str, An
 PNG: dict[int | str, dict[str, Any]] = {
     200: {"description": "a PNG image", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 }
+
+PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "metrics in the Prometheus text exposition format",
+          "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
+}
+
+
+def openai_routes_answer_400(app) -> None:
+    """The /v1 routes answer an invalid body with 400, as OpenAI does (server/errors.py), but
+    FastAPI documents its own 422 for every route with a body: drop it there, and its schemas
+    once nothing refers to them."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for path, item in schema["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in item.values():
+                        operation["responses"].pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            if "#/components/schemas/HTTPValidationError" not in json.dumps(schema["paths"]):
+                schemas.pop("HTTPValidationError", None)
+                schemas.pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

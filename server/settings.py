@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     store: Path = Field(Path("./prompt-store"), description="prompt store root")
     api_key: str | None = Field(None, description="if set, admin routes need 'Authorization: Bearer <key>'; an "
                                 "empty key is refused at start")
+    client_keys: str | None = Field(None, description="comma-separated keys: when set, /generate and /v1 need "
+                                    "'Authorization: Bearer <key>' with one of them (or the admin key)")
+    served_model_name: str | None = Field(None, description="the base model's id on /v1 (default: the model's "
+                                          "name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
     host: str = Field("127.0.0.1", description="address `softprompt serve` binds to")
     port: int = Field(8000, ge=0, le=65535, description="port `softprompt serve` binds to")
     allow_open_admin: bool = Field(False, description="serve admin routes without an API key on a non-loopback "
@@ -75,6 +79,10 @@ class Settings(BaseSettings):
             raise ValueError("SOFTPROMPT_API_KEY is set but empty: set a real key, or unset it (admin routes then "
                              "answer only on a loopback address unless SOFTPROMPT_ALLOW_OPEN_ADMIN=true)")
         return key
+
+    @property
+    def client_key_list(self) -> list[str]:
+        return [key.strip() for key in (self.client_keys or "").split(",") if key.strip()]
 
     @property
     def admin_open_without_key(self) -> bool:

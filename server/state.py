@@ -15,6 +15,8 @@ from trainer.modeling import FrozenModel, load_frozen_model
 
 from .engine import Engine, PrefixCache, PromptCache
 from .generation import GenerationService
+from .metrics import RequestMetrics
+from .openai.serving import OpenAIServing, model_id
 from .prompt_admin import PromptAdmin
 from .settings import Settings
 from .watcher import StoreWatcher
@@ -25,8 +27,9 @@ logger = logging.getLogger(__name__)
 class AppState:
     """Holds the one model and the objects built around it; `ready` once they all exist."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, metrics: RequestMetrics | None = None):
         self.settings = settings
+        self.metrics = metrics
         self.store = PromptStore(settings.store)
         collected = self.store.collect_garbage()
         if collected:
@@ -37,6 +40,7 @@ class AppState:
         self.engine: Engine | None = None
         self.prompts: PromptCache | None = None
         self.generation: GenerationService | None = None
+        self.openai: OpenAIServing | None = None
         self.admin: PromptAdmin | None = None
         self.watcher: StoreWatcher | None = None
         self.boot_error: str | None = None
@@ -76,7 +80,8 @@ class AppState:
                                  reserved_threads=self.reserved_threads, threads=settings.threads)
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(frozen, self.engine, self.prompts,
-                                                max_new_tokens_limit=settings.max_new_tokens_limit)
+                                                max_new_tokens_limit=settings.max_new_tokens_limit, metrics=self.metrics)
+            self.openai = OpenAIServing(self.generation, settings.served_model_name or model_id(frozen))
             self.engine.start()
             if settings.prewarm and settings.use_prefix_cache:
                 self.watcher = StoreWatcher(self.store, self.prompts, self.engine, self.generation.default_head,

@@ -11,6 +11,7 @@ from server.openapi_responses import ErrorResponse
 from tests.http_helpers import app_client, make_settings, mixing  # noqa: F401
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
+OPENAI_ERROR_REF = "#/components/schemas/OpenAIErrorResponse"  # /v1 routes answer in OpenAI's shape
 
 
 @pytest.fixture
@@ -33,7 +34,8 @@ def test_every_error_response_uses_the_error_body(document):
     for label, operation in _operations(document):
         for status, response in operation["responses"].items():
             if int(status) >= 400:
-                assert response["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}, (label, status)
+                ref = OPENAI_ERROR_REF if label.split(" ")[1].startswith("/v1/") else ERROR_REF
+                assert response["content"]["application/json"]["schema"] == {"$ref": ref}, (label, status)
                 assert response["description"], (label, status)
 
 
@@ -44,7 +46,10 @@ def test_error_detail_allows_extra_fields(document):
 
 def test_routes_list_the_statuses_they_can_give(document):
     ops = dict(_operations(document))
-    assert _error_statuses(ops["POST /generate"]) == {400, 404, 409, 413, 422, 503}
+    assert _error_statuses(ops["POST /generate"]) == {400, 401, 404, 409, 413, 422, 503}
+    for route in ("POST /v1/chat/completions", "POST /v1/completions"):
+        assert _error_statuses(ops[route]) == {400, 401, 404, 409, 413, 429, 503}, route
+    assert _error_statuses(ops["GET /v1/models"]) == {401, 503}
     assert "Retry-After" in ops["POST /generate"]["responses"]["503"]["headers"]
     assert "text/event-stream" in ops["POST /generate"]["responses"]["200"]["content"]
     assert _error_statuses(ops["GET /ready"]) == {503}
@@ -67,8 +72,9 @@ def test_admin_routes_document_401_and_403(document):
 
 def test_routes_with_parameters_or_a_body_document_422(document):
     for label, operation in _operations(document):
+        invalid = 400 if label.split(" ")[1].startswith("/v1/") else 422  # /v1 answers an invalid body as OpenAI: 400
         if operation.get("parameters") or operation.get("requestBody"):
-            assert 422 in _error_statuses(operation), label
+            assert invalid in _error_statuses(operation), label
         if operation.get("requestBody"):
             assert 413 in _error_statuses(operation), label
 

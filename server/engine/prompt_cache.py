@@ -19,6 +19,7 @@ class PromptCache:
         self._items: OrderedDict[tuple, LoadedPrompt] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
+        self.load_failures = 0
         self.hits = 0
 
     def get(self, ref: str) -> LoadedPrompt:
@@ -33,8 +34,13 @@ class PromptCache:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return loaded
-        self.store.check_compatible(version, self.fingerprint)
-        loaded = self.store.load(version, expect=self.fingerprint)
+        try:
+            self.store.check_compatible(version, self.fingerprint)
+            loaded = self.store.load(version, expect=self.fingerprint)
+        except Exception:
+            with self._lock:
+                self.load_failures += 1
+            raise
         with self._lock:
             self.loads += 1
             self._items[key] = loaded
@@ -54,4 +60,5 @@ class PromptCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"entries": len(self._items), "max_entries": self.max_entries, "loads": self.loads, "hits": self.hits}
+            return {"entries": len(self._items), "max_entries": self.max_entries, "loads": self.loads,
+                    "load_failures": self.load_failures, "hits": self.hits}

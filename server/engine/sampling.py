@@ -19,6 +19,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
     @property
     def greedy(self) -> bool:
@@ -65,3 +66,23 @@ def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
         pick = torch.multinomial(sorted_probs.masked_fill(drop, 0.0), 1, generator=generator)
         return int(order[pick])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# (token id, its log-probability, [(alternative id, log-probability), ...] best first)
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
+    """Log-probabilities of the chosen `tokens` under the model's distribution (logits [b, V],
+    before temperature and top-p, as vLLM and OpenAI report them), with `top[i]` alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [b, V]
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1)).squeeze(1).tolist()  # [b]
+    k = max(top)
+    best = logp.topk(k, dim=-1) if k else None
+    out = []
+    for row, (token, value) in enumerate(zip(tokens, chosen)):
+        alternatives = []
+        if top[row]:
+            alternatives = list(zip(best.indices[row, : top[row]].tolist(), best.values[row, : top[row]].tolist()))
+        out.append((token, value, alternatives))
+    return out

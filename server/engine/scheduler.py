@@ -31,7 +31,7 @@ from .errors import EngineError, EngineNotReadyError, QueueFullError, ShuttingDo
 from .fused_linear import fuse_projections
 from .packed_linear import pack_linear_layers
 from .prefix_cache import PrefixCache
-from .sampling import choose_tokens
+from .sampling import TokenLogprob, choose_tokens, token_logprobs
 from .sequence import DoneEvent, Job, Sequence
 
 logger = logging.getLogger(__name__)
@@ -113,28 +113,28 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
-    def reserve(self) -> None:
-        """Take a place in the queue for a request still being built (thread-safe, never waits).
+    def reserve(self, count: int = 1) -> None:
+        """Take `count` places in the queue for requests still being built (thread-safe, never waits).
 
-        Raises QueueFullError at once when the queue is full, so overload is refused before any
-        tokenizing or prompt loading. Hand the place to `submit(job, reserved=True)` or give it
-        back with `release()`."""
+        Raises QueueFullError at once when they do not all fit, so overload is refused before any
+        tokenizing or prompt loading. Hand each place to `submit(job, reserved=True)` or give
+        them back with `release(count)`."""
         with self._lock:
             if self._closed or not self.alive:
                 raise EngineNotReadyError("The generation engine is not running.")
-            if self._waiting_count >= self.max_queue:
+            if self._waiting_count + count > self.max_queue:
                 raise QueueFullError(self._waiting_count, self.max_queue, self.retry_after)
-            self._waiting_count += 1
+            self._waiting_count += count
 
     @property
     def queue_full(self) -> bool:
         """Whether a request now would be refused (a lock-free read: callers only use it to refuse early)."""
         return self._waiting_count >= self.max_queue
 
-    def release(self) -> None:
-        """Give back a place taken by `reserve()` for a request that will not be submitted."""
+    def release(self, count: int = 1) -> None:
+        """Give back places taken by `reserve()` for requests that will not be submitted."""
         with self._lock:
-            self._waiting_count -= 1
+            self._waiting_count -= count
 
     def submit(self, job: Job, *, reserved: bool = False) -> None:
         """Queue a request (thread-safe). Raises QueueFullError when too many are waiting.
@@ -391,18 +391,28 @@ class Engine:
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Choose and record each row's next token (logits [B, V]); a row that fails here fails alone."""
         tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for s, token in zip(seqs, tokens):
+        logprobs = self._logprobs(seqs, logits, tokens)
+        for row, (s, token) in enumerate(zip(seqs, tokens)):
             if s.job.cancelled or s.job.closed:
                 continue
             if isinstance(token, Exception):
                 self._fail(s.job, token)
                 continue
             try:
-                s.push(token)
+                s.push(token, logprobs.get(row))
             except Exception as exc:
                 logger.exception("could not record a token")
                 self._fail(s.job, EngineError(f"Could not decode the output: {exc}"))
         self.counters["tokens_generated"] += len(seqs)
+
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: list) -> dict[int, TokenLogprob]:
+        """Row -> the chosen token's log-probability and alternatives, for the rows that asked."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and isinstance(tokens[i], int)]
+        if not rows:
+            return {}
+        found = token_logprobs(logits[rows], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
+        return dict(zip(rows, found))
 
     def _retire_finished(self) -> None:
         done = [i for i, s in enumerate(self._seqs) if s.finish_reason is not None or s.job.cancelled or s.job.closed]

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 class TokenEvent:
     text: str
     token_id: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens this piece completes, if asked
 
 
 @dataclass
@@ -39,6 +40,8 @@ class DoneEvent:
     total_ms: float
     batch_sizes: tuple[int, int] = (0, 0)  # (size when it joined, largest size it decoded in)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was chosen
 
 
 @dataclass
@@ -99,6 +102,9 @@ class Sequence:
         self.params = job.params
         self.generator = job.params.generator()
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.token_times: list[float] = []
+        self._logprobs_sent = 0
         self.text = ""
         self.emitted = 0
         self._prefix_offset = 0
@@ -111,10 +117,14 @@ class Sequence:
         self.joined_batch = 0
         self.max_batch = 0
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token, emit new text, and decide whether the sequence is done."""
+        now = time.perf_counter()
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = now
+        self.token_times.append(now)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token in self.eos_ids and not self.params.ignore_eos:
             self.ids.append(token)
             self.finish_reason = "stop"
@@ -145,8 +155,8 @@ class Sequence:
     def _emit(self, *, final: bool) -> None:
         upto = len(self.text) if final else max(self.emitted, len(self.text) - self._hold)
         if upto > self.emitted:
-            self.job.send(TokenEvent(self.text[self.emitted : upto], self.ids[-1]))
-            self.emitted = upto
+            self.job.send(TokenEvent(self.text[self.emitted : upto], self.ids[-1], self.logprobs[self._logprobs_sent :]))
+            self.emitted, self._logprobs_sent = upto, len(self.logprobs)
 
     def finish(self) -> None:
         now = time.perf_counter()
@@ -166,5 +176,7 @@ class Sequence:
                 total_ms=(now - job.submitted_at) * 1e3,
                 batch_sizes=(self.joined_batch, self.max_batch),
                 token_ids=list(self.ids),
+                logprobs=list(self.logprobs),
+                token_times=list(self.token_times),
             )
         )

@@ -153,6 +153,14 @@ class JobManager:
         with self._changed:
             return [r.model_copy(deep=True) for r in sorted(self._records.values(), key=lambda r: r.id, reverse=True)]
 
+    def counts_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (every state listed, zeros included)."""
+        with self._changed:
+            counts = {state.value: 0 for state in JobState}
+            for record in self._records.values():
+                counts[record.state.value] += 1
+            return counts
+
     def threads_in_use(self) -> int:
         """CPU threads the running workers were given (what the serving engine leaves them).
 

@@ -7,19 +7,19 @@ import json
 from fastapi import APIRouter, Query
 from sse_starlette.sse import EventSourceResponse
 
-from ..deps import Generation
+from ..deps import ClientAuth, Generation
 from ..engine import DoneEvent, SamplingParams, TokenEvent
 from ..errors import error_body
 from ..generation import GenerationInput, RequestHandle
 from ..openapi_responses import error_responses, event_stream
 from ..schemas import GenerateRequest, GenerateResponse, Timings, Usage
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[ClientAuth])  # a client key when SOFTPROMPT_CLIENT_KEYS is set
 
 
 @router.post("/generate", response_model=GenerateResponse,
              responses={**event_stream("with `stream`: `token` events, then `done` or `error`", "token", "done", "error"),
-                        **error_responses(400, 404, 409, 413, 422, 503)})
+                        **error_responses(400, 401, 404, 409, 413, 422, 503)})
 async def generate(
     body: GenerateRequest,
     service: Generation,

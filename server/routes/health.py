@@ -1,12 +1,13 @@
-"""Liveness, readiness and counters."""
+"""Liveness, readiness, counters and Prometheus metrics (these routes never need a key)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import State
-from ..openapi_responses import error_responses
+from ..openapi_responses import PROMETHEUS_TEXT, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -30,3 +31,10 @@ def ready(state: State):
 def stats(state: State) -> dict:
     """Counters: model loads, batches, largest batch seen, prefix/prompt cache hits and misses."""
     return state.stats()
+
+
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: request latencies and token counts by prompt name, queue, caches,
+    prompt loads, training jobs, HTTP requests per route (docs/metrics.md lists them all)."""
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
