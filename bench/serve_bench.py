@@ -12,7 +12,10 @@ publishes 4 prompt versions made of text-token embeddings into a temporary store
    where the prompt is the text whose embeddings make the soft prompt (same tokens), in
    `--rounds` alternating rounds (baseline, then burst) pooled into one ratio;
 2. TTFT (streamed, first SSE token) with a 100-vector prompt vs no prompt, requests alternating;
-3. hot swap: first request on a just-published version vs the same request once warm.
+3. hot swap: first request on a just-published version vs the same request once warm;
+4. with `--openai`, each round also sends the same 16 requests as streamed chat completions
+   through the `openai` SDK (`model` = the prompt, vLLM's `ignore_eos` for exactly 64 tokens),
+   before or after the /generate burst in alternate rounds, and compares the two throughputs.
 """
 
 from __future__ import annotations
@@ -178,6 +181,30 @@ async def served(base: str, requests, max_new_tokens: int, fixed_length: bool) -
             "ttft_ms_median": statistics.median(r["timings"]["ttft_ms"] for r in results)}
 
 
+async def served_openai(base: str, requests, max_new_tokens: int, fixed_length: bool) -> dict:
+    """The same requests through the `openai` SDK: streamed chat completions, `model` = the prompt."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600, max_retries=0) as client:
+        async def one(query, prompt):
+            stream = await client.chat.completions.create(
+                model=prompt, messages=[{"role": "user", "content": query}], max_tokens=max_new_tokens, temperature=0,
+                stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": fixed_length})
+            text, usage = [], None
+            async for chunk in stream:
+                if chunk.choices:
+                    text.append(chunk.choices[0].delta.content or "")
+                usage = chunk.usage or usage
+            return "".join(text), usage.completion_tokens
+
+        await asyncio.gather(*(one(q, p) for q, p, _ in requests[:4]))  # warm-up, not counted
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(q, p) for q, p, _ in requests))
+        wall = time.perf_counter() - started
+    tokens = sum(n for _, n in results)
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "texts": [text for text, _ in results]}
+
+
 async def ttft(base: str, prompts: list[str | None], query: str, repeats: int) -> list[dict]:
     """Client-side time to the first streamed token, and the server's own ttft_ms, for each of
     `prompts`; requests alternate between them so the VM's drift hits every prompt alike."""
@@ -243,6 +270,9 @@ def main() -> int:
     parser.add_argument("--swap-rounds", type=int, default=5)
     parser.add_argument("--natural-eos", action="store_true",
                         help="stop at end-of-sequence (rows end at different steps) instead of exactly max_new_tokens")
+    parser.add_argument("--openai", action="store_true",
+                        help="each round also drives the same concurrent requests through the openai SDK (streamed chat "
+                             "completions) and compares their throughput with /generate's")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -275,14 +305,23 @@ def main() -> int:
               f"{args.max_new_tokens} new tokens ({'stop at EOS' if args.natural_eos else 'exactly, EOS ignored'}) "
               f"over {versions}", flush=True)
         fixed = not args.natural_eos
-        base_rounds, serve_rounds = [], []
+        base_rounds, serve_rounds, openai_rounds = [], [], []
         for round_no in range(1, args.rounds + 1):  # alternating, so the VM's drift hits both sides
             base_rounds.append(baseline(frozen, requests, args.max_new_tokens, fixed))
+            openai_first = args.openai and round_no % 2 == 0  # alternate which API goes first, as the drift goes
+            if openai_first:
+                openai_rounds.append(asyncio.run(served_openai(base, requests, args.max_new_tokens, fixed)))
             serve_rounds.append(asyncio.run(served(base, requests, args.max_new_tokens, fixed)))
             b, v = base_rounds[-1], serve_rounds[-1]
             print(f"round {round_no}: one by one {b['tokens']} tokens in {b['wall_s']:.1f} s, server {args.clients} concurrent "
                   f"{v['tokens']} tokens in {v['wall_s']:.1f} s ({v['wall_s'] / max(1, v['decode_steps']) * 1e3:.0f} ms per "
                   f"decode step incl. prefill): {v['tok_s'] / b['tok_s']:.2f}x", flush=True)
+            if args.openai:
+                if not openai_first:
+                    openai_rounds.append(asyncio.run(served_openai(base, requests, args.max_new_tokens, fixed)))
+                o = openai_rounds[-1]
+                print(f"round {round_no}: openai SDK, {args.clients} concurrent streams: {o['tokens']} tokens in "
+                      f"{o['wall_s']:.1f} s: {o['tok_s'] / v['tok_s']:.3f}x of /generate", flush=True)
         base_res, serve_res = _pooled(base_rounds), _pooled(serve_rounds)
         query = QUERIES[0]
         asyncio.run(ttft(base, [None, "long"], query, 1))  # warm-up
@@ -303,6 +342,10 @@ def main() -> int:
         ("throughput ratio (target >= 7x)", f"{serve_res['tok_s'] / base_res['tok_s']:.2f}x",
          f"rounds {round_ratios}; "
          f"{same}/{len(requests)} texts identical to the baseline"),
+        *([("aggregate tok/s, openai SDK streams", f"{_pooled(openai_rounds)['tok_s']:.1f}",
+            f"{_pooled(openai_rounds)['tok_s'] / serve_res['tok_s']:.3f}x of /generate (target within 10 %); "
+            f"{sum(a == b for a, b in zip(_pooled(openai_rounds)['texts'], serve_res['texts']))}/{len(requests)} texts "
+            "identical to /generate's")] if openai_rounds else []),
         ("TTFT no prompt (client / server ms)", f"{t_none['client_ms']:.0f} / {t_none['server_ms']:.0f}", ""),
         ("TTFT 100-vector prompt (client / server ms)", f"{t_long['client_ms']:.0f} / {t_long['server_ms']:.0f}", ""),
         ("TTFT ratio prompt / none (target <= 1.1x)", f"{t_long['client_ms'] / t_none['client_ms']:.3f}x",

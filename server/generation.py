@@ -146,6 +146,9 @@ class GenerationService:
                          stream: bool = True) -> list[RequestHandle]:
         """Queue several requests for one prompt reference (OpenAI's `n`, a list of prompts): all
         of them or, when one cannot be served, none."""
+        if len(requests) > self.engine.max_queue:  # would never fit: not a reason to retry later
+            raise InvalidGenerationRequestError(
+                f"{len(requests)} rows (prompts x n) are more than this server queues at once ({self.engine.max_queue}).")
         loop = asyncio.get_running_loop()
         handles = [RequestHandle(loop, stream=stream, metrics=self.metrics) for _ in requests]
         self.engine.reserve(len(requests))  # a full queue answers at once, before any tokenizing or prompt loading

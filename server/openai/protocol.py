@@ -19,8 +19,7 @@ MAX_PROMPTS = 16  # prompts in one /v1/completions request
 MAX_TOP_LOGPROBS = 20
 
 # Accepted and ignored: they do not change what is generated.
-HARMLESS = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls",
-            "safety_identifier", "prompt_cache_key"}
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
 # Known OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED_UNLESS = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                       "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
@@ -71,6 +70,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only equal to n (or absent) is supported")
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep going past end-of-sequence up to the "
+                             "token limit (benchmarks)")
 
     @field_validator("temperature")
     @classmethod

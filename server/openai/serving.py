@@ -46,6 +46,7 @@ class OpenAIServing:
             top_p=1.0 if request.top_p is None else request.top_p,
             stop=request.stops(),
             seed=None if request.seed is None else request.seed + seed_offset,
+            ignore_eos=request.ignore_eos,
             logprobs=logprobs,
         )
 
@@ -164,7 +165,7 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Toke
         try:
             async for event in handle.events():
                 await queue.put((index, event))
-        except BaseException as exc:  # a failed row: raised in the consumer, in order
+        except Exception as exc:  # a failed row: raised in the consumer, in order
             await queue.put((index, exc))
 
     tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
