@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from bench.engine_bench import anon_mb, rss_mb  # noqa: E402
 from bench.serve_bench import QUERIES, host_line, text_prompts  # noqa: E402
 from server.engine import Engine  # noqa: E402
+from server.engine.rewrites import prepare_for_serving  # noqa: E402
 from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
@@ -51,7 +52,7 @@ def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
         engine._decode_step()
 
 
-VARIANTS = {  # name: Engine keyword arguments of the variant (the plain engine turns all three off)
+VARIANTS = {  # name: the rewrites of the variant (prepare_for_serving; the plain engine turns all three off)
     "served": {"fused_projections": True, "packed_weights": True, "gqa_attention": True},
     "fused": {"fused_projections": True},
     "packed": {"packed_weights": True},
@@ -73,7 +74,9 @@ def main() -> int:
     for variant in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
         before = anon_mb(), rss_mb()
-        engines[variant] = Engine(frozen, max_batch_size=args.rows, **{**plain, **(VARIANTS[args.variant] if variant else {})})
+        rewrites = prepare_for_serving(frozen.model, max_batch_size=args.rows,
+                                       **{**plain, **(VARIANTS[args.variant] if variant else {})})
+        engines[variant] = Engine(frozen, max_batch_size=args.rows)
         grew = anon_mb() - before[0], rss_mb() - before[1]  # what building the variant's engine added (the last one built)
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():
@@ -96,7 +99,7 @@ def main() -> int:
     same = [s.ids for s in engines[False]._seqs] == [s.ids for s in engines[True]._seqs]
     base, other = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
-    detail = (f"{engines[True].fused_groups} groups fused, {engines[True].packed_bytes / 2**20:.0f} MB packed; "
+    detail = (f"{rewrites.fused_projection_groups} groups fused, {rewrites.packed_weights_bytes / 2**20:.0f} MB packed; "
               f"building it added {grew[0]:.0f} MB of anonymous memory to the process, RSS {grew[1]:+.0f} MB "
               f"including weight-file pages it read")
     print(host_line())

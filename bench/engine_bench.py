@@ -30,10 +30,10 @@ from tests.engine_helpers import make_job  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
 
-def run(frozen, softs, *, growing: bool, gqa: bool, packed: bool, rows: int, new_tokens: int) -> tuple[float, float, list]:
+def run(frozen, softs, *, growing: bool, gqa: bool, rows: int, new_tokens: int) -> tuple[float, float, list]:
+    """`frozen` is the packed or the plain model: the variant is in its weights."""
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if gqa else "0"
-    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing, packed_weights=packed,
-                    fused_projections=False, gqa_attention=False)
+    engine = Engine(frozen, max_batch_size=rows, growing_cache=growing)
     engine.start()
     try:
         names = list(softs)
@@ -88,7 +88,7 @@ def main() -> int:
     plain = load_frozen_model("default", device="cpu")
     packed = load_frozen_model("default", device="cpu")
     rss_before, anon_before = rss_mb(), anon_mb()
-    weights = pack_linear_layers(packed.model, 16)  # in place, as Engine(packed_weights=True) does
+    weights = pack_linear_layers(packed.model, 16)  # in place, as prepare_for_serving(packed_weights=True) does
     print(f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
           f"{rss_mb():.0f} MB, anonymous {anon_before:.0f} -> {anon_mb():.0f} MB", flush=True)
     softs = text_prompts(plain)
@@ -99,7 +99,7 @@ def main() -> int:
     for round_ in range(1, args.repeats + 1):
         first = None
         for growing, gqa, pack in variants:
-            tok_s, step_ms, ids = run(packed if pack else plain, softs, growing=growing, gqa=gqa, packed=pack,
+            tok_s, step_ms, ids = run(packed if pack else plain, softs, growing=growing, gqa=gqa,
                                       rows=16, new_tokens=args.new_tokens)
             reference, first = reference or ids, first or tok_s
             same = sum(a == b for a, b in zip(ids, reference))

@@ -45,11 +45,13 @@ def child(rows: int, threads: int, max_new_tokens: int) -> None:
 
     from bench.decode_ab import fill_rows
     from server.engine import Engine
+    from server.engine.rewrites import prepare_for_serving
     from trainer.modeling import load_frozen_model
 
     torch.set_num_threads(threads)
-    engine = Engine(load_frozen_model(os.environ.get("SOFTPROMPT_MODEL", "default"), device="cpu"),
-                    max_batch_size=rows)
+    frozen = load_frozen_model(os.environ.get("SOFTPROMPT_MODEL", "default"), device="cpu")
+    prepare_for_serving(frozen.model, max_batch_size=rows)  # as the server serves it
+    engine = Engine(frozen, max_batch_size=rows)
     with torch.inference_mode():
         fill_rows(engine, rows, max_new_tokens=max_new_tokens)
         print("ready", flush=True)

@@ -356,9 +356,9 @@ def main() -> int:
         ("swap: extra latency (target <= +100 ms)", f"{swap_res['extra_ms']:+.0f}", ""),
         ("swap without waiting for the watcher: extra (ms)", f"{swap_cold['extra_ms']:+.0f}", "prefix computed on demand"),
         ("model loads in the server", str(stats["model_loads"]), ""),
-        ("server engine", f"{stats['engine']['attention']}",
-         f"{stats['engine']['fused_projection_groups']} fused projection groups, "
-         f"{stats['engine']['packed_weights_mb']} MB packed weights (the baseline is plain transformers)"),
+        ("server model rewrites", f"{stats['model']['rewrites']['attention']}",
+         f"{stats['model']['rewrites']['fused_projection_groups']} fused projection groups, "
+         f"{stats['model']['rewrites']['packed_weights_bytes'] / 2**20:.0f} MB packed weights (the baseline is plain transformers)"),
     ]
     width = max(len(r[0]) for r in rows)
     for label, value, note in rows:

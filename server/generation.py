@@ -1,4 +1,4 @@
-"""Turns an HTTP generation request into an engine Job and hands its events to asyncio.
+"""Turns an HTTP generation request into an engine GenerationRequest and hands its events to asyncio.
 
 Everything that can fail for the caller's reasons (unknown prompt, incompatible prompt,
 input too long) fails here, before the request takes a place in the queue.
@@ -21,12 +21,12 @@ from .engine import (
     FailedEvent,
     InputTooLongError,
     InvalidGenerationRequestError,
-    Job,
-    PromptCache,
+    GenerationRequest,
     SamplingParams,
     TokenEvent,
 )
 from .metrics import RequestMetrics
+from .prompt_cache import PromptCache
 
 
 class RequestHandle:
@@ -37,7 +37,7 @@ class RequestHandle:
     and on a 2-core machine that Python work competes with the decode step's threads)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, stream: bool, metrics: RequestMetrics | None):
-        self.job: Job | None = None  # set once built, before the engine sees it
+        self.job: GenerationRequest | None = None  # set once built, before the engine sees it
         self.done: DoneEvent | None = None  # the final event, once a reader has seen it
         self.prompt_label: str | None = None  # the resolved version, e.g. "math-v3"
         self._loop, self._stream, self._metrics = loop, stream, metrics
@@ -118,7 +118,7 @@ class GenerationService:
             )
         loaded = self.prompts.get(prompt_ref) if prompt_ref else None
         layout = self._layout(request)
-        job = Job(
+        job = GenerationRequest(
             prompt_key=loaded.cache_key if loaded else None,
             soft=loaded.embeddings if loaded else None,
             head_ids=layout.head_ids,

@@ -18,8 +18,9 @@ from prompt_store import IncompatibleModelError, InvalidAdapterError, PromptStor
 from prompt_store.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, read_weights
 from trainer.modeling import FrozenModel
 
-from .engine import PrefixCache, PromptCache
+from .engine import PrefixCache
 from .errors import PayloadTooLargeError
+from .prompt_cache import PromptCache
 from .watcher import StoreWatcher
 
 MAX_ZIP_MEMBERS = 16

@@ -13,11 +13,13 @@ import torch
 from prompt_store import PromptStore
 from trainer.modeling import FrozenModel, load_frozen_model
 
-from .engine import Engine, PrefixCache, PromptCache
+from .engine import Engine, PrefixCache
+from .engine.rewrites import ServingRewrites, prepare_for_serving
 from .generation import GenerationService
 from .metrics import RequestMetrics
 from .openai.serving import OpenAIServing, model_id
 from .prompt_admin import PromptAdmin
+from .prompt_cache import PromptCache
 from .settings import Settings
 from .watcher import StoreWatcher
 
@@ -37,6 +39,7 @@ class AppState:
         self.started_at = time.time()
         self.model_loads = 0
         self.frozen: FrozenModel | None = None
+        self.rewrites: ServingRewrites | None = None
         self.engine: Engine | None = None
         self.prompts: PromptCache | None = None
         self.generation: GenerationService | None = None
@@ -71,12 +74,14 @@ class AppState:
                 return
             self.model_loads += 1
             self.frozen = frozen
+            self.rewrites = prepare_for_serving(frozen.model, fused_projections=settings.fused_projections,
+                                                packed_weights=settings.packed_weights, gqa_attention=settings.gqa_attention,
+                                                max_batch_size=settings.max_batch_size)
+            logger.info("model rewritten for serving: %s", self.rewrites)
             prefixes = PrefixCache(max_bytes=settings.prefix_cache_mb * 1024 * 1024)
             self.engine = Engine(frozen, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefix_cache=prefixes, use_prefix_cache=settings.use_prefix_cache,
                                  retry_after=settings.queue_retry_after, batch_window_ms=settings.batch_window_ms,
-                                 packed_weights=settings.packed_weights, fused_projections=settings.fused_projections,
-                                 gqa_attention=settings.gqa_attention,
                                  reserved_threads=self.reserved_threads, threads=settings.threads)
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(frozen, self.engine, self.prompts,
@@ -117,7 +122,8 @@ class AppState:
         if self.frozen is not None:
             out["model"] = {"base_model": self.frozen.base_model, "device": str(self.frozen.device),
                             "dtype": str(self.frozen.dtype), "context_length": self.frozen.context_length,
-                            "load_seconds": round(self.frozen.load_seconds, 2)}
+                            "load_seconds": round(self.frozen.load_seconds, 2),
+                            "rewrites": self.rewrites.as_dict() if self.rewrites else None}
         if self.engine is not None:
             out["engine"] = self.engine.stats()
         if self.prompts is not None:

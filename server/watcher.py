@@ -12,7 +12,8 @@ import threading
 
 from prompt_store import IncompatibleModelError, PromptStore, PromptStoreError, PromptVersion
 
-from .engine import Engine, PrefixCache, PromptCache
+from .engine import Engine, PrefixCache
+from .prompt_cache import PromptCache
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import queue
 
 import torch
 
-from server.engine import DoneEvent, FailedEvent, Job, SamplingParams, TokenEvent
+from server.engine import DoneEvent, FailedEvent, GenerationRequest, SamplingParams, TokenEvent
 from trainer.layout import ChatLayout
 
 
@@ -31,11 +31,11 @@ class Collector:
                 return event, pieces
 
 
-def make_job(tokenizer, text: str, soft: torch.Tensor | None = None, key: tuple | None = None, **params) -> tuple[Job, Collector]:
+def make_job(tokenizer, text: str, soft: torch.Tensor | None = None, key: tuple | None = None, **params) -> tuple[GenerationRequest, Collector]:
     layout = ChatLayout(tokenizer).for_input(text)
     sink = Collector()
     params.setdefault("max_new_tokens", 12)
-    job = Job(
+    job = GenerationRequest(
         prompt_key=key if soft is None or key is not None else ("p", id(soft), "x"),
         soft=soft,
         head_ids=layout.head_ids,
@@ -82,17 +82,20 @@ def wait_all(sinks, timeout: float = 60.0):
 MIXED_TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
 
 
-def mixed_batch_tokens(tokenizer, *, together: bool, **engine_kwargs):
+def mixed_batch_tokens(tokenizer, *, together: bool, **rewrites):
     """Greedy tokens of 4 requests (3 soft prompts of different lengths and the bare model) on a
-    fresh `untied_llama` engine built with `engine_kwargs`: all in one batch, or one by one.
+    fresh `untied_llama` engine, its model rewritten as the server does (`rewrites` turns some
+    off, e.g. packed_weights=False): all in one batch, or one by one.
     Returns (token ids per request, the stopped engine)."""
     from server.engine import Engine
+    from server.engine.rewrites import prepare_for_serving
     from trainer.modeling import from_loaded
 
     torch.manual_seed(7)
     softs = [torch.randn(3, 64), torch.randn(9, 64), None, torch.randn(5, 64)]
-    engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"),
-                    max_batch_size=4, **engine_kwargs)
+    frozen = from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
+    prepare_for_serving(frozen.model, max_batch_size=4, **rewrites)
+    engine = Engine(frozen, max_batch_size=4)
     engine.start()
     try:
         jobs = [make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)

@@ -90,7 +90,7 @@ def test_queries_it_does_not_cover_go_to_transformers(monkeypatch):
 
 def test_engine_with_native_gqa_gives_the_same_tokens(tokenizer):
     gqa_ids, engine = mixed_batch_tokens(tokenizer, together=True)
-    assert engine.gqa_attention and engine.stats()["attention"] == NAME
+    assert engine.stats()["attention"] == engine.model.config._attn_implementation == NAME
     plain = {"gqa_attention": False, "packed_weights": False, "fused_projections": False}
     assert gqa_ids == mixed_batch_tokens(tokenizer, together=True, **plain)[0]
     assert gqa_ids == mixed_batch_tokens(tokenizer, together=False, **plain)[0]

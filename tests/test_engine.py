@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.engine import Engine, PrefixCache, QueueFullError
+from server.engine.rewrites import prepare_for_serving
 from tests.engine_helpers import make_job, untied_llama, wait_all
 from trainer.modeling import from_loaded
 
@@ -27,6 +28,8 @@ def softs():
 
 
 def _engine(frozen, **kwargs) -> Engine:
+    """An engine on `frozen` rewritten as the server serves it (idempotent on the shared model)."""
+    prepare_for_serving(frozen.model, max_batch_size=kwargs.get("max_batch_size", 16))
     engine = Engine(frozen, **kwargs)
     engine.start()
     return engine

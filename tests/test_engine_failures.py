@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from server.engine import DoneEvent, Engine, FailedEvent, Job, SamplingParams, TokenEvent
+from server.engine import DoneEvent, Engine, FailedEvent, GenerationRequest, SamplingParams, TokenEvent
 from server.engine import sampling
 from server.engine.errors import ShuttingDownError
 from tests.engine_helpers import make_job, untied_llama
@@ -44,14 +44,14 @@ def engine(tokenizer):
     engine.stop()
 
 
-def _job(tokenizer, text: str, **params) -> tuple[Job, Recorder]:
+def _job(tokenizer, text: str, **params) -> tuple[GenerationRequest, Recorder]:
     job, _ = make_job(tokenizer, text, **params)
     recorder = Recorder()
     job.sink = recorder
     return job, recorder
 
 
-def _submit_together(engine: Engine, jobs: list[Job]) -> None:
+def _submit_together(engine: Engine, jobs: list[GenerationRequest]) -> None:
     engine.pause()
     for job in jobs:
         engine.submit(job)

@@ -117,11 +117,12 @@ def test_engine_speed_settings_reach_the_engine(tokenizer, tmp_path):
     def served(**overrides):
         frozen = from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
         with TestClient(create_app(make_settings(tmp_path, **overrides), frozen=frozen)) as client:
-            engine = client.get("/stats").json()["engine"]
+            rewrites = client.get("/stats").json()["model"]["rewrites"]
             assert client.post("/generate", json=BODY).status_code == 200
         modules = list(frozen.model.modules())
-        return (engine["fused_projection_groups"] > 0, any(isinstance(m, PackedLinear) for m in modules),
-                engine["attention"] == NAME, any(isinstance(m, FusedLinear) for m in modules))
+        assert (rewrites["packed_weights_bytes"] > 0) == any(isinstance(m, PackedLinear) for m in modules)
+        return (rewrites["fused_projection_groups"] > 0, any(isinstance(m, PackedLinear) for m in modules),
+                rewrites["attention"] == NAME, any(isinstance(m, FusedLinear) for m in modules))
 
     packing = packing_available(untied_llama(len(tokenizer)))  # False on a torch build without oneDNN
     assert served() == (True, packing, True, True)

@@ -139,7 +139,7 @@ def test_packing_skips_weights_made_under_inference_mode():
 def test_engine_with_packed_weights_gives_the_same_tokens(tokenizer):
     """A mixed batch through packed (and fused) weights == the same batch and solo runs without."""
     packed_ids, engine = mixed_batch_tokens(tokenizer, together=True, packed_weights=True, fused_projections=True)
-    assert engine.packed_bytes > 0 and engine.stats()["packed_weights_mb"] == round(engine.packed_bytes / 2**20)
+    assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
     assert engine.model.lm_head.packed_calls > 0  # the packed path really ran
     plain = {"packed_weights": False, "fused_projections": False}
     assert packed_ids == mixed_batch_tokens(tokenizer, together=True, **plain)[0]

@@ -51,7 +51,7 @@ def prepend_soft_prompt(
     order = torch.sort(mask, dim=1, stable=True).indices  # [B, P+T]
     embeds = embeds.gather(1, order.unsqueeze(-1).expand_as(embeds))
     mask = mask.gather(1, order)
-    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, P+T]
+    positions = position_ids(mask)  # [B, P+T]
 
     full_labels = None
     if labels is not None:
@@ -59,3 +59,21 @@ def prepend_soft_prompt(
         full_labels = torch.cat([ignored, labels], dim=1).gather(1, order)  # [B, P+T]
         full_labels = full_labels.masked_fill(mask == 0, IGNORE_INDEX)
     return PrependedBatch(embeds, mask, positions, full_labels)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Each column's position: the number of real tokens before it in its row (mask [B, L] -> [B, L]),
+    so a left-padded row counts from 0 at its first real token, exactly as it would alone."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def left_pad(rows: list[torch.Tensor], pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of embeddings `[n_i, D]` as one batch, right-aligned: (embeds [B, T, D] filled with
+    `pad` [D] on the left, mask [B, T] with 1 over real columns)."""
+    width = max(row.shape[0] for row in rows)
+    embeds = pad.expand(len(rows), width, -1).clone()  # [B, T, D]
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=pad.device)  # [B, T]
+    for i, row in enumerate(rows):
+        embeds[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    return embeds, mask

@@ -2,12 +2,11 @@
 
 from .errors import EngineError, EngineNotReadyError, InputTooLongError, InvalidGenerationRequestError, QueueFullError
 from .prefix_cache import PrefixCache
-from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .scheduler import Engine
-from .sequence import DoneEvent, Event, FailedEvent, Job, TokenEvent
+from .sequence import DoneEvent, Event, FailedEvent, GenerationRequest, TokenEvent
 
 __all__ = [
     "DoneEvent", "Engine", "EngineError", "EngineNotReadyError", "Event", "FailedEvent", "InputTooLongError",
-    "InvalidGenerationRequestError", "Job", "PrefixCache", "PromptCache", "QueueFullError", "SamplingParams", "TokenEvent",
+    "InvalidGenerationRequestError", "GenerationRequest", "PrefixCache", "QueueFullError", "SamplingParams", "TokenEvent",
 ]

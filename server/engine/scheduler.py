@@ -23,16 +23,13 @@ from concurrent.futures import Future
 import torch
 
 from trainer.modeling import FrozenModel
-from trainer.prepend import prepend_soft_prompt
 
 from . import kv as kvops
-from .attention import use_gqa_sdpa
+from . import runner
 from .errors import EngineError, EngineNotReadyError, QueueFullError, ShuttingDownError
-from .fused_linear import fuse_projections
-from .packed_linear import pack_linear_layers
 from .prefix_cache import PrefixCache
 from .sampling import TokenLogprob, choose_tokens, token_logprobs
-from .sequence import DoneEvent, Job, Sequence
+from .sequence import DoneEvent, GenerationRequest, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +46,6 @@ class Engine:
         retry_after: int = 1,
         growing_cache: bool = True,
         batch_window_ms: float = 0.0,
-        packed_weights: bool = True,
-        gqa_attention: bool = True,
-        fused_projections: bool = True,
         reserved_threads: Callable[[], int] | None = None,
         threads: int | None = None,
     ):
@@ -61,12 +55,6 @@ class Engine:
         self.use_prefix_cache, self.retry_after = use_prefix_cache, retry_after
         self.growing_cache = growing_cache
         self.batch_window_s = batch_window_ms / 1e3
-        # q/k/v and gate/up as one GEMM each, then every product through oneDNN-packed weights
-        # (CPU fp32 only; a no-op elsewhere). This order: fusing skips packed layers.
-        self.fused_groups = fuse_projections(self.model) if fused_projections else 0
-        self.packed_bytes = pack_linear_layers(self.model, max_batch_size) if packed_weights else 0
-        # prefills read grouped KV heads in place instead of copying them per query head
-        self.gqa_attention = use_gqa_sdpa(self.model) if gqa_attention else False
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
         # torch threads to serve on when nothing is reserved (default: the count now, in this thread)
@@ -75,7 +63,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._pad_id = int(pad)
         self._inbox: queue.Queue = queue.Queue()
-        self._waiting: deque[Job] = deque()
+        self._waiting: deque[GenerationRequest] = deque()
         self._waiting_count = 0
         self._lock = threading.Lock()
         self._closed = False  # set under the lock once the loop has ended: no more submissions
@@ -136,7 +124,7 @@ class Engine:
         with self._lock:
             self._waiting_count -= count
 
-    def submit(self, job: Job, *, reserved: bool = False) -> None:
+    def submit(self, job: GenerationRequest, *, reserved: bool = False) -> None:
         """Queue a request (thread-safe). Raises QueueFullError when too many are waiting.
 
         Once queued, the job gets exactly one final event (done or failed), whatever happens."""
@@ -158,8 +146,8 @@ class Engine:
         with self._lock:
             waiting = self._waiting_count
         return {**self.counters, "running": len(self._seqs), "waiting": waiting,
-                "max_batch_size": self.max_batch_size, "threads": self._threads_now, "packed_weights_mb": round(self.packed_bytes / 2**20),
-                "fused_projection_groups": self.fused_groups, "attention": self.model.config._attn_implementation,
+                "max_batch_size": self.max_batch_size, "threads": self._threads_now,
+                "attention": self.model.config._attn_implementation,
                 "prefix_cache": self.prefix_cache.stats()}
 
     # ------------------------------------------------------------ the loop
@@ -197,7 +185,7 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, Job):
+            if isinstance(item, GenerationRequest):
                 self._waiting.append(item)
             elif isinstance(item, tuple):
                 item[-1].set_exception(error)  # a prewarm's future
@@ -231,7 +219,7 @@ class Engine:
         window = self.batch_window_s if block and self._running.is_set() else 0.0
         deadline = time.perf_counter() + 4 * window
         while True:
-            if isinstance(item, Job):
+            if isinstance(item, GenerationRequest):
                 self._waiting.append(item)
             elif isinstance(item, tuple):
                 self._do_prewarm(*item)
@@ -244,8 +232,8 @@ class Engine:
     def _do_prewarm(self, prompt_key, soft, head_ids, future: Future) -> None:
         try:
             key = PrefixCache.key(prompt_key, head_ids)
-            if key not in self.prefix_cache:
-                self.prefix_cache.put(key, self._compute_prefix(self._block(head_ids, soft)))
+            if key not in self.prefix_cache:  # not a request: neither a hit nor a miss
+                self.prefix_cache.put(key, runner.compute_prefix(self.model, runner.embed_block(self.frozen, head_ids, soft)))
                 self.counters["prewarms"] += 1
             future.set_result(True)
         except Exception as exc:
@@ -295,97 +283,43 @@ class Engine:
         self._cache, self._mask = cache, mask
         self._retire_finished()
 
-    def _prefill(self, jobs: list[Job]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
+    def _prefill(self, jobs: list[GenerationRequest]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
         """One forward over every new row's tail on top of its prefix: (kv, mask [b, L], logits [b, V])."""
-        prefixes, inputs = zip(*(self._inputs_for(job) for job in jobs))
-        device = self.model.device
-        parts = [(p, torch.ones(1, kvops.length(p), dtype=torch.long, device=device)) for p in prefixes]
-        prefix_kv, prefix_mask = kvops.stack_rows(parts)  # [b, P]
-        width = max(x.shape[0] for x in inputs)
-        pad = self.frozen.embedding(torch.tensor([self._pad_id], device=device))  # [1, D]
-        embeds = pad.expand(len(jobs), width, -1).clone()  # [b, T, D]
-        input_mask = torch.zeros(len(jobs), width, dtype=torch.long, device=device)  # [b, T]
-        for row, x in enumerate(inputs):
-            embeds[row, width - x.shape[0] :] = x
-            input_mask[row, width - x.shape[0] :] = 1
-        mask = torch.cat([prefix_mask, input_mask], dim=1)  # [b, P+T]
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix_mask.shape[1] :]  # [b, T]
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=kvops.to_cache(prefix_kv),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return kvops.from_cache(out.past_key_values), mask, out.logits[:, -1].float()
+        pad = self.frozen.embedding(torch.tensor(self._pad_id, device=self.model.device))  # [D]
+        return runner.prefill(self.model, [self._row_inputs(job) for job in jobs], pad)
 
-    def _inputs_for(self, job: Job) -> tuple[kvops.KV | None, torch.Tensor]:
-        """(prefix KV or None, input embeddings [n, D]) for one new row."""
-        device = self.model.device
-        tail = self.frozen.embedding(torch.tensor(job.tail_ids, dtype=torch.long, device=device))  # [t, D]
-        fixed_len = len(job.head_ids) + job.soft_len
-        if self.use_prefix_cache and job.tail_ids and fixed_len:
-            key = PrefixCache.key(job.prompt_key, job.head_ids)
-            prefix = self.prefix_cache.get(key)
-            if prefix is None:
-                prefix = self._compute_prefix(self._block(job.head_ids, job.soft))
-                self.prefix_cache.put(key, prefix)
-            return prefix, tail
-        # uncached: the whole [head + soft][tail] sequence goes through the forward pass
-        block = self._block(job.head_ids, job.soft)  # [P, D]
-        ones = torch.ones(1, tail.shape[0], dtype=torch.long, device=device)
-        full = prepend_soft_prompt(block, tail.unsqueeze(0), ones)
-        return None, full.inputs_embeds[0]  # [P+t, D]
+    def _row_inputs(self, job: GenerationRequest) -> tuple[kvops.KV | None, torch.Tensor]:
+        """(prefix key/values or None, the embeddings after them [n, D]) for one new row: the fixed
+        block comes from the prefix cache when it can be reused, else it goes through the forward pass."""
+        tail = runner.embed_tail(self.frozen, job.tail_ids)  # [t, D]
+        if self.use_prefix_cache and job.tail_ids and (job.head_ids or job.soft_len):
+            return self._prefix(job.prompt_key, job.head_ids, job.soft), tail
+        return None, runner.whole_row(runner.embed_block(self.frozen, job.head_ids, job.soft), tail)  # [P+t, D]
 
-    def _block(self, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> torch.Tensor:
-        """The fixed block before the query: embedded template head ++ soft prompt, [P, D]."""
-        device, dtype = self.model.device, self.model.dtype
-        head = self.frozen.embedding(torch.tensor(head_ids, dtype=torch.long, device=device))  # [h, D]
-        if soft is None:
-            return head
-        return torch.cat([head, soft.to(device=device, dtype=dtype)], dim=0)  # [h+P, D]
-
-    def _compute_prefix(self, block: torch.Tensor) -> kvops.KV:
-        """KV of the fixed block alone (positions 0..P-1): [1, H, P, d] per layer."""
-        device = block.device
-        no_query = block.new_zeros(1, 0, block.shape[1])  # [1, 0, D]
-        pre = prepend_soft_prompt(block, no_query, torch.ones(1, 0, dtype=torch.long, device=device))
-        out = self.model(
-            inputs_embeds=pre.inputs_embeds,
-            attention_mask=pre.attention_mask,
-            position_ids=pre.position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return kvops.from_cache(out.past_key_values)
+    def _prefix(self, prompt_key: tuple | None, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> kvops.KV:
+        """The fixed block's key/values from the cache, computed and cached on a miss."""
+        key = PrefixCache.key(prompt_key, head_ids)
+        prefix = self.prefix_cache.get(key)
+        if prefix is None:
+            prefix = runner.compute_prefix(self.model, runner.embed_block(self.frozen, head_ids, soft))
+            self.prefix_cache.put(key, prefix)
+        return prefix
 
     # ------------------------------------------------------------ decoding
     def _decode_step(self) -> None:
         seqs = self._seqs
-        device = self.model.device
         try:
-            ids = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long, device=device)  # [B, 1]
-            positions = self._mask.sum(dim=1, keepdim=True)  # [B, 1]: real tokens so far
-            mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)  # [B, L+1]
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            logits, cache, mask = runner.decode_step(self.model, [s.ids[-1] for s in seqs], self._mask, self._cache)
         except Exception as exc:  # the shared batch state is unknown now: every row in it fails
             logger.exception("decode step over %d rows failed", len(seqs))
             self._fail_running(EngineError(f"Decoding failed: {exc}"))
             return
-        self._cache, self._mask = out.past_key_values, mask
+        self._cache, self._mask = cache, mask
         self.counters["decode_steps"] += 1
         self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(seqs))
         for s in seqs:
             s.max_batch = max(s.max_batch, len(seqs))
-        self._advance(seqs, out.logits[:, -1].float())
+        self._advance(seqs, logits)
         self._retire_finished()
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -439,7 +373,7 @@ class Engine:
         spare = max(s.params.max_new_tokens - len(s.ids) for s in seqs) + 1
         return kvops.to_growing_cache(kv, spare)
 
-    def _fail(self, job: Job, error: Exception) -> None:
+    def _fail(self, job: GenerationRequest, error: Exception) -> None:
         if not job.closed:
             self.counters["requests_failed"] += 1
         job.fail(error)
@@ -450,7 +384,7 @@ class Engine:
         self._seqs, self._cache, self._mask = [], None, None
 
 
-def _cancelled(job: Job) -> DoneEvent:
+def _cancelled(job: GenerationRequest) -> DoneEvent:
     """The final event of a request cancelled while it waited."""
     return DoneEvent(text="", finish_reason="cancelled", prompt_tokens=job.prompt_tokens, soft_prompt_tokens=job.soft_len,
                      completion_tokens=0, queue_ms=0.0, ttft_ms=0.0, prefill_ms=0.0, decode_ms=0.0, total_ms=0.0)

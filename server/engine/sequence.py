@@ -53,7 +53,7 @@ Event = TokenEvent | DoneEvent | FailedEvent
 
 
 @dataclass
-class Job:
+class GenerationRequest:
     """What the engine needs to serve one request (built by the caller, validated already).
 
     `prompt_key` identifies the soft prompt (None for the bare model); `soft` is its `[P, D]`
@@ -97,7 +97,7 @@ class Job:
 class Sequence:
     """A running row: generated ids, incremental text, stop handling, timings."""
 
-    def __init__(self, job: Job, tokenizer, eos_ids: set[int]):
+    def __init__(self, job: GenerationRequest, tokenizer, eos_ids: set[int]):
         self.job, self.tokenizer, self.eos_ids = job, tokenizer, eos_ids
         self.params = job.params
         self.generator = job.params.generator()
