@@ -5,7 +5,6 @@ FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    OMP_WAIT_POLICY=PASSIVE \
     SOFTPROMPT_STORE=/data/prompt-store \
     SOFTPROMPT_CACHE_DIR=/opt/softprompt-cache
 

@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/softprompt serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/softprompt serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

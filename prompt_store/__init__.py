@@ -1,10 +1,8 @@
 """Versioned, immutable store of soft prompts saved as PEFT prompt-tuning adapters."""
 
-import os
+from .openmp import set_wait_policy
 
-# Set before torch is imported: torch otherwise spin-waits and a busy neighbour on a small
-# machine makes it many times slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+set_wait_policy()  # before torch loads (openmp.py says why)
 
 # ruff: noqa: E402
 

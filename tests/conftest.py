@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import pytest  # noqa: E402
+import prompt_store  # noqa: F401  (first: it sets how torch's threads wait, before torch loads)
+import pytest
 
 from tests.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 from trainer.modeling import FrozenModel, from_loaded, load_frozen_model  # noqa: E402

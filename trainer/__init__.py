@@ -1,7 +1,3 @@
 """EmbedGrad: optimise the token embeddings of a text prompt through a frozen model."""
 
-import os
-
-# Torch spin-waits between parallel regions by default; on a small shared machine a busy
-# neighbour then makes it many times slower. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import prompt_store  # noqa: F401  (first: it sets how torch's threads wait, before torch loads)

@@ -10,27 +10,24 @@ A file named `cancel` in the job folder stops it after the current step; nothing
 
 from __future__ import annotations
 
-import os
+import json
+import logging
 import sys
+import traceback
+from pathlib import Path
 
-# Before torch: the server sets OMP_NUM_THREADS to the job's threads (default SOFTPROMPT_TRAIN_THREADS);
-# the trainer's loop sets the same count with torch.set_num_threads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The server starts this process with OMP_NUM_THREADS (the job's threads) and a wait policy that
+# never spins beside the serving engine (manager.py); the trainer's loop sets the same count.
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
+from prompt_store import PromptStore
+from trainer.config import TrainConfig
+from trainer.curves import write_curves
+from trainer.data import load_examples, split_examples
+from trainer.loop import TrainingCancelled, TrainProgress, train_prompt
+from trainer.modeling import load_frozen_model
+from trainer.publish import publish_result
 
-from prompt_store import PromptStore  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.curves import write_curves  # noqa: E402
-from trainer.data import load_examples, split_examples  # noqa: E402
-from trainer.loop import TrainingCancelled, TrainProgress, train_prompt  # noqa: E402
-from trainer.modeling import load_frozen_model  # noqa: E402
-from trainer.publish import publish_result  # noqa: E402
-
-from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, TRAIN_DATA  # noqa: E402
+from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, TRAIN_DATA
 
 logger = logging.getLogger("server.jobs.worker")
 
