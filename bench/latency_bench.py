@@ -33,11 +33,11 @@ import httpx  # noqa: E402
 
 from bench.serve_bench import QUERIES, free_port, host_line, start_server, wait_ready  # noqa: E402
 
-POLICIES = {  # name: the environment OpenMP starts with (GOMP_SPINCOUNT overrides the policy's spin count)
-    "passive (sleep)": {"OMP_WAIT_POLICY": "PASSIVE"},
+POLICIES = {  # name: the environment OpenMP starts with, spin count explicit (it overrides the policy's)
+    "passive (sleep)": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
     "spin 300k (libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
-    "spin 30k": {"GOMP_SPINCOUNT": "30000"},
-    "active (spin forever)": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "spin 30k (the server's default)": {"GOMP_SPINCOUNT": "30000"},
+    "active (spin forever)": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "infinite"},
 }
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 

@@ -1,6 +1,8 @@
-"""Paired A/B of how torch's OpenMP threads wait between parallel regions: asleep
-(`OMP_WAIT_POLICY=PASSIVE`, what every entry point sets) or spinning for a while first
-(`GOMP_SPINCOUNT=300000`, GNU libgomp's own default of about 3 ms, opt-in).
+"""Paired A/B of how torch's OpenMP threads wait between parallel regions: asleep at once
+(`GOMP_SPINCOUNT=0`) or spinning for a while first (`GOMP_SPINCOUNT=300000`, GNU libgomp's
+own default of about 3 ms). Each step starts after a pause, so this measures steps taken one
+at a time; bench/latency_bench.py measures continuous batch-1 decoding, which chose the
+server's default (30,000, prompt_store/openmp.py).
 
     .venv/bin/python bench/omp_ab.py [--rows 16] [--steps 40]   # one decode step
     .venv/bin/python bench/omp_ab.py --busy                      # beside a busy neighbour

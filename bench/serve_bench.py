@@ -175,11 +175,11 @@ def static_batch(frozen, requests, max_new_tokens: int, fixed_length: bool) -> d
 
 # The wait policies plain transformers is measured under, each in a process of its own (libgomp
 # reads them once, when torch loads); the baseline is the best of them on this host.
-BASELINE_POLICIES = {
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+BASELINE_POLICIES = {  # the spin count explicit: it overrides the policy's (and prompt_store's default)
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
     "spin 30k": {"GOMP_SPINCOUNT": "30000"},
     "spin 300k (libgomp default)": {"GOMP_SPINCOUNT": "300000"},
-    "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "active": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "infinite"},
 }
 
 

@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from collections.abc import Callable
 
 from .errors import PromptStoreError
 from .fingerprint import ModelFingerprint
+from .settings import CommonSettings
 from .store import PromptStore
 
 # Given a model spec, returns (fingerprint, base model id). The store cannot load models
 # itself (imports flow prompt_store <- trainer); the `softprompt` CLI passes one in.
 Fingerprinter = Callable[[str], tuple[ModelFingerprint, str]]
 
-DEFAULT_STORE = "./prompt-store"
 
 
 def build_parser(
@@ -27,7 +26,7 @@ def build_parser(
     parser = parser or argparse.ArgumentParser(prog="softprompt prompts", description=__doc__)
     parser.add_argument(
         "--store",
-        default=os.environ.get("SOFTPROMPT_STORE", DEFAULT_STORE),
+        default=str(CommonSettings().store),
         help="store root (default: $SOFTPROMPT_STORE or ./prompt-store)",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -98,6 +98,8 @@ class PromptStore:
     def load(self, ref: str | PromptVersion, *, expect: ModelFingerprint | None = None) -> LoadedPrompt:
         """Load and validate a version: checksum, shape, finiteness, and model compatibility."""
         version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
+        if expect is not None:  # first: no need to read a file made for another model
+            self.check_compatible(version, expect)
         weights = version.path / peft_format.ADAPTER_WEIGHTS
         data = weights.read_bytes()
         if hashlib.sha256(data).hexdigest() != version.checksum:
@@ -108,8 +110,6 @@ class PromptStore:
         tensor = peft_format.read_weights(weights)
         if tensor.shape[0] != version.num_virtual_tokens:
             raise ChecksumMismatchError(f"{version.id}: tensor has {tensor.shape[0]} vectors, meta says {version.num_virtual_tokens}.")
-        if expect is not None:
-            self.check_compatible(version, expect)
         return LoadedPrompt(version=version, embeddings=tensor)
 
     @staticmethod

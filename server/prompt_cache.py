@@ -35,8 +35,7 @@ class PromptCache:
                 self.hits += 1
                 return loaded
         try:
-            self.store.check_compatible(version, self.fingerprint)
-            loaded = self.store.load(version, expect=self.fingerprint)
+            loaded = self.store.load(version, expect=self.fingerprint)  # checks compatibility before reading
         except Exception:
             with self._lock:
                 self.load_failures += 1

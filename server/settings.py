@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prompt_store.settings import CommonSettings
 
 
 logger = logging.getLogger(__name__)
@@ -26,11 +27,9 @@ def is_loopback(host: str) -> bool:
 RETIRED = {"SOFTPROMPT_PACKED_DECODE": "SOFTPROMPT_PACKED_WEIGHTS (oneDNN packing, on by default)"}
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SOFTPROMPT_", env_file=".env", extra="ignore")
+class Settings(CommonSettings):
+    """The server's settings: the common ones (model, store, cache_dir) and its own."""
 
-    model: str = Field("default", description="model spec: 'default' (embedded SmolLM2), a HF folder or a .gguf file")
-    store: Path = Field(Path("./prompt-store"), description="prompt store root")
     api_key: str | None = Field(None, description="if set, admin routes need 'Authorization: Bearer <key>'; an "
                                 "empty key is refused at start")
     client_keys: str | None = Field(None, description="comma-separated keys: when set, /generate and /v1 need "

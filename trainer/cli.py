@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
+
+from prompt_store.settings import CommonSettings
 
 from .config import TrainConfig, TrainConfigError
 from .data import DataError, load_examples, split_examples
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .modeling import load_frozen_model
 
-    store = PromptStore(args.store or os.environ.get("SOFTPROMPT_STORE") or "prompt-store")
-    frozen = load_frozen_model(args.model or os.environ.get("SOFTPROMPT_MODEL") or "default")
+    settings = CommonSettings()
+    store = PromptStore(args.store or settings.store)
+    frozen = load_frozen_model(args.model or settings.model)
     try:
         result = _train_with_progress(frozen, train, val, config, show=not args.no_progress)
     except KeyboardInterrupt:

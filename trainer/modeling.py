@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prompt_store import ModelFingerprint
+from prompt_store.settings import CommonSettings
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SOFTPROMPT_CACHE_DIR", Path.home() / ".cache" / "softprompt")).expanduser()
+    return CommonSettings().cache_dir.expanduser()
 
 
 def _gguf_cache_folder(resolved: ResolvedSpec) -> Path:
