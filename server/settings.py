@@ -55,7 +55,7 @@ class Settings(CommonSettings):
     train_threads: int = Field(1, ge=1, description="torch threads a training job may use")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest training upload accepted")
     train_concurrency: int = Field(1, ge=1, description="training jobs run at once (the rest wait, FIFO)")
-    # serving engine (issue 4)
+    # serving engine
     prefix_cache_mb: int = Field(512, ge=1, description="memory for cached soft-prompt prefix key/values (LRU)")
     use_prefix_cache: bool = Field(True, description="reuse the soft prompt's key/values across requests")
     prewarm: bool = Field(True, description="load and prefill new prompt versions as soon as they are published")
