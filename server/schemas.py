@@ -26,6 +26,13 @@ def _unicode(value):
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS), BeforeValidator(_unicode)]
 
 
+def check_temperature(value: float | None, upper: float) -> float | None:
+    """0 (or none) means greedy; a positive temperature must be at least MIN_TEMPERATURE."""
+    if value is not None and 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"use 0 for greedy decoding, or a temperature from {MIN_TEMPERATURE} to {upper}")
+    return value
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: Text
@@ -65,9 +72,7 @@ class GenerateRequest(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, value):
-        if value is not None and 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"use 0 for greedy decoding, or a temperature from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}")
-        return value
+        return check_temperature(value, MAX_TEMPERATURE)
 
 
 class Usage(BaseModel):

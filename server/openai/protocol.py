@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..schemas import MAX_MESSAGES, MAX_SEED, MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE, Text
+from ..schemas import MAX_MESSAGES, MAX_SEED, MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE, Text, check_temperature
 
 MAX_N = 16  # choices per request (each is a row of the batch)
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
@@ -76,9 +76,7 @@ class SamplingFields(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, value):
-        if value is not None and 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"use 0 for greedy decoding, or a temperature from {MIN_TEMPERATURE} to 2")
-        return value
+        return check_temperature(value, 2)
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

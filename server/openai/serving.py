@@ -88,15 +88,7 @@ class OpenAIServing:
 
     # ---------------------------------------------------------------- streams
     async def chat_stream(self, request: ChatCompletionRequest, handles: list[RequestHandle]) -> AsyncIterator[str]:
-        head = {"id": _id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": self._served(handles[0]), "system_fingerprint": None}
-
-        def chunk(choices: list, usage=None) -> str:
-            body = {**head, "choices": choices}
-            if _include_usage(request):
-                body["usage"] = usage
-            return json.dumps(body)
-
+        chunk = _chunk_writer("chatcmpl", "chat.completion.chunk", self._served(handles[0]), _include_usage(request))
         for i in range(len(handles)):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         async for i, event in _merged(handles):
@@ -109,15 +101,7 @@ class OpenAIServing:
             yield chunk([], _usage([h.done for h in handles], request.n))
 
     async def completion_stream(self, request: CompletionRequest, handles: list[RequestHandle]) -> AsyncIterator[str]:
-        head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()),
-                "model": self._served(handles[0]), "system_fingerprint": None}
-
-        def chunk(choices: list, usage=None) -> str:
-            body = {**head, "choices": choices}
-            if _include_usage(request):
-                body["usage"] = usage
-            return json.dumps(body)
-
+        chunk = _chunk_writer("cmpl", "text_completion", self._served(handles[0]), _include_usage(request))
         async for i, event in _merged(handles):
             logprobs = self._completion_logprobs(event.logprobs) if request.logprobs is not None else None
             if isinstance(event, TokenEvent):
@@ -183,6 +167,20 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Toke
             task.cancel()
         for handle in handles:
             handle.cancel()  # no-op for finished rows; frees the rest when the client left
+
+
+def _chunk_writer(kind: str, obj: str, model: str, include_usage: bool):
+    """One stream's chunks: the same id, object, time and model in each; `usage` (null until the
+    last chunk) only when the client asked for it."""
+    head = {"id": _id(kind), "object": obj, "created": int(time.time()), "model": model, "system_fingerprint": None}
+
+    def chunk(choices: list, usage: dict | None = None) -> str:
+        body = {**head, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return json.dumps(body)
+
+    return chunk
 
 
 def _finish_reason(done: DoneEvent) -> str:
