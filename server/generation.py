@@ -37,7 +37,7 @@ class RequestHandle:
     and on a 2-core machine that Python work competes with the decode step's threads)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, stream: bool, metrics: RequestMetrics | None):
-        self.job: GenerationRequest | None = None  # set once built, before the engine sees it
+        self.request: GenerationRequest | None = None  # set once built, before the engine sees it
         self.done: DoneEvent | None = None  # the final event, once a reader has seen it
         self.prompt_label: str | None = None  # the resolved version, e.g. "math-v3"
         self._loop, self._stream, self._metrics = loop, stream, metrics
@@ -45,7 +45,7 @@ class RequestHandle:
 
     def sink(self, event: Event) -> None:
         if self._metrics is not None and not isinstance(event, TokenEvent):
-            self._metrics.observe(self.job, event)
+            self._metrics.observe(self.request, event)
         if self._stream or not isinstance(event, TokenEvent):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
@@ -72,8 +72,8 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Client went away: the engine drops the row at its next step."""
-        if self.job is not None:
-            self.job.cancelled = True
+        if self.request is not None:
+            self.request.cancelled = True
 
 
 @dataclass
@@ -118,7 +118,7 @@ class GenerationService:
             )
         loaded = self.prompts.get(prompt_ref) if prompt_ref else None
         layout = self._layout(request)
-        job = GenerationRequest(
+        engine_request = GenerationRequest(
             prompt_key=loaded.cache_key if loaded else None,
             soft=loaded.embeddings if loaded else None,
             head_ids=layout.head_ids,
@@ -127,11 +127,11 @@ class GenerationService:
             sink=handle.sink,
         )
         limit = self.frozen.context_length
-        if request.fit_max_new_tokens and 0 < limit - job.prompt_tokens < job.params.max_new_tokens:
-            job.params = replace(job.params, max_new_tokens=limit - job.prompt_tokens)
-        if job.prompt_tokens + job.params.max_new_tokens > limit:
-            raise InputTooLongError(job.prompt_tokens, job.params.max_new_tokens, limit)
-        handle.job, handle.prompt_label = job, (str(loaded.version.id) if loaded else None)
+        if request.fit_max_new_tokens and 0 < limit - engine_request.prompt_tokens < engine_request.params.max_new_tokens:
+            engine_request.params = replace(engine_request.params, max_new_tokens=limit - engine_request.prompt_tokens)
+        if engine_request.prompt_tokens + engine_request.params.max_new_tokens > limit:
+            raise InputTooLongError(engine_request.prompt_tokens, engine_request.params.max_new_tokens, limit)
+        handle.request, handle.prompt_label = engine_request, (str(loaded.version.id) if loaded else None)
 
     def _build_all(self, prompt_ref: str | None, requests: list[GenerationInput], handles: list[RequestHandle]) -> None:
         for request, handle in zip(requests, handles):
@@ -158,5 +158,5 @@ class GenerationService:
             self.engine.release(len(requests))
             raise
         for handle in handles:
-            self.engine.submit(handle.job, reserved=True)
+            self.engine.submit(handle.request, reserved=True)
         return handles

@@ -23,9 +23,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
-def prompt_label(job: GenerationRequest | None) -> str:
+def prompt_label(request: GenerationRequest | None) -> str:
     """The prompt name a request used (prompt keys are (name, version, checksum)), or `none`."""
-    return str(job.prompt_key[0]) if job is not None and job.prompt_key else "none"
+    return str(request.prompt_key[0]) if request is not None and request.prompt_key else "none"
 
 
 class RequestMetrics:
@@ -45,9 +45,9 @@ class RequestMetrics:
         self.finished = Counter("softprompt_requests_finished", "Finished generation requests by finish reason "
                                 "(stop, length, cancelled, error).", ["prompt", "finish_reason"], registry=registry)
 
-    def observe(self, job: GenerationRequest | None, event: DoneEvent | FailedEvent) -> None:
+    def observe(self, request: GenerationRequest | None, event: DoneEvent | FailedEvent) -> None:
         """Record one finished request (called once per request, from the engine thread)."""
-        prompt = prompt_label(job)
+        prompt = prompt_label(request)
         if isinstance(event, FailedEvent):
             self.finished.labels(prompt, "error").inc()
             return

@@ -105,7 +105,7 @@ class Engine:
         """Take `count` places in the queue for requests still being built (thread-safe, never waits).
 
         Raises QueueFullError at once when they do not all fit, so overload is refused before any
-        tokenizing or prompt loading. Hand each place to `submit(job, reserved=True)` or give
+        tokenizing or prompt loading. Hand each place to `submit(request, reserved=True)` or give
         them back with `release(count)`."""
         with self._lock:
             if self._closed or not self.alive:
@@ -124,17 +124,17 @@ class Engine:
         with self._lock:
             self._waiting_count -= count
 
-    def submit(self, job: GenerationRequest, *, reserved: bool = False) -> None:
+    def submit(self, request: GenerationRequest, *, reserved: bool = False) -> None:
         """Queue a request (thread-safe). Raises QueueFullError when too many are waiting.
 
-        Once queued, the job gets exactly one final event (done or failed), whatever happens."""
+        Once queued, the request gets exactly one final event (done or failed), whatever happens."""
         if not reserved:
             self.reserve()
         with self._lock:
             if self._closed:
                 self._waiting_count -= 1
                 raise ShuttingDownError("The server is shutting down.")
-            self._inbox.put(job)
+            self._inbox.put(request)
 
     def prewarm(self, prompt_key: tuple | None, soft: torch.Tensor | None, head_ids: tuple[int, ...]) -> Future:
         """Compute (in the engine thread) the prefix KV of a prompt for `head_ids` ahead of use."""
@@ -189,8 +189,8 @@ class Engine:
                 self._waiting.append(item)
             elif isinstance(item, tuple):
                 item[-1].set_exception(error)  # a prewarm's future
-        for job in self._waiting:
-            self._fail(job, error)
+        for request in self._waiting:
+            self._fail(request, error)
         self._waiting.clear()
         self._fail_running(error)
 
@@ -210,7 +210,7 @@ class Engine:
             self._threads_now = want
 
     def _drain_inbox(self, *, block: bool) -> None:
-        """Move queued jobs to `_waiting` and run prewarms. When the engine was idle, wait up to
+        """Move queued requests to `_waiting` and run prewarms. When the engine was idle, wait up to
         `batch_window_ms` for more arrivals (each resets the wait) so a burst is prefilled together."""
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
@@ -249,22 +249,22 @@ class Engine:
         it was."""
         new: list[Sequence] = []
         while self._waiting and len(self._seqs) + len(new) < self.max_batch_size:
-            job = self._waiting.popleft()
+            request = self._waiting.popleft()
             with self._lock:
                 self._waiting_count -= 1
-            if job.cancelled:
-                job.send(_cancelled(job))
+            if request.cancelled:
+                request.send(_cancelled(request))
                 continue
             try:
-                new.append(Sequence(job, self.tokenizer, self.eos_ids))
+                new.append(Sequence(request, self.tokenizer, self.eos_ids))
             except Exception as exc:
                 logger.exception("could not start a request")
-                self._fail(job, EngineError(f"The request could not start: {exc}"))
+                self._fail(request, EngineError(f"The request could not start: {exc}"))
         if not new:
             return
         started = time.perf_counter()
         try:
-            kv, mask, logits = self._prefill([s.job for s in new])
+            kv, mask, logits = self._prefill([s.request for s in new])
             self.counters["prefill_batches"] += 1
             elapsed = (time.perf_counter() - started) * 1e3
             size = len(self._seqs) + len(new)
@@ -277,24 +277,24 @@ class Engine:
         except Exception as exc:
             logger.exception("prefill of %d new rows failed", len(new))
             for s in new:
-                self._fail(s.job, EngineError(f"Prefill failed: {exc}"))
+                self._fail(s.request, EngineError(f"Prefill failed: {exc}"))
             return
         self._seqs += new
         self._cache, self._mask = cache, mask
         self._retire_finished()
 
-    def _prefill(self, jobs: list[GenerationRequest]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
+    def _prefill(self, requests: list[GenerationRequest]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
         """One forward over every new row's tail on top of its prefix: (kv, mask [b, L], logits [b, V])."""
         pad = self.frozen.embedding(torch.tensor(self._pad_id, device=self.model.device))  # [D]
-        return runner.prefill(self.model, [self._row_inputs(job) for job in jobs], pad)
+        return runner.prefill(self.model, [self._row_inputs(request) for request in requests], pad)
 
-    def _row_inputs(self, job: GenerationRequest) -> tuple[kvops.KV | None, torch.Tensor]:
+    def _row_inputs(self, request: GenerationRequest) -> tuple[kvops.KV | None, torch.Tensor]:
         """(prefix key/values or None, the embeddings after them [n, D]) for one new row: the fixed
         block comes from the prefix cache when it can be reused, else it goes through the forward pass."""
-        tail = runner.embed_tail(self.frozen, job.tail_ids)  # [t, D]
-        if self.use_prefix_cache and job.tail_ids and (job.head_ids or job.soft_len):
-            return self._prefix(job.prompt_key, job.head_ids, job.soft), tail
-        return None, runner.whole_row(runner.embed_block(self.frozen, job.head_ids, job.soft), tail)  # [P+t, D]
+        tail = runner.embed_tail(self.frozen, request.tail_ids)  # [t, D]
+        if self.use_prefix_cache and request.tail_ids and (request.head_ids or request.soft_len):
+            return self._prefix(request.prompt_key, request.head_ids, request.soft), tail
+        return None, runner.whole_row(runner.embed_block(self.frozen, request.head_ids, request.soft), tail)  # [P+t, D]
 
     def _prefix(self, prompt_key: tuple | None, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> kvops.KV:
         """The fixed block's key/values from the cache, computed and cached on a miss."""
@@ -327,16 +327,16 @@ class Engine:
         tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
         logprobs = self._logprobs(seqs, logits, tokens)
         for row, (s, token) in enumerate(zip(seqs, tokens)):
-            if s.job.cancelled or s.job.closed:
+            if s.request.cancelled or s.request.closed:
                 continue
             if isinstance(token, Exception):
-                self._fail(s.job, token)
+                self._fail(s.request, token)
                 continue
             try:
                 s.push(token, logprobs.get(row))
             except Exception as exc:
                 logger.exception("could not record a token")
-                self._fail(s.job, EngineError(f"Could not decode the output: {exc}"))
+                self._fail(s.request, EngineError(f"Could not decode the output: {exc}"))
         self.counters["tokens_generated"] += len(seqs)
 
     @staticmethod
@@ -349,11 +349,11 @@ class Engine:
         return dict(zip(rows, found))
 
     def _retire_finished(self) -> None:
-        done = [i for i, s in enumerate(self._seqs) if s.finish_reason is not None or s.job.cancelled or s.job.closed]
+        done = [i for i, s in enumerate(self._seqs) if s.finish_reason is not None or s.request.cancelled or s.request.closed]
         if not done:
             return
         for i in done:
-            if not self._seqs[i].job.closed:
+            if not self._seqs[i].request.closed:
                 self._seqs[i].finish()
                 self.counters["requests_finished"] += 1
         keep = [i for i in range(len(self._seqs)) if i not in set(done)]
@@ -373,20 +373,20 @@ class Engine:
         spare = max(s.params.max_new_tokens - len(s.ids) for s in seqs) + 1
         return kvops.to_growing_cache(kv, spare)
 
-    def _fail(self, job: GenerationRequest, error: Exception) -> None:
-        if not job.closed:
+    def _fail(self, request: GenerationRequest, error: Exception) -> None:
+        if not request.closed:
             self.counters["requests_failed"] += 1
-        job.fail(error)
+        request.fail(error)
 
     def _fail_running(self, error: Exception) -> None:
         for s in self._seqs:
-            self._fail(s.job, error)
+            self._fail(s.request, error)
         self._seqs, self._cache, self._mask = [], None, None
 
 
-def _cancelled(job: GenerationRequest) -> DoneEvent:
+def _cancelled(request: GenerationRequest) -> DoneEvent:
     """The final event of a request cancelled while it waited."""
-    return DoneEvent(text="", finish_reason="cancelled", prompt_tokens=job.prompt_tokens, soft_prompt_tokens=job.soft_len,
+    return DoneEvent(text="", finish_reason="cancelled", prompt_tokens=request.prompt_tokens, soft_prompt_tokens=request.soft_len,
                      completion_tokens=0, queue_ms=0.0, ttft_ms=0.0, prefill_ms=0.0, decode_ms=0.0, total_ms=0.0)
 
 

@@ -71,7 +71,7 @@ class GenerationRequest:
     closed: bool = False  # a final event (done or failed) was sent; nothing follows it
 
     def send(self, event: Event) -> None:
-        """Deliver an event. The first final event closes the job: every request gets exactly
+        """Deliver an event. The first final event closes the request: every request gets exactly
         one, whichever part of the engine ends it. A failing sink never reaches the engine."""
         if self.closed:
             return
@@ -97,10 +97,10 @@ class GenerationRequest:
 class Sequence:
     """A running row: generated ids, incremental text, stop handling, timings."""
 
-    def __init__(self, job: GenerationRequest, tokenizer, eos_ids: set[int]):
-        self.job, self.tokenizer, self.eos_ids = job, tokenizer, eos_ids
-        self.params = job.params
-        self.generator = job.params.generator()
+    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int]):
+        self.request, self.tokenizer, self.eos_ids = request, tokenizer, eos_ids
+        self.params = request.params
+        self.generator = request.params.generator()
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.token_times: list[float] = []
@@ -109,7 +109,7 @@ class Sequence:
         self.emitted = 0
         self._prefix_offset = 0
         self._read_offset = 0
-        self._hold = max((len(s) for s in job.params.stop), default=1) - 1
+        self._hold = max((len(s) for s in request.params.stop), default=1) - 1
         self.finish_reason: str | None = None
         self.admitted_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -155,25 +155,25 @@ class Sequence:
     def _emit(self, *, final: bool) -> None:
         upto = len(self.text) if final else max(self.emitted, len(self.text) - self._hold)
         if upto > self.emitted:
-            self.job.send(TokenEvent(self.text[self.emitted : upto], self.ids[-1], self.logprobs[self._logprobs_sent :]))
+            self.request.send(TokenEvent(self.text[self.emitted : upto], self.ids[-1], self.logprobs[self._logprobs_sent :]))
             self.emitted, self._logprobs_sent = upto, len(self.logprobs)
 
     def finish(self) -> None:
         now = time.perf_counter()
-        job = self.job
+        request = self.request
         first = self.first_token_at or now
-        job.send(
+        request.send(
             DoneEvent(
                 text=self.text,
                 finish_reason=self.finish_reason or "cancelled",
-                prompt_tokens=job.prompt_tokens,
-                soft_prompt_tokens=job.soft_len,
+                prompt_tokens=request.prompt_tokens,
+                soft_prompt_tokens=request.soft_len,
                 completion_tokens=len(self.ids),
-                queue_ms=(self.admitted_at - job.submitted_at) * 1e3,
-                ttft_ms=(first - job.submitted_at) * 1e3,
+                queue_ms=(self.admitted_at - request.submitted_at) * 1e3,
+                ttft_ms=(first - request.submitted_at) * 1e3,
                 prefill_ms=self.prefill_ms,
                 decode_ms=(now - first) * 1e3,
-                total_ms=(now - job.submitted_at) * 1e3,
+                total_ms=(now - request.submitted_at) * 1e3,
                 batch_sizes=(self.joined_batch, self.max_batch),
                 token_ids=list(self.ids),
                 logprobs=list(self.logprobs),
