@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
+from bench.hf_baseline import BASELINE_POLICIES, run_baseline  # noqa: E402
 from prompt_store import PromptStore  # noqa: E402
-from trainer.layout import ChatLayout  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
 PROMPT_LENGTHS = {"sentiment": 20, "math": 40, "summary": 60, "style": 100}  # vectors per version
@@ -128,83 +128,6 @@ def _pooled(rounds: list[dict]) -> dict:
         pooled.update(max_batch=max(r["max_batch"] for r in rounds), prefill_batches=max(r["prefill_batches"] for r in rounds),
                       decode_steps=sum(r["decode_steps"] for r in rounds))
     return pooled
-
-
-def baseline(frozen, requests, max_new_tokens: int, fixed_length: bool) -> dict:
-    """The same requests one by one with plain HF generate; the prompt is its text tokens."""
-    layout = ChatLayout(frozen.tokenizer)
-    pad = frozen.tokenizer.pad_token_id
-    texts, tokens = [], 0
-
-    def run(query, ids):
-        lay = layout.for_input(query)
-        input_ids = torch.tensor([list(lay.head_ids) + ids + list(lay.tail_ids)])
-        with torch.inference_mode():
-            out = frozen.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                        min_new_tokens=max_new_tokens if fixed_length else None)
-        new = out[0, input_ids.shape[1]:]
-        return frozen.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
-
-    run(requests[0][0], requests[0][2])  # warm-up, not counted
-    started = time.perf_counter()
-    for query, _, ids in requests:
-        text, n = run(query, ids)
-        texts.append(text)
-        tokens += n
-    wall = time.perf_counter() - started
-    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "texts": texts}
-
-
-def static_batch(frozen, requests, max_new_tokens: int, fixed_length: bool) -> dict:
-    """The same requests as ONE left-padded HF generate batch (what a static batcher would do)."""
-    layout = ChatLayout(frozen.tokenizer)
-    rows = [list(layout.for_input(q).head_ids) + ids + list(layout.for_input(q).tail_ids) for q, _, ids in requests]
-    width, pad = max(map(len, rows)), frozen.tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # [16, T]
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = frozen.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad, min_new_tokens=max_new_tokens if fixed_length else None)
-    wall = time.perf_counter() - started
-    new = out[:, width:]
-    tokens = int((new != pad).sum()) if not fixed_length else new.numel()
-    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "texts": []}
-
-
-# The wait policies plain transformers is measured under, each in a process of its own (libgomp
-# reads them once, when torch loads); the baseline is the best of them on this host.
-BASELINE_POLICIES = {  # the spin count explicit: it overrides the policy's (and prompt_store's default)
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
-    "spin 30k": {"GOMP_SPINCOUNT": "30000"},
-    "spin 300k (libgomp default)": {"GOMP_SPINCOUNT": "300000"},
-    "active": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "infinite"},
-}
-
-
-def run_baseline(model: str, policy: str, requests, max_new_tokens: int, fixed_length: bool, *, static: bool,
-                 threads: int | None) -> dict:
-    """`baseline` (and `static_batch`) in a child process under one wait policy."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(BASELINE_POLICIES[policy])
-    job = json.dumps({"model": model, "requests": requests, "max_new_tokens": max_new_tokens, "fixed": fixed_length,
-                      "static": static, "threads": threads})
-    out = subprocess.run([sys.executable, __file__, "--baseline-child"], input=job, env=env, capture_output=True,
-                         text=True, timeout=3600, check=True, cwd=Path(__file__).resolve().parents[1])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def baseline_child() -> None:
-    job = json.loads(sys.stdin.read())
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
-    frozen = load_frozen_model(job["model"], device="cpu")
-    requests = [tuple(r) for r in job["requests"]]
-    result = {"one_by_one": baseline(frozen, requests, job["max_new_tokens"], job["fixed"])}
-    if job["static"]:
-        result["static"] = static_batch(frozen, requests, job["max_new_tokens"], job["fixed"])
-    print(json.dumps(result))
 
 
 async def served(base: str, requests, max_new_tokens: int, fixed_length: bool) -> dict:
@@ -322,11 +245,7 @@ def main() -> int:
                         help="each round also drives the same concurrent requests through the openai SDK (streamed chat "
                              "completions) and compares their throughput with /generate's")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.baseline_child:
-        baseline_child()
-        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 

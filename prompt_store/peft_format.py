@@ -6,7 +6,6 @@ loads it. We write the config by hand so the store does not need `peft` installe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

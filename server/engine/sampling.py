@@ -86,3 +86,11 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> l
             alternatives = list(zip(best.indices[row, : top[row]].tolist(), best.values[row, : top[row]].tolist()))
         out.append((token, value, alternatives))
     return out
+
+
+def rows_logprobs(logits: torch.Tensor, tokens: list, params: list[SamplingParams]) -> dict[int, TokenLogprob]:
+    """Row -> its chosen token's log-probability and alternatives, for the rows that asked (and got a token)."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None and isinstance(tokens[i], int)]
+    if not rows:
+        return {}
+    return dict(zip(rows, token_logprobs(logits[rows], [tokens[i] for i in rows], [params[i].logprobs for i in rows])))

@@ -28,7 +28,7 @@ from . import kv as kvops
 from . import runner
 from .errors import EngineError, EngineNotReadyError, QueueFullError, ShuttingDownError
 from .prefix_cache import PrefixCache
-from .sampling import TokenLogprob, choose_tokens, token_logprobs
+from .sampling import choose_tokens, rows_logprobs
 from .sequence import DoneEvent, GenerationRequest, Sequence
 
 logger = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ class Engine:
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Choose and record each row's next token (logits [B, V]); a row that fails here fails alone."""
         tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        logprobs = self._logprobs(seqs, logits, tokens)
+        logprobs = rows_logprobs(logits, tokens, [s.params for s in seqs])
         for row, (s, token) in enumerate(zip(seqs, tokens)):
             if s.request.cancelled or s.request.closed:
                 continue
@@ -338,15 +338,6 @@ class Engine:
                 logger.exception("could not record a token")
                 self._fail(s.request, EngineError(f"Could not decode the output: {exc}"))
         self.counters["tokens_generated"] += len(seqs)
-
-    @staticmethod
-    def _logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: list) -> dict[int, TokenLogprob]:
-        """Row -> the chosen token's log-probability and alternatives, for the rows that asked."""
-        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and isinstance(tokens[i], int)]
-        if not rows:
-            return {}
-        found = token_logprobs(logits[rows], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
-        return dict(zip(rows, found))
 
     def _retire_finished(self) -> None:
         done = [i for i, s in enumerate(self._seqs) if s.finish_reason is not None or s.request.cancelled or s.request.closed]
