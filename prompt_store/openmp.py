@@ -9,8 +9,8 @@ two runs on 2026-12-02; docs/server.md, "Threads and waiting"). Sleeping at once
 (OMP_WAIT_POLICY=PASSIVE) makes each of the hundreds of parallel regions of a decode step pay a
 wake-up: the server decoded at 42-77 ms/token. Spinning 30,000 iterations first: 31 ms, and
 36-38 ms beside a training job. Spinning for ever was no faster and burns a core whenever the
-server is idle; libgomp's own 300,000 was slower beside a training job (47 ms). The spin is
-bounded, so idle threads still sleep. Training workers started by the server are told not to
+server is idle; libgomp's own 300,000 was slower beside a training job (38.9 and 47.4 ms).
+The spin is bounded, so idle threads still sleep. Training workers started by the server are told not to
 spin at all (server/jobs/manager.py): they run beside serving, and the serving engine leaves
 them their threads.
 """

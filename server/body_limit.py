@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BodyTooLargeError, send_error
+from .errors import PayloadTooLargeError, send_error
 
 
 class BodySizeLimit:
@@ -27,7 +27,8 @@ class BodySizeLimit:
             return
         method, path = scope["method"], scope["path"]
         limit, setting = self.limit_for(method, path)
-        too_large = BodyTooLargeError(limit, method, path, setting)
+        too_large = PayloadTooLargeError(limit, f"The request body is over {limit} bytes, the limit for {method} {path} "
+                                               f"({setting}); send less, or raise the limit.")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await send_error(send, path, too_large, close=True)

@@ -49,17 +49,6 @@ class AdminDisabledError(Exception):
     code = "admin_disabled"
 
 
-class BodyTooLargeError(Exception):
-    """A request body over its route's limit (refused by server/body_limit.py before it is read)."""
-
-    code = "payload_too_large"
-
-    def __init__(self, limit: int, method: str, path: str, setting: str):
-        self.limit = limit
-        super().__init__(f"The request body is over {limit} bytes, the limit for {method} {path} ({setting}); "
-                         "send less, or raise the limit.")
-
-
 class InvalidTrainRequestError(Exception):
     """A /train request lacks a required part (file, name, init) or has the wrong content type."""
 
@@ -67,11 +56,13 @@ class InvalidTrainRequestError(Exception):
 
 
 class PayloadTooLargeError(Exception):
+    """A request body (refused by server/body_limit.py before it is read) or an uploaded file over its limit."""
+
     code = "payload_too_large"
 
-    def __init__(self, size: int, limit: int):
-        self.size, self.limit = size, limit
-        super().__init__(f"The upload is {size} bytes; the limit is {limit}.")
+    def __init__(self, limit: int, message: str):
+        self.limit = limit
+        super().__init__(message)
 
 
 # Most specific first: the first matching class decides the status.
@@ -79,7 +70,6 @@ STATUS: list[tuple[type[Exception], int]] = [
     (UnauthorizedError, 401),
     (AdminDisabledError, 403),
     (PayloadTooLargeError, 413),
-    (BodyTooLargeError, 413),
     (UnsupportedParameterError, 400),
     (UploadTooLargeError, 413),
     (JobNotFoundError, 404),
@@ -117,7 +107,7 @@ def error_body(exc: Exception) -> dict:
         body.update(limit=exc.limit, prompt_tokens=exc.prompt_tokens, max_new_tokens=exc.max_new_tokens)
     elif isinstance(exc, QueueFullError):
         body.update(waiting=exc.waiting, limit=exc.limit, retry_after=exc.retry_after)
-    elif isinstance(exc, (PayloadTooLargeError, UploadTooLargeError, BodyTooLargeError)):
+    elif isinstance(exc, (PayloadTooLargeError, UploadTooLargeError)):
         body.update(limit=exc.limit)
     elif isinstance(exc, TrainConfigError):
         body.update(field=exc.field)
@@ -216,7 +206,6 @@ def register_error_handlers(app: FastAPI) -> None:
         UnauthorizedError,
         AdminDisabledError,
         PayloadTooLargeError,
-        BodyTooLargeError,
         UnsupportedParameterError,
         PromptStoreError,
         EngineError,

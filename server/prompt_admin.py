@@ -88,7 +88,7 @@ class PromptAdmin:
 
     def upload(self, name: str, filename: str, data: bytes, *, idempotency_key: str | None = None) -> dict:
         if len(data) > self.max_upload_bytes:
-            raise PayloadTooLargeError(len(data), self.max_upload_bytes)
+            raise PayloadTooLargeError(self.max_upload_bytes, f"The upload is {len(data)} bytes; the limit is {self.max_upload_bytes}.")
         if data[:4] == b"PK\x03\x04":
             tensor, config = self._read_zip(data)
             base_model = config.get("base_model_name_or_path") or self.frozen.base_model
@@ -127,7 +127,7 @@ class PromptAdmin:
         members = [m for m in archive.infolist() if not m.is_dir()]
         declared = sum(m.file_size for m in members)
         if len(members) > MAX_ZIP_MEMBERS or declared > self.max_upload_bytes:
-            raise PayloadTooLargeError(declared, self.max_upload_bytes)
+            raise PayloadTooLargeError(self.max_upload_bytes, f"The upload is {declared} bytes; the limit is {self.max_upload_bytes}.")
         configs = [m for m in members if PurePosixPath(m.filename).name == ADAPTER_CONFIG]
         if len(configs) != 1:
             raise InvalidAdapterError(f"the zip must hold exactly one {ADAPTER_CONFIG} (found {len(configs)}).")

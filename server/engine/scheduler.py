@@ -233,7 +233,7 @@ class Engine:
         try:
             key = PrefixCache.key(prompt_key, head_ids)
             if key not in self.prefix_cache:  # not a request: neither a hit nor a miss
-                self.prefix_cache.put(key, runner.compute_prefix(self.model, runner.embed_block(self.frozen, head_ids, soft)))
+                self.prefix_cache.put(key, self._compute_prefix(head_ids, soft))
                 self.counters["prewarms"] += 1
             future.set_result(True)
         except Exception as exc:
@@ -301,9 +301,12 @@ class Engine:
         key = PrefixCache.key(prompt_key, head_ids)
         prefix = self.prefix_cache.get(key)
         if prefix is None:
-            prefix = runner.compute_prefix(self.model, runner.embed_block(self.frozen, head_ids, soft))
+            prefix = self._compute_prefix(head_ids, soft)
             self.prefix_cache.put(key, prefix)
         return prefix
+
+    def _compute_prefix(self, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> kvops.KV:
+        return runner.compute_prefix(self.model, runner.embed_block(self.frozen, head_ids, soft))
 
     # ------------------------------------------------------------ decoding
     def _decode_step(self) -> None:
