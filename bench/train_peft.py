@@ -75,7 +75,8 @@ def train_peft(frozen: FrozenModel, train: list, val: list, config: TrainConfig,
     batches = _batches(rows, config.batch_size, config.seed)
 
     def run_eval(vectors):
-        return evaluate(frozen, encoder, vectors, val_set, task, batch_size=config.eval_batch_size, placement="sequence_start")
+        return evaluate(frozen, encoder, vectors, val_set, task, batch_size=config.eval_batch_size, placement="sequence_start",
+                        max_new_tokens=config.max_new_tokens)
 
     before = run_eval(init)
     best = {"key": (before["metric"], -before.get("loss", 0.0)), "step": 0, "metric": before["metric"], "vectors": init.clone()}

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, fingerprinter: Fingerprinter | None = None) ->
                 print(f"{alias} -> {target}")
         elif args.command == "show":
             version = store.resolve(args.ref)
-            print(json.dumps({"path": str(version.path), **version.meta}, indent=2))
+            print(json.dumps({"path": str(version.path), **version.meta, "evaluations": store.evaluations(version)}, indent=2))
         elif args.command == "alias":
             if args.remove:
                 store.remove_alias(args.alias)

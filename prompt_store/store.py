@@ -7,6 +7,7 @@ Layout under the root::
     prompts/<name>/v<N>/meta.json                  our metadata (fingerprint, checksum, ...)
     prompts/<name>/v<N>.deleted                    tombstone: version numbers are never reused
     aliases.json                                   {"math-prod": "math-v2", ...}
+    evaluations/<name>/v<N>.json                   scores measured later (mutable, outside the version)
     .locks/                                        file locks (one per name, one for aliases)
     .tmp/<pid>-<uuid>/                             versions being written
 
@@ -48,6 +49,7 @@ from .version import LoadedPrompt, PromptVersion
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+MAX_EVALUATIONS = 100  # per version; older records are dropped
 STAGING_MAX_AGE_SECONDS = 600.0  # a publish or delete holds its .tmp folder for well under a second
 FORMAT_VERSION = 1
 
@@ -61,6 +63,7 @@ class PromptStore:
         self._locks = self.root / ".locks"
         self._tmp = self.root / ".tmp"
         self._aliases_path = self.root / "aliases.json"
+        self._evaluations = self.root / "evaluations"
         for folder in (self._prompts, self._locks, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -130,6 +133,39 @@ class PromptStore:
                 entries.append((folder.name, folder.stat().st_mtime_ns, tuple(self._version_numbers(folder.name))))
         alias_mtime = self._aliases_path.stat().st_mtime_ns if self._aliases_path.exists() else 0
         return (tuple(sorted(entries)), alias_mtime)
+
+    # ----------------------------------------------------------------- evaluations
+    def evaluations(self, ref: str | PromptVersion) -> list[dict]:
+        """Scores recorded for a version after it was published, oldest first."""
+        version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
+        path = self._evaluations_path(version.id)
+        try:
+            records = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError:
+            logger.warning("ignoring unreadable evaluations file %s", path)
+            return []
+        return records if isinstance(records, list) else []
+
+    def record_evaluation(self, ref: str | PromptVersion, record: dict) -> PromptVersion:
+        """Keep `record` (a JSON object: data, metric, score, when) with the version.
+
+        The version's own files stay untouched: evaluations live beside them and are replaced
+        atomically, so a crash keeps the older list. The newest MAX_EVALUATIONS are kept."""
+        version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
+        path = self._evaluations_path(version.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self._locks / f"{version.id.name}.evaluations.lock"):
+            if version.id.version not in self._version_numbers(version.id.name):
+                raise self._not_found(str(version.id))
+            records = [*self.evaluations(version), record][-MAX_EVALUATIONS:]
+            replace_json_atomically(path, records)
+        logger.info("recorded an evaluation of %s: %s %s", version.id, record.get("metric"), record.get("score"))
+        return version
+
+    def _evaluations_path(self, version_id: VersionId) -> Path:
+        return self._evaluations / version_id.name / f"v{version_id.version}.json"
 
     # ----------------------------------------------------------------- writing
     def publish(
@@ -308,6 +344,7 @@ class PromptStore:
                     os.rename(folder, trash)
                     fsync_dir(folder.parent)
                     shutil.rmtree(trash)
+                    self._evaluations_path(version_id).unlink(missing_ok=True)
             if pointing:
                 replace_json_atomically(self._aliases_path, {a: t for a, t in aliases.items() if a not in pointing})
         logger.info("deleted %s", ", ".join(map(str, targets)))

@@ -25,6 +25,8 @@ from .errors import register_error_handlers
 from .jobs import JobManager
 from .metrics import RequestMetrics, StateCollector
 from .openapi_responses import openai_routes_answer_400
+from .evaluation import ResidentEvalRunner
+from .routes import eval as eval_routes
 from .routes import generate, health, openai, prompts, train
 from .settings import Settings
 from .state import AppState
@@ -45,9 +47,11 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     async def lifespan(app: FastAPI):
         state = AppState(settings, metrics=request_metrics)
         app.state.softprompt = state
-        # Training jobs need no model in this process: workers load their own.
+        # Training jobs need no model in this process: workers load their own. Evaluations score
+        # through this process's engine.
         app.state.jobs = JobManager(settings.store, model_spec=settings.model, device=settings.device,
                                     threads=settings.train_threads, max_running=settings.train_concurrency)
+        app.state.jobs.eval_runner = ResidentEvalRunner(state, app.state.jobs.files)  # evaluations use this process's model
         app.state.jobs.start()
         state.reserved_threads = app.state.jobs.threads_in_use  # the engine leaves them free
         _log_admin_access(settings)
@@ -75,6 +79,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     app.include_router(generate.router)
     app.include_router(prompts.router)
     app.include_router(train.router)
+    app.include_router(eval_routes.router)
     app.include_router(openai.router)
     openai_routes_answer_400(app)
     return app
@@ -85,6 +90,7 @@ def body_limits(settings: Settings):
     uploads = {
         ("POST", "/prompts"): (settings.max_prompt_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_PROMPT_UPLOAD_BYTES"),
         ("POST", "/train"): (2 * settings.max_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_UPLOAD_BYTES, twice: data and eval_file"),
+        ("POST", "/eval"): (settings.max_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_UPLOAD_BYTES"),
     }
     default = (settings.max_request_bytes, "SOFTPROMPT_MAX_REQUEST_BYTES")
     return lambda method, path: uploads.get((method, path.rstrip("/") or "/"), default)

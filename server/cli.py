@@ -2,6 +2,7 @@
 
     softprompt serve --host 127.0.0.1 --port 8000      start the HTTP server
     softprompt train --data train.jsonl --init "..." --name sentiment
+    softprompt eval --data test.jsonl --prompt math-v2 --prompt math-v3 [--text "..."] [--bare]
     softprompt prompts list|show|alias|import|export|delete
 """
 
@@ -23,6 +24,7 @@ def _fingerprint(spec: str):
 def build_parser() -> argparse.ArgumentParser:
     from prompt_store import cli as prompts_cli
     from trainer import cli as train_cli
+    from trainer import eval_cli
 
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="area", required=True)
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", default=None, help="store root (overrides SOFTPROMPT_STORE)")
     serve.add_argument("--log-level", default="info")
     train_cli.add_arguments(sub.add_parser("train", help="optimise a soft prompt and publish it"))
+    eval_cli.add_arguments(sub.add_parser("eval", help="score prompts on labeled data and compare them pairwise",
+                                          description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     prompts_cli.build_parser(sub.add_parser("prompts", help="manage the prompt store"), can_fingerprint=True)
     return parser
 
@@ -68,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer import cli as train_cli
 
         return train_cli.run(args)
+    if args.area == "eval":
+        from trainer import eval_cli
+
+        return eval_cli.run(args)
     from prompt_store import cli as prompts_cli
 
     return prompts_cli.run(args, fingerprinter=_fingerprint)

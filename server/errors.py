@@ -55,6 +55,16 @@ class InvalidTrainRequestError(Exception):
     code = "invalid_train_request"
 
 
+class InvalidEvalRequestError(Exception):
+    """A /eval request lacks its data or references, or a setting is out of range."""
+
+    code = "invalid_eval_request"
+
+
+class InvalidEvalDataError(DataError):
+    """A line of the labeled data sent to /eval is malformed; the message names the line."""
+
+
 class PayloadTooLargeError(Exception):
     """A request body (refused by server/body_limit.py before it is read) or an uploaded file over its limit."""
 
@@ -77,6 +87,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (DataError, 422),
     (TrainConfigError, 422),
     (InvalidTrainRequestError, 422),
+    (InvalidEvalRequestError, 422),
     (PromptNotFoundError, 404),
     (IncompatibleModelError, 409),
     (NameConflictError, 409),
@@ -94,7 +105,8 @@ STATUS: list[tuple[type[Exception], int]] = [
 
 
 # Codes for domain errors of layers that know nothing of HTTP codes.
-CODES: dict[type[Exception], str] = {DataError: "invalid_training_data", TrainConfigError: "invalid_training_config"}
+CODES: dict[type[Exception], str] = {InvalidEvalDataError: "invalid_eval_data", DataError: "invalid_training_data",
+                                     TrainConfigError: "invalid_training_config"}
 
 
 def error_body(exc: Exception) -> dict:
@@ -213,6 +225,7 @@ def register_error_handlers(app: FastAPI) -> None:
         DataError,
         TrainConfigError,
         InvalidTrainRequestError,
+        InvalidEvalRequestError,
     ):
         app.add_exception_handler(cls, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

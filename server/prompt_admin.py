@@ -69,7 +69,8 @@ class PromptAdmin:
         version = self.store.resolve(ref)
         problem = version.fingerprint.mismatch(self.frozen.fingerprint)
         return {**version_info(version), "ref": ref, "compatible": problem is None, "incompatibility": problem,
-                "versions": [str(v.id) for v in self.store.versions(version.id.name)], "meta": version.meta}
+                "versions": [str(v.id) for v in self.store.versions(version.id.name)], "meta": version.meta,
+                "evaluations": self.store.evaluations(version)}
 
     def set_alias(self, alias: str, target: str) -> dict:
         version_id = self.store.set_alias(alias, target)

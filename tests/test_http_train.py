@@ -169,3 +169,21 @@ def test_train_routes_need_the_api_key_when_set(frozen, model_folder, tmp_path):
         )
         assert answer.status_code == 202
         wait_until(lambda: finished_job(client, answer.json()["id"]))
+
+
+ARITHMETIC = [{"input": f"Compute {a} + {b}.", "output": str(a + b)} for a, b in ((3, 4), (10, 5), (7, 7), (21, 1), (9, 30), (12, 12))]
+
+
+def test_a_generation_task_trains_and_publishes_over_http(client):
+    answer = upload(client, rows=ARITHMETIC, name="math", init="Answer with the number only.", task="generation",
+                    max_new_tokens="6", config=json.dumps({"eval_every": 2}))
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["config"]["task"] == "generation" and answer.json()["config"]["max_new_tokens"] == 6
+    job = wait_until(lambda: finished_job(client, answer.json()["id"]))
+    assert job["state"] == "succeeded", job["error"]
+    assert job["version"] == "math-v1" and job["metrics"]["task"] == "generation"
+    assert job["metrics"]["metric_name"] == "exact_match"
+    meta = client.get("/prompts/math-v1").json()["meta"]
+    assert meta["training_config"]["task"] == "generation" and meta["training_config"]["max_new_tokens"] == 6
+    bad = upload(client, rows=ARITHMETIC, task="translation")
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "task"

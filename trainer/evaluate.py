@@ -141,13 +141,15 @@ def generate(frozen: FrozenModel, prefix: torch.Tensor, queries: Sequence[Encode
 def evaluate(
     frozen: FrozenModel, encoder: Encoder, soft: torch.Tensor, examples: Sequence[Example], task: Task,
     *, batch_size: int = 16, max_new_tokens: int = 16, keep_predictions: int = 0, placement: str = "user_turn",
+    per_example: bool = False,
 ) -> dict:
     """Metric of `soft` ([P, D]) on `examples`: {"metric", "name", "n", ...}. Batches are
-    sorted by length so little compute is spent on padding."""
+    sorted by length so little compute is spent on padding. With `per_example`, also
+    "correct" (bools) and "predictions" (texts), one per example in their order."""
     prefix = prefix_block(frozen, encoder.head_ids, soft.detach(), placement)  # [H+P, D]
     encoded = [encoder.encode(e) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i].query_ids))
-    correct, degenerate, loss_sum, loss_tokens, predictions = 0, 0, 0.0, 0, {}
+    correct, degenerate, loss_sum, loss_tokens, predictions, outcomes = 0, 0, 0.0, 0, {}, {}
     label_ids = [encoder.layout.target_ids(label) for label in task.labels]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -162,15 +164,20 @@ def evaluate(
                 loss_sum -= float(scores[row, gold])
                 loss_tokens += len(label_ids[gold])
             texts = [task.labels[b] for b in best]
-            correct += sum(text == examples[i].output.strip() for text, i in zip(texts, chunk))
+            hits = [text == examples[i].output.strip() for text, i in zip(texts, chunk)]
         else:
             outputs = generate(frozen, prefix, queries, max_new_tokens)
             texts = frozen.tokenizer.batch_decode(outputs, skip_special_tokens=True)
-            correct += sum(answers_match(text, examples[i].output) for text, i in zip(texts, chunk))
+            hits = [answers_match(text, examples[i].output) for text, i in zip(texts, chunk)]
             degenerate += sum(is_degenerate(ids) for ids in outputs)
+        correct += sum(hits)
         predictions.update(zip(chunk, texts))
+        outcomes.update(zip(chunk, hits))
     n = len(examples)
     result = {"metric": correct / n if n else 0.0, "name": "accuracy" if task.kind == "classification" else "exact_match", "n": n}
+    if per_example:  # in the order of `examples`
+        result["correct"] = [outcomes[i] for i in range(n)]
+        result["predictions"] = [predictions[i] for i in range(n)]
     if loss_tokens:
         result["loss"] = loss_sum / loss_tokens
     if task.kind == "generation":

@@ -34,6 +34,21 @@ from .sequence import DoneEvent, GenerationRequest, Sequence
 logger = logging.getLogger(__name__)
 
 
+class _Call:
+    """A function to run in the engine thread between steps, and the future for its result."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn, self.future = fn, Future()
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn())
+        except BaseException as exc:  # the caller gets every failure; the engine keeps serving
+            self.future.set_exception(exc)
+
+
 class Engine:
     def __init__(
         self,
@@ -142,6 +157,20 @@ class Engine:
         self._inbox.put((prompt_key, soft, tuple(head_ids), future))
         return future
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` in the engine thread between two decode steps, with the model to itself.
+
+        This is how offline work (evaluation jobs) uses the resident model without a second
+        copy and without racing the decode loop. Serving pauses while `fn` runs: keep each call
+        to one small batch. Fails with ShuttingDownError once the engine has stopped."""
+        call = _Call(fn)
+        with self._lock:
+            if self._closed or not self.alive:
+                call.future.set_exception(ShuttingDownError("The generation engine is not running."))
+            else:
+                self._inbox.put(call)
+        return call.future
+
     def stats(self) -> dict:
         with self._lock:
             waiting = self._waiting_count
@@ -189,6 +218,8 @@ class Engine:
                 self._waiting.append(item)
             elif isinstance(item, tuple):
                 item[-1].set_exception(error)  # a prewarm's future
+            elif isinstance(item, _Call):
+                item.future.set_exception(error)
         for request in self._waiting:
             self._fail(request, error)
         self._waiting.clear()
@@ -223,6 +254,8 @@ class Engine:
                 self._waiting.append(item)
             elif isinstance(item, tuple):
                 self._do_prewarm(*item)
+            elif isinstance(item, _Call):
+                item.run()
             try:
                 wait = min(window, deadline - time.perf_counter())
                 item = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()

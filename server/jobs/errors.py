@@ -8,9 +8,10 @@ class JobError(Exception):
 class JobNotFoundError(JobError, LookupError):
     code = "job_not_found"
 
-    def __init__(self, job_id: str):
+    def __init__(self, job_id: str, kind: str = "train"):
         self.job_id = job_id
-        super().__init__(f"No training job with id {job_id!r}; GET /train lists them.")
+        what, listing = ("evaluation job", "/eval") if kind == "eval" else ("training job", "/train")
+        super().__init__(f"No {what} with id {job_id!r}; GET {listing} lists them.")
 
 
 class JobStateError(JobError):

@@ -18,6 +18,7 @@ RECORD = "job.json"
 TRAIN_DATA = "train.jsonl"
 EVAL_DATA = "eval.jsonl"
 REQUEST = "request.json"
+RESULT = "result.json"  # an evaluation's whole table, per-example rows included
 CANCEL_FLAG = "cancel"
 
 
@@ -29,19 +30,29 @@ class JobFiles:
     def folder(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def create(self, record: JobRecord, request: dict, train_data: bytes, eval_data: bytes | None) -> None:
-        """Write everything a worker needs, then the record (last: its presence marks a job)."""
+    def create(self, record: JobRecord, request: dict, files: dict[str, bytes | None]) -> None:
+        """Write everything a worker needs (`files`: name -> bytes, None skipped), then the
+        record (last: its presence marks a job)."""
         folder = self.folder(record.id)
         folder.mkdir(parents=True)
-        (folder / TRAIN_DATA).write_bytes(train_data)
-        if eval_data is not None:
-            (folder / EVAL_DATA).write_bytes(eval_data)
+        for name, data in files.items():
+            if data is not None:
+                (folder / name).write_bytes(data)
         (folder / REQUEST).write_text(json.dumps(request, indent=2))
         self.save(record)
         logger.info("job %s: stored upload and request in %s", record.id, folder)
 
     def save(self, record: JobRecord) -> None:
         replace_json_atomically(self.folder(record.id) / RECORD, record.model_dump(mode="json"))
+
+    def save_result(self, job_id: str, result: dict) -> None:
+        replace_json_atomically(self.folder(job_id) / RESULT, result)
+
+    def load_result(self, job_id: str) -> dict | None:
+        try:
+            return json.loads((self.folder(job_id) / RESULT).read_text())
+        except FileNotFoundError:
+            return None
 
     def load_all(self) -> list[JobRecord]:
         records = []

@@ -1,8 +1,10 @@
-"""Runs training jobs one at a time (FIFO) in worker processes and tracks their state.
+"""Runs jobs one at a time (FIFO) and tracks their state: training jobs in worker processes,
+evaluation jobs in this process through the resident model (an injected `eval_runner`).
 
-The manager is the only writer of job records. Workers report over stdout (see worker.py);
-a worker that dies without a final report leaves its job `failed`, never lost. On start,
-jobs left `running` by a previous server are marked failed and `queued` ones run again.
+The manager is the only writer of job records. Workers report over stdout (see worker.py), an
+evaluation reports through the same events; a worker that dies without a final report leaves
+its job `failed`, never lost. On start, jobs left `running` by a previous server are marked
+failed and `queued` ones run again. Both kinds share the queue, cancel and persistence.
 """
 
 from __future__ import annotations
@@ -16,18 +18,41 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from prompt_store import IdempotencyKeyReusedError
 from trainer.config import TrainConfig
 
 from .errors import JobNotFoundError, JobStateError
-from .job_files import CANCEL_FLAG, JobFiles
+from .job_files import CANCEL_FLAG, EVAL_DATA, TRAIN_DATA, JobFiles
 from .records import JobRecord, JobState, now
 
 logger = logging.getLogger(__name__)
 
 PERSIST_EVERY_SECONDS = 1.0
+
+# eval_runner(job folder, emit(event, **fields), should_stop) -> None: scores the job's data and
+# reports "started", "progress", then "succeeded" (with metrics) or "cancelled"; raising fails the job.
+EvalRunner = Callable[[Path, Callable[..., None], Callable[[], bool]], None]
+
+
+class InProcessJob:
+    """A job running on a thread of this process, with the handful of Popen's methods the manager uses."""
+
+    def __init__(self, target: Callable[["InProcessJob"], None], name: str):
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=target, args=(self,), name=name, daemon=True)
+        self._thread.start()
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else 0
+
+    def kill(self) -> None:  # a thread cannot be killed: it stops at its next check
+        self.stopping.set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
 
 def new_job_id() -> str:
@@ -62,6 +87,7 @@ class JobManager:
         self._last_persist: dict[str, float] = {}
         self._stopping = False
         self._dispatcher: threading.Thread | None = None
+        self.eval_runner: EvalRunner | None = None  # set by the app once it can score
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -107,6 +133,25 @@ class JobManager:
                 return earlier
             return self._submit(name, config, train_data, eval_data, num_train_examples, num_eval_examples, idempotency)
 
+    def submit_eval(self, request: dict, data: bytes, *, num_examples: int,
+                    idempotency: tuple[str, str] | None = None) -> JobRecord:
+        """Queue an evaluation: `request` holds the references and settings, `data` the labeled JSONL."""
+        with self._submitting:
+            earlier = self._submitted_with(*idempotency) if idempotency is not None else None
+            if earlier is not None:
+                logger.info("job %s was already submitted with this Idempotency-Key", earlier.id)
+                return earlier
+            key, digest = idempotency or (None, None)
+            record = JobRecord(id=new_job_id(), kind="eval", config=request, num_eval_examples=num_examples,
+                               idempotency_key=key, request_sha256=digest)
+            self.files.create(record, request, {EVAL_DATA: data})
+            with self._changed:
+                self._records[record.id] = record
+                self._queue.append(record.id)
+                self._changed.notify_all()
+            logger.info("job %s queued: evaluate %d references on %d examples", record.id, len(request["references"]), num_examples)
+            return record.model_copy(deep=True)
+
     def _submitted_with(self, key: str, request_sha256: str) -> JobRecord | None:
         with self._changed:
             earlier = next((r for r in self._records.values() if r.idempotency_key == key), None)
@@ -135,7 +180,7 @@ class JobManager:
             "device": self.device,
             "store": str(self.store_root),
         }
-        self.files.create(record, request, train_data, eval_data)
+        self.files.create(record, request, {TRAIN_DATA: train_data, EVAL_DATA: eval_data})
         with self._changed:
             self._records[record.id] = record
             self._queue.append(record.id)
@@ -143,15 +188,22 @@ class JobManager:
         logger.info("job %s queued: train %s (%d examples)", record.id, name, num_train_examples)
         return record.model_copy(deep=True)
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, kind: str | None = None) -> JobRecord:
+        """The job's record; with `kind`, a job of another kind is not found either."""
         with self._changed:
-            if job_id not in self._records:
-                raise JobNotFoundError(job_id)
-            return self._records[job_id].model_copy(deep=True)
+            record = self._records.get(job_id)
+            if record is None or kind not in (None, record.kind):
+                raise JobNotFoundError(job_id, kind or "train")
+            return record.model_copy(deep=True)
 
-    def list(self) -> list[JobRecord]:
+    def list(self, kind: str | None = None) -> list[JobRecord]:
         with self._changed:
-            return [r.model_copy(deep=True) for r in sorted(self._records.values(), key=lambda r: r.id, reverse=True)]
+            records = sorted(self._records.values(), key=lambda r: r.id, reverse=True)
+            return [r.model_copy(deep=True) for r in records if kind in (None, r.kind)]
+
+    def result(self, job_id: str) -> dict | None:
+        """An evaluation's whole table (per-example rows included), once it succeeded."""
+        return self.files.load_result(job_id)
 
     def counts_by_state(self) -> dict[str, int]:
         """How many jobs are in each state (every state listed, zeros included)."""
@@ -169,13 +221,16 @@ class JobManager:
         return self._threads_held
 
     def _job_threads(self, record: JobRecord) -> int:
+        """Threads a running job holds: evaluations run in the engine's thread and hold none extra."""
+        if record.kind == "eval":
+            return 0
         return record.config.get("threads") or self.threads
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, kind: str | None = None) -> JobRecord:
         with self._changed:
             record = self._records.get(job_id)
-            if record is None:
-                raise JobNotFoundError(job_id)
+            if record is None or kind not in (None, record.kind):
+                raise JobNotFoundError(job_id, kind or "train")
             if record.state.finished:
                 raise JobStateError(f"Job {job_id} already {record.state.value}; only queued or running jobs can be cancelled.")
             if record.state == JobState.queued:
@@ -207,11 +262,15 @@ class JobManager:
                     return
                 job_id = self._queue.popleft()
                 record = self._records[job_id]
-                proc = self._launch(record)
-                self._procs[job_id] = proc
-                self._threads_held += self._job_threads(record)
                 record.state, record.started_at = JobState.running, now()
                 self._touch(record, persist=True)
+                self._threads_held += self._job_threads(record)
+                if record.kind == "eval":
+                    self._procs[job_id] = InProcessJob(lambda handle, job_id=job_id: self._evaluate(job_id, handle),
+                                                       name=f"eval-{job_id}")
+                    continue
+                proc = self._launch(record)
+                self._procs[job_id] = proc
             threading.Thread(target=self._follow, args=(job_id, proc), name=f"job-{job_id}", daemon=True).start()
 
     def _launch(self, record: JobRecord) -> subprocess.Popen:
@@ -231,6 +290,24 @@ class JobManager:
         logger.info("job %s: worker pid %d started (log %s)", record.id, proc.pid, folder / "worker.log")
         return proc
 
+    def _evaluate(self, job_id: str, handle: InProcessJob) -> None:
+        """Run an evaluation job on this thread through `eval_runner`, folding its events like a worker's."""
+        folder = self.files.folder(job_id)
+        final = None
+
+        def emit(event: str, **fields) -> None:
+            nonlocal final
+            final = self._apply(job_id, {"event": event, **fields}) or final
+
+        try:
+            if self.eval_runner is None:
+                raise RuntimeError("this server cannot run evaluations (no runner was set up)")
+            self.eval_runner(folder, emit, lambda: handle.stopping.is_set() or (folder / CANCEL_FLAG).exists())
+        except Exception as exc:  # every failure ends the job with its reason; the server goes on
+            logger.exception("evaluation job %s failed", job_id)
+            emit("failed", error=f"{type(exc).__name__}: {exc}")
+        self._ended(job_id, final, code=0)
+
     def _follow(self, job_id: str, proc: subprocess.Popen) -> None:
         final = None
         for line in proc.stdout:
@@ -239,7 +316,10 @@ class JobManager:
             except ValueError:
                 continue
             final = self._apply(job_id, event) or final
-        code = proc.wait()
+        self._ended(job_id, final, code=proc.wait())
+
+    def _ended(self, job_id: str, final: str | None, *, code: int) -> None:
+        """The job's process or thread is gone: release it, and fail the job if it never reported an end."""
         with self._changed:
             if self._procs.pop(job_id, None) is not None:
                 self._threads_held -= self._job_threads(self._records[job_id])
@@ -270,11 +350,14 @@ class JobManager:
                 record.history.append({k: event.get(k) for k in ("step", "loss", "val_metric", "elapsed_seconds")})
                 self._touch(record)
             elif kind == "succeeded":
-                record.version, record.metrics = event["version"], event.get("metrics", {})
+                record.version, record.metrics = event.get("version"), event.get("metrics", {})
                 self._finish(record, JobState.succeeded)
                 return kind
             elif kind == "cancelled":
-                self._finish(record, JobState.cancelled)
+                if self._stopping and not (self.files.folder(job_id) / CANCEL_FLAG).exists():  # stopped by shutdown
+                    self._finish(record, JobState.failed, error="interrupted: the server stopped while this job ran")
+                else:
+                    self._finish(record, JobState.cancelled)
                 return kind
             elif kind == "failed":
                 self._finish(record, JobState.failed, error=event.get("error"))

@@ -24,9 +24,13 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+JOB_KINDS = ("train", "eval")
+
+
 class JobRecord(BaseModel):
     id: str
-    name: str = Field(description="prompt name the result is published under")
+    kind: str = Field("train", description="train (publishes a prompt) or eval (scores references on labeled data)")
+    name: str | None = Field(None, description="training: the prompt name the result is published under")
     state: JobState = JobState.queued
     step: int = 0
     total: int = 0
@@ -36,7 +40,7 @@ class JobRecord(BaseModel):
     elapsed_seconds: float | None = None
     version: str | None = Field(None, description="the published name-vN, once succeeded")
     error: str | None = None
-    metrics: dict = Field(default_factory=dict)
+    metrics: dict = Field(default_factory=dict, description="training: the run's metrics; eval: the table without per-example rows")
     config: dict = Field(default_factory=dict, description="the training settings")
     num_train_examples: int = 0
     num_eval_examples: int = 0

@@ -13,7 +13,8 @@ from trainer.data import DataError, Example, parse_examples, split_examples
 from .errors import UploadTooLargeError
 
 # Form/JSON field -> TrainConfig field. Anything else in TrainConfig can be given in `config`.
-FIELD_TO_CONFIG = {"init": "init_text", "steps": "steps", "lr": "lr", "min_cosine": "min_cosine", "eval_fraction": "eval_fraction"}
+FIELD_TO_CONFIG = {"init": "init_text", "steps": "steps", "lr": "lr", "min_cosine": "min_cosine", "eval_fraction": "eval_fraction",
+                   "task": "task", "max_new_tokens": "max_new_tokens"}
 
 
 @dataclass
@@ -61,7 +62,7 @@ def build_submission(
 ) -> Submission:
     """Check name, settings and every line of the data; raise the domain error that names the problem.
 
-    `fields` holds init/steps/lr/min_cosine/eval_fraction (already typed or strings from a
+    `fields` holds init/steps/lr/min_cosine/eval_fraction/task/max_new_tokens (typed, or strings from a
     form) and optionally `config`, a dict of further TrainConfig settings.
     """
     validate_name(name)
@@ -95,7 +96,7 @@ def _typed(settings: dict) -> dict:
     """Form fields arrive as strings: turn numeric-looking ones into numbers for TrainConfig."""
     typed = {}
     for key, value in settings.items():
-        if isinstance(value, str) and key != "init_text":
+        if isinstance(value, str) and key not in ("init_text", "task"):
             try:
                 value = int(value)
             except ValueError:

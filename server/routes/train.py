@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
-import json
 
 from fastapi import APIRouter, Request, Response
 from sse_starlette.sse import EventSourceResponse
@@ -23,10 +21,11 @@ from ..jobs.errors import UploadTooLargeError
 from ..jobs.records import JobRecord
 from ..jobs.submission import build_submission, examples_to_jsonl
 from ..openapi_responses import PNG, error_responses, event_stream
+from .job_stream import job_event_stream
 
 router = APIRouter(prefix="/train", tags=["training"])
 
-FORM_FIELDS = ("init", "steps", "lr", "min_cosine", "eval_fraction")
+FORM_FIELDS = ("init", "steps", "lr", "min_cosine", "eval_fraction", "task", "max_new_tokens")
 
 
 def public(record: JobRecord, *, history: bool = False) -> dict:
@@ -45,7 +44,8 @@ def public(record: JobRecord, *, history: bool = False) -> dict:
 @router.post("", status_code=202, dependencies=[AdminAuth], responses=error_responses(400, 401, 403, 409, 413, 422))
 async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> dict:
     """Start a training job from a multipart upload (`file` = JSONL, form fields `name`, `init`,
-    optional `steps`, `lr`, `min_cosine`, `eval_fraction`, optional `eval_file`) or a JSON body
+    optional `steps`, `lr`, `min_cosine`, `eval_fraction`, `task` (auto, classification or
+    generation), `max_new_tokens`, optional `eval_file`) or a JSON body
     (`{"name", "init", "examples": [{"input", "output"}], ...}`). Everything is validated before
     the job is queued; the answer is 202 with the job's id."""
     limit = settings.max_upload_bytes
@@ -95,29 +95,29 @@ async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempo
 
 @router.get("")
 async def list_jobs(jobs: Jobs) -> dict:
-    return {"jobs": [public(r) for r in jobs.list()]}
+    return {"jobs": [public(r) for r in jobs.list("train")]}
 
 
 @router.get("/{job_id}", responses=error_responses(404, 422))
 async def get_job(job_id: str, jobs: Jobs) -> dict:
-    return public(jobs.get(job_id))
+    return public(jobs.get(job_id, "train"))
 
 
 @router.post("/{job_id}/cancel", dependencies=[AdminAuth], responses=error_responses(401, 403, 404, 409, 422))
 async def cancel_job(job_id: str, jobs: Jobs) -> dict:
-    return public(jobs.cancel(job_id))
+    return public(jobs.cancel(job_id, "train"))
 
 
 @router.get("/{job_id}/curve", responses=error_responses(404, 422))
 async def job_curve(job_id: str, jobs: Jobs) -> dict:
     """The training curve as JSON: step, loss and validation metric per step."""
-    record = jobs.get(job_id)
+    record = jobs.get(job_id, "train")
     return {"id": record.id, "history": record.history}
 
 
 @router.get("/{job_id}/curve.png", response_class=Response, responses={**PNG, **error_responses(404, 422)})
 async def job_curve_png(job_id: str, jobs: Jobs) -> Response:
-    record = jobs.get(job_id)
+    record = jobs.get(job_id, "train")
     png = await run_in_threadpool(_curve_png, record.history)
     return Response(png, media_type="image/png")
 
@@ -126,21 +126,7 @@ async def job_curve_png(job_id: str, jobs: Jobs) -> Response:
             responses={**event_stream("`progress` events, then `end`", "progress", "end"), **error_responses(404, 422)})
 async def job_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceResponse:
     """Server-Sent Events: one `progress` event per change, then a final `end` event."""
-    record = jobs.get(job_id)
-
-    async def events():
-        current = record
-        yield {"event": "progress", "data": json.dumps(public(current))}
-        while not current.state.finished:
-            if await request.is_disconnected():
-                return
-            newer = await asyncio.to_thread(jobs.wait_for_change, job_id, current.revision, 10.0)
-            if newer.revision != current.revision:
-                current = newer
-                yield {"event": "progress", "data": json.dumps(public(current))}
-        yield {"event": "end", "data": json.dumps(public(current))}
-
-    return EventSourceResponse(events())
+    return job_event_stream(jobs, jobs.get(job_id, "train"), request, public)
 
 
 def _curve_png(history: list[dict]) -> bytes:
