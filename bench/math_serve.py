@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2"):  # one line per request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     summary = json.loads((args.results / args.task / "summary.json").read_text())
     key = f"embedgrad-lr{summary['lr']:g}"
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "arithmetic":
         print("  served exact match by operation and operand size:")
         for kind, (hits, total) in sorted(by_kind(test, answers).items()):
-            print(f"    {kind:<10} {hits:3d} / {total:3d}")
+            print(f"    {kind:<24} {hits:3d} / {total:3d}")
     return 0
 
 
