@@ -2,8 +2,9 @@
 
 `build_eval_request` refuses a bad request before any job exists (malformed data: 422 with
 the line; an unknown prompt: 404; a prompt made for another model: 409). `ResidentEvalRunner`
-runs a queued job: every chunk of examples is one `engine.call`, so scoring uses the model the
-server already holds, between decode steps, and serving pauses for one small batch at a time.
+runs a queued job on the model the server already holds: generated answers are ordinary
+requests in the engine's batch (beside client traffic, sharing its prefix cache), and label
+scoring is one `engine.call` per chunk between decode steps (serving pauses for that batch).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ from prompt_store import PromptStore
 from trainer.batches import Encoder
 from trainer.compare import (
     ComparisonCancelled,
+    Reference,
     ReferenceSpec,
     choose_max_new_tokens,
     choose_task,
@@ -30,9 +35,11 @@ from trainer.compare import (
     run_comparison,
 )
 from trainer.config import TASKS
-from trainer.data import DataError, parse_examples
+from trainer.data import DataError, Example, parse_examples
+from trainer.evaluate import Task, answers_match
 from trainer.modeling import FrozenModel
 
+from .engine import DoneEvent, Event, FailedEvent, GenerationRequest, QueueFullError, SamplingParams
 from .errors import InvalidEvalDataError, InvalidEvalRequestError
 from .jobs.job_files import EVAL_DATA, REQUEST, JobFiles
 from .jobs.submission import check_size
@@ -41,7 +48,7 @@ from .state import AppState
 logger = logging.getLogger(__name__)
 
 MAX_EVAL_NEW_TOKENS = 256
-CHUNK_SIZE = 8  # examples per engine call: serving waits for at most one such batch
+CHUNK_SIZE = 8  # examples in flight at once: queue places taken, or one label-scoring batch
 
 
 @dataclass
@@ -99,6 +106,70 @@ def build_eval_request(*, data: bytes, data_name: str, prompts: list, texts: lis
     return EvalRequest(request, data, len(examples))
 
 
+class EngineScorer:
+    """Scores chunks through the serving engine: generation tasks as ordinary greedy requests
+    (continuous batching, the prefix cache, exactly what /generate computes), classification by
+    the trainer's label scoring in one `engine.call` per chunk. At most one chunk is in the queue."""
+
+    def __init__(self, frozen: FrozenModel, engine, task: Task, *, max_new_tokens: int, chunk_size: int,
+                 should_stop: Callable[[], bool]):
+        self.engine, self.task, self.max_new_tokens, self.should_stop = engine, task, max_new_tokens, should_stop
+        self.encoder = Encoder(frozen)  # the trainer's layout and input truncation
+        self.label_scorer = model_scorer(frozen, self.encoder, task, max_new_tokens=max_new_tokens, batch_size=chunk_size)
+
+    def __call__(self, reference: Reference, chunk: list[Example]) -> dict:
+        if self.task.kind == "classification":
+            return self._wait(self.engine.call(lambda: self.label_scorer(reference, chunk)))
+        requests, futures = [], []
+        for example in chunk:
+            future: Future = Future()
+            request = GenerationRequest(
+                prompt_key=reference.cache_key, soft=reference.vectors if reference.vectors.shape[0] else None,
+                head_ids=self.encoder.head_ids, tail_ids=self.encoder.query_ids(example.input),
+                params=SamplingParams(max_new_tokens=self.max_new_tokens), sink=_resolve(future),
+            )
+            self._submit(request)
+            requests.append(request)
+            futures.append(future)
+        try:
+            texts = [self._wait(future) for future in futures]
+        except ComparisonCancelled:
+            for request in requests:
+                request.cancelled = True
+            raise
+        return {"correct": [answers_match(text, e.output) for text, e in zip(texts, chunk)], "predictions": texts}
+
+    def _submit(self, request: GenerationRequest) -> None:
+        while True:  # a full queue is the clients' turn: wait for room
+            try:
+                return self.engine.submit(request)
+            except QueueFullError:
+                if self.should_stop():
+                    raise ComparisonCancelled("evaluation cancelled while waiting for room in the queue") from None
+                time.sleep(0.05)
+
+    def _wait(self, future: Future):
+        while True:  # a cancel or a shutdown must not wait behind a paused or busy engine
+            try:
+                return future.result(timeout=0.25)
+            except FutureTimeout:
+                if self.should_stop():
+                    future.cancel()  # skipped by the engine if it has not started it
+                    raise ComparisonCancelled("evaluation cancelled while a batch waited for the engine") from None
+
+
+def _resolve(future: Future) -> Callable[[Event], None]:
+    """An engine sink that completes `future` with the final text (or the failure)."""
+
+    def sink(event: Event) -> None:
+        if isinstance(event, DoneEvent) and not future.done():
+            future.set_result(event.text)
+        elif isinstance(event, FailedEvent) and not future.done():
+            future.set_exception(event.error)
+
+    return sink
+
+
 class ResidentEvalRunner:
     """The JobManager's `eval_runner`: scores a job's data through the app's engine."""
 
@@ -114,18 +185,9 @@ class ResidentEvalRunner:
         references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
         task = choose_task(references, examples, request["task"])
         max_new_tokens = choose_max_new_tokens(references, request["max_new_tokens"])
-        scorer = model_scorer(frozen, Encoder(frozen), task, max_new_tokens=max_new_tokens, batch_size=self.chunk_size)
+        score = EngineScorer(frozen, engine, task, max_new_tokens=max_new_tokens, chunk_size=self.chunk_size,
+                             should_stop=should_stop)
         emit("started", num_train_examples=0, num_eval_examples=len(examples))
-
-        def score(reference, chunk):
-            future = engine.call(lambda: scorer(reference, chunk))
-            while True:  # a cancel or a shutdown must not wait behind a paused or busy engine
-                try:
-                    return future.result(timeout=0.25)
-                except FutureTimeout:
-                    if should_stop():
-                        future.cancel()  # skipped by the engine if it has not started it
-                        raise ComparisonCancelled("evaluation cancelled while a batch waited for the engine") from None
 
         def progress(p):
             emit("progress", step=p.done, total=p.total, loss=None, val_metric=None,

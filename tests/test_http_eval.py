@@ -107,11 +107,15 @@ def test_other_bad_bodies(app_client, versions):
         assert client.post("/eval/nope/cancel").status_code == 404
 
 
-def test_a_running_eval_job_can_be_cancelled(app_client, versions):
+NUMBERS = [{"input": f"question {i}", "output": str(i)} for i in range(20)]  # a generation task
+
+
+@pytest.mark.parametrize("rows", [ROWS, NUMBERS], ids=["label-scoring", "generation"])
+def test_a_running_eval_job_can_be_cancelled(app_client, versions, rows):
     with app_client() as client:
         engine = client.app.state.softprompt.engine
         engine.pause()  # the job's first batch waits for the engine
-        job_id = submit(client).json()["id"]
+        job_id = submit(client, rows=rows).json()["id"]
         wait_until(lambda: client.get(f"/eval/{job_id}").json()["state"] == "running")
         assert client.post(f"/eval/{job_id}/cancel").status_code == 200
         job = wait_until(lambda: finished(client, job_id))
@@ -119,6 +123,9 @@ def test_a_running_eval_job_can_be_cancelled(app_client, versions):
         assert job["state"] == "cancelled" and job["table"] is None
         assert client.get("/prompts/senti-v1").json()["evaluations"] == []  # nothing recorded
         assert client.post(f"/eval/{job_id}/cancel").status_code == 409
+        served = client.post("/generate", json={"input": "still serving", "max_new_tokens": 2})
+        assert served.status_code == 200
+        wait_until(lambda: engine.stats()["running"] == engine.stats()["waiting"] == 0)  # nothing of the job is left
 
 
 def test_eval_jobs_survive_a_restart_like_training_jobs(app_client, versions):
@@ -133,3 +140,19 @@ def test_eval_jobs_survive_a_restart_like_training_jobs(app_client, versions):
         assert job["state"] == "succeeded" and [r["reference"] for r in job["table"]["results"]] == ["senti-v1"]
         interrupted = client.get(f"/eval/{running}").json()
         assert interrupted["state"] == "failed" and "interrupted" in interrupted["error"]
+
+
+def test_generated_answers_are_what_generate_serves(app_client, versions):
+    rows = [{"input": f"question {i}: add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(12)]
+    with app_client() as client:
+        job_id = submit(client, rows=rows, prompts=("senti-v1",), bare="true", max_new_tokens="5").json()["id"]
+        job = wait_until(lambda: finished(client, job_id))
+        assert job["state"] == "succeeded", job["error"]
+        table = job["table"]
+        assert table["task"] == "generation" and table["metric"] == "exact_match" and table["max_new_tokens"] == 5
+        predicted = [row["predicted"] for row in table["examples"]]
+        assert any(p["senti-v1"] != p["bare"] for p in predicted)
+        for row in table["examples"]:  # the job's answers are the served answers, greedy, same length
+            body = {"input": row["input"], "max_new_tokens": 5}
+            assert row["predicted"]["senti-v1"] == client.post("/generate", params={"prompt": "senti-v1"}, json=body).json()["text"]
+            assert row["predicted"]["bare"] == client.post("/generate", json=body).json()["text"]

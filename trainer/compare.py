@@ -61,6 +61,7 @@ class Reference:
     checksum: str | None = None
     training_config: dict = field(default_factory=dict)
     task: str | None = None  # the task the prompt was trained for, if recorded
+    cache_key: tuple | None = None  # content identity for prefix caches (None: no prompt)
 
     @property
     def label(self) -> str:
@@ -99,9 +100,11 @@ def load_references(frozen: FrozenModel, store: PromptStore, specs: Sequence[Ref
             config = meta.get("training_config") or {}
             task = (meta.get("metrics") or {}).get("task") or config.get("task")
             references.append(Reference(spec, loaded.embeddings.float(), str(loaded.version.id), loaded.version.checksum,
-                                        config, task if task in ("classification", "generation") else None))
+                                        config, task if task in ("classification", "generation") else None,
+                                        loaded.cache_key))
         elif spec.kind == "text":
-            references.append(Reference(spec, init_embeddings(frozen, spec.value)))
+            digest = hashlib.sha256(spec.value.encode()).hexdigest()
+            references.append(Reference(spec, init_embeddings(frozen, spec.value), cache_key=(f"text:{digest[:16]}", 0, digest)))
         else:
             references.append(Reference(spec, torch.zeros(0, frozen.embedding.weight.shape[1])))
     return references
