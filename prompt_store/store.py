@@ -156,7 +156,7 @@ class PromptStore:
         version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
         path = self._evaluations_path(version.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(self._locks / f"{version.id.name}.evaluations.lock"):
+        with FileLock(self._locks / f"{version.id.name}.lock"):  # the lock delete takes: no record for a deleted version
             if version.id.version not in self._version_numbers(version.id.name):
                 raise self._not_found(str(version.id))
             records = [*self.evaluations(version), record][-MAX_EVALUATIONS:]

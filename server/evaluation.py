@@ -25,6 +25,7 @@ from trainer.compare import (
     ComparisonCancelled,
     Reference,
     ReferenceSpec,
+    TaskHint,
     choose_max_new_tokens,
     choose_task,
     data_identity,
@@ -70,15 +71,7 @@ def build_eval_request(*, data: bytes, data_name: str, prompts: list, texts: lis
     task = task or "auto"
     if task not in TASKS:
         raise InvalidEvalRequestError(f"'task' must be one of {', '.join(TASKS)}, got {task!r}.")
-    if max_new_tokens in ("", None):
-        max_new_tokens = None
-    else:
-        try:
-            max_new_tokens = int(max_new_tokens)
-        except (TypeError, ValueError):
-            raise InvalidEvalRequestError(f"'max_new_tokens' must be an integer, got {max_new_tokens!r}.") from None
-        if not 1 <= max_new_tokens <= MAX_EVAL_NEW_TOKENS:
-            raise InvalidEvalRequestError(f"'max_new_tokens' must be between 1 and {MAX_EVAL_NEW_TOKENS}, got {max_new_tokens}.")
+    max_new_tokens = _max_new_tokens(max_new_tokens)
     try:
         specs = reference_specs(prompts, texts, bare)
     except ValueError as error:
@@ -89,21 +82,31 @@ def build_eval_request(*, data: bytes, data_name: str, prompts: list, texts: lis
         raise InvalidEvalDataError(f"{data_name}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except DataError as error:
         raise InvalidEvalDataError(str(error)) from None
+    hints = []
     for spec in specs:  # unknown (404) or made for another model (409): refused now, not in the job
         if spec.kind == "prompt":
             version = store.resolve(spec.value)
             if frozen is not None:
                 store.check_compatible(version, frozen.fingerprint)
-    if task == "classification":
-        from trainer.evaluate import detect_task
-
-        try:
-            detect_task(examples, task)
-        except ValueError as error:
-            raise InvalidEvalRequestError(f"{error}.") from None
+            hints.append(TaskHint.from_meta(version.meta))
+    try:  # the job makes the same choice with the same hints
+        choose_task(hints, examples, task)
+    except ValueError as error:
+        raise InvalidEvalRequestError(f"{error}.") from None
     request = {"references": [{"kind": s.kind, "value": s.value} for s in specs], "task": task,
                "max_new_tokens": max_new_tokens, "data": data_identity(data, data_name, len(examples))}
     return EvalRequest(request, data, len(examples))
+
+
+def _max_new_tokens(value) -> int | None:
+    """A form's digits or a JSON integer in 1..MAX_EVAL_NEW_TOKENS; None when not given."""
+    if value in ("", None):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_EVAL_NEW_TOKENS:
+        raise InvalidEvalRequestError(f"'max_new_tokens' must be an integer from 1 to {MAX_EVAL_NEW_TOKENS}, got {value!r}.")
+    return value
 
 
 class EngineScorer:
@@ -115,23 +118,30 @@ class EngineScorer:
                  should_stop: Callable[[], bool]):
         self.engine, self.task, self.max_new_tokens, self.should_stop = engine, task, max_new_tokens, should_stop
         self.encoder = Encoder(frozen)  # the trainer's layout and input truncation
+        self.context_length = frozen.context_length
         self.label_scorer = model_scorer(frozen, self.encoder, task, max_new_tokens=max_new_tokens, batch_size=chunk_size)
 
     def __call__(self, reference: Reference, chunk: list[Example]) -> dict:
         if self.task.kind == "classification":
             return self._wait(self.engine.call(lambda: self.label_scorer(reference, chunk)))
         requests, futures = [], []
-        for example in chunk:
-            future: Future = Future()
-            request = GenerationRequest(
-                prompt_key=reference.cache_key, soft=reference.vectors if reference.vectors.shape[0] else None,
-                head_ids=self.encoder.head_ids, tail_ids=self.encoder.query_ids(example.input),
-                params=SamplingParams(max_new_tokens=self.max_new_tokens), sink=_resolve(future),
-            )
-            self._submit(request)
-            requests.append(request)
-            futures.append(future)
         try:
+            for example in chunk:
+                future: Future = Future()
+                tail = self.encoder.query_ids(example.input)
+                room = self.context_length - len(self.encoder.head_ids) - reference.vectors.shape[0] - len(tail)
+                if room < 1:  # the query alone fills the context: no answer, counted wrong
+                    future.set_result("")
+                    futures.append(future)
+                    continue
+                request = GenerationRequest(
+                    prompt_key=reference.cache_key, soft=reference.vectors if reference.vectors.shape[0] else None,
+                    head_ids=self.encoder.head_ids, tail_ids=tail,
+                    params=SamplingParams(max_new_tokens=min(self.max_new_tokens, room)), sink=_resolve(future),
+                )
+                self._submit(request)
+                requests.append(request)
+                futures.append(future)
             texts = [self._wait(future) for future in futures]
         except ComparisonCancelled:
             for request in requests:
@@ -177,14 +187,19 @@ class ResidentEvalRunner:
         self.state, self.files, self.chunk_size, self.ready_timeout_s = state, files, chunk_size, ready_timeout_s
 
     def __call__(self, folder: Path, emit, should_stop) -> None:
-        if not self.state.wait_ready(self.ready_timeout_s):
-            raise RuntimeError(f"the model is not loaded ({self.state.boot_error or 'still loading'}); nothing was scored")
+        try:
+            self._wait_for_model(should_stop)
+        except ComparisonCancelled:
+            emit("cancelled")
+            return
         frozen, engine, store = self.state.frozen, self.state.engine, self.state.store
         request = json.loads((folder / REQUEST).read_text())
         examples = parse_examples((folder / EVAL_DATA).read_text(encoding="utf-8").splitlines(), source=request["data"]["name"])
         references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
-        task = choose_task(references, examples, request["task"])
-        max_new_tokens = choose_max_new_tokens(references, request["max_new_tokens"])
+        hints = [r.hint for r in references]
+        task = choose_task(hints, examples, request["task"])
+        limit = min(MAX_EVAL_NEW_TOKENS, self.state.settings.max_new_tokens_limit)
+        max_new_tokens = choose_max_new_tokens(hints, request["max_new_tokens"], limit=limit)
         score = EngineScorer(frozen, engine, task, max_new_tokens=max_new_tokens, chunk_size=self.chunk_size,
                              should_stop=should_stop)
         emit("started", num_train_examples=0, num_eval_examples=len(examples))
@@ -199,12 +214,27 @@ class ResidentEvalRunner:
         except ComparisonCancelled:
             emit("cancelled")
             return
+        if should_stop():  # a cancel that came with the last batch: nothing is kept
+            emit("cancelled")
+            return
         job_id = folder.name
         self.files.save_result(job_id, table)
         recorded = record_results(store, table, source=f"eval job {job_id}")
         logger.info("eval job %s: %s; recorded with %s", job_id,
                     ", ".join(f"{r['reference']} {r['score']:.3f}" for r in table["results"]), ", ".join(recorded) or "no version")
         emit("succeeded", metrics=summary(table))
+
+
+    def _wait_for_model(self, should_stop) -> None:
+        """Until the model is loaded; a failed load, a cancel or a shutdown ends the wait at once."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not self.state.wait_ready(0.25):
+            if self.state.boot_error:
+                raise RuntimeError(f"the model did not load ({self.state.boot_error}); nothing was scored")
+            if should_stop():
+                raise ComparisonCancelled("evaluation cancelled before the model was loaded")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the model was still loading after {self.ready_timeout_s:.0f} s; nothing was scored")
 
 
 def summary(table: dict) -> dict:

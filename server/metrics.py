@@ -79,10 +79,12 @@ class StateCollector:
             return
         state, jobs = parts
         yield _counter("softprompt_model_loads", "Times the model was loaded (1 for a healthy server).", state.model_loads)
-        by_state = GaugeMetricFamily("softprompt_training_jobs", "Training jobs by state.", labels=["state"])
-        for job_state, count in sorted(jobs.counts_by_state().items()):
-            by_state.add_metric([job_state], count)
-        yield by_state
+        for kind, metric, what in (("train", "softprompt_training_jobs", "Training jobs by state."),
+                                   ("eval", "softprompt_evaluation_jobs", "Evaluation jobs by state.")):
+            by_state = GaugeMetricFamily(metric, what, labels=["state"])
+            for job_state, count in sorted(jobs.counts_by_state(kind).items()):
+                by_state.add_metric([job_state], count)
+            yield by_state
         if state.engine is not None:
             engine = state.engine.stats()
             yield _gauge("softprompt_requests_running", "Requests in the running batch.", engine["running"])

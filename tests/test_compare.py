@@ -19,6 +19,8 @@ from trainer.compare import (
     reference_specs,
     run_comparison,
 )
+import torch
+
 from tests.engine_helpers import untied_llama
 from tests.eval_helpers import LABELS, ROWS, jsonl, publish_random
 from trainer.data import parse_examples
@@ -60,9 +62,11 @@ def test_paired_counts():
 
 
 def test_reference_specs_are_validated():
-    assert [s.label for s in reference_specs(["math-v2"], ["Solve it."], bare=True)] == ["math-v2", "text: Solve it.", "bare"]
+    assert [s.label for s in reference_specs(["math-v2"], ["Solve it."], bare=True)] == ["math-v2", "text: Solve it.", "(bare)"]
+    assert [s.label for s in reference_specs(["bare"], bare=True)] == ["bare", "(bare)"]  # a prompt may be named bare
     assert len(reference_specs(["a", "a"])) == 1
-    for prompts, texts, bare in (([], [], False), ([""], [], False), ([f"p{i}" for i in range(9)], [], False)):
+    for prompts, texts, bare in (([], [], False), ([""], [], False), ([f"p{i}" for i in range(9)], [], False),
+                                 ([], ["\ud800"], False)):
         with pytest.raises(ReferenceError):
             reference_specs(prompts, texts, bare)
 
@@ -80,7 +84,7 @@ def test_two_versions_on_the_same_data_agree_with_their_table(untied, store):
                            max_new_tokens=4, chunk_size=16, on_progress=lambda p: parts.append((p.done, p.total)))
     assert parts[-1] == (12, 12) and [d for d, _ in parts] == list(range(1, 13))  # 3 chunks x 4 references
     labels = [r["reference"] for r in table["results"]]
-    assert labels == ["senti-v1", "senti-v2", "text: Classify it.", "bare"]
+    assert labels == ["senti-v1", "senti-v2", "text: Classify it.", "(bare)"]
     rows = table["examples"]
     assert [r["output"] for r in rows] == [e.output for e in examples]
     for result in table["results"]:  # each score is the count of its per-example outcomes
@@ -141,9 +145,9 @@ def test_softprompt_eval_prints_the_table_and_records_it(tmp_path, tiny_loader, 
     printed = capsys.readouterr().out
     assert code == 0, printed
     table = json.loads(out_json.read_text())
-    assert [r["reference"] for r in table["results"]] == ["senti-v1", "senti", "bare"]
+    assert [r["reference"] for r in table["results"]] == ["senti-v1", "senti", "(bare)"]
     assert table["results"][1]["version"] == "senti-v2" and table["task"] == "classification"
-    for line in ("senti-v1", "bare", "McNemar", "95 % interval"):
+    for line in ("senti-v1", "(bare)", "McNemar", "95 % interval"):
         assert line in printed
     assert "recorded with senti-v1, senti-v2" in printed
     assert store.evaluations("senti-v1")[0]["data"]["sha256"] == table["data"]["sha256"]
@@ -158,3 +162,22 @@ def test_softprompt_eval_refuses_bad_data_with_its_line(tmp_path, tiny_loader, c
     assert code == 2 and "line 2" in capsys.readouterr().err
     code = softprompt(["eval", "--data", str(tmp_path / "bad.jsonl"), "--store", str(tmp_path / "store")])
     assert code == 2 and "nothing to score" in capsys.readouterr().err
+
+
+def test_labels_come_from_the_prompts_too(untied, store):
+    """A test file holding one class must not make the other unpredictable (or score 100 %)."""
+    from trainer.compare import TaskHint, choose_max_new_tokens, choose_task
+
+    one_class = parse_examples(jsonl([r for r in ROWS if r["output"] == "positive"]).decode().splitlines())
+    trained = TaskHint("classification", LABELS, 4)
+    assert choose_task([trained], one_class).labels == LABELS
+    with pytest.raises(ValueError, match="at least 2 labels"):
+        choose_task([], one_class, "classification")
+    assert choose_task([], one_class).kind == "generation"  # auto, one answer throughout: exact match
+    assert choose_max_new_tokens([TaskHint(max_new_tokens=10**6)], None, limit=256) == 256
+    assert choose_max_new_tokens([trained], None) == 4 and choose_max_new_tokens([], None) == 16
+    version = store.publish("tagged", torch.zeros(2, untied.fingerprint.hidden_size), fingerprint=untied.fingerprint,
+                            base_model="x", metrics={"task": "classification", "labels": list(LABELS)},
+                            training_config={"max_new_tokens": 6})
+    [reference] = load_references(untied, store, reference_specs(["tagged"]))
+    assert reference.hint == TaskHint("classification", LABELS, 6) == TaskHint.from_meta(version.meta)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prompt_store import PromptStore
@@ -37,7 +39,7 @@ def test_eval_job_scores_versions_and_keeps_the_result_with_them(app_client, ver
         job = wait_until(lambda: finished(client, job_id))
         assert job["state"] == "succeeded", job["error"]
         table = job["table"]
-        assert [r["reference"] for r in table["results"]] == ["senti-v1", "senti-v2", "text: Classify it.", "bare"]
+        assert [r["reference"] for r in table["results"]] == ["senti-v1", "senti-v2", "text: Classify it.", "(bare)"]
         assert job["step"] == job["total"] == 4 * 5  # 40 examples in chunks of 8, four references
         rows = table["examples"]
         assert len(rows) == len(ROWS) and table["data"]["examples"] == len(ROWS) and table["data"]["name"] == "test.jsonl"
@@ -85,6 +87,8 @@ def test_json_body_and_an_idempotent_retry(app_client, versions):
         (dict(task="regression"), 422, "invalid_eval_request", "task"),
         (dict(max_new_tokens="0"), 422, "invalid_eval_request", "max_new_tokens"),
         (dict(max_new_tokens="many"), 422, "invalid_eval_request", "max_new_tokens"),
+        (dict(rows=[r for r in ROWS if r["output"] == "positive"], task="classification"), 422, "invalid_eval_request",
+         "at least 2 labels"),
     ],
 )
 def test_bad_requests_are_refused_before_a_job_exists(app_client, versions, kwargs, status, code, needle):
@@ -101,6 +105,13 @@ def test_other_bad_bodies(app_client, versions):
         assert client.post("/eval", content=b"x", headers={"content-type": "text/plain"}).status_code == 422
         assert client.post("/eval", json={"prompts": ["senti"]}).status_code == 422
         assert client.post("/eval", json={"examples": ROWS, "prompts": "senti"}).status_code == 422
+        for body in ({"bare": True, "max_new_tokens": 1e400}, {"bare": True, "max_new_tokens": True},
+                     {"bare": True, "max_new_tokens": 2.5}, {"bare": "yes"}, {"texts": ["\ud800"]}):
+            answer = client.post("/eval", content=json.dumps({"examples": ROWS, **body}).replace('"\\\\ud800"', '"\\ud800"'),
+                                 headers={"content-type": "application/json"})
+            assert answer.status_code == 422, (body, answer.text)
+        not_objects = client.post("/eval", json={"examples": [1], "bare": True})
+        assert not_objects.status_code == 422 and not_objects.json()["error"]["code"] == "invalid_eval_data"
         bad_utf8 = client.post("/eval", files={"file": ("t.jsonl", b"\xff\xfe", "application/jsonl")}, data={"bare": "1"})
         assert bad_utf8.status_code == 422 and bad_utf8.json()["error"]["code"] == "invalid_eval_data"
         assert client.get("/eval/nope").status_code == 404
@@ -151,8 +162,8 @@ def test_generated_answers_are_what_generate_serves(app_client, versions):
         table = job["table"]
         assert table["task"] == "generation" and table["metric"] == "exact_match" and table["max_new_tokens"] == 5
         predicted = [row["predicted"] for row in table["examples"]]
-        assert any(p["senti-v1"] != p["bare"] for p in predicted)
+        assert any(p["senti-v1"] != p["(bare)"] for p in predicted)
         for row in table["examples"]:  # the job's answers are the served answers, greedy, same length
             body = {"input": row["input"], "max_new_tokens": 5}
             assert row["predicted"]["senti-v1"] == client.post("/generate", params={"prompt": "senti-v1"}, json=body).json()["text"]
-            assert row["predicted"]["bare"] == client.post("/generate", json=body).json()["text"]
+            assert row["predicted"]["(bare)"] == client.post("/generate", json=body).json()["text"]

@@ -13,6 +13,7 @@ calls it on its own model and the server runs it in its engine thread on the res
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +21,16 @@ from datetime import datetime, timezone
 
 import torch
 
-from prompt_store import PromptStore
+from prompt_store import PromptNotFoundError, PromptStore
+from prompt_store.untrusted import is_text
 
 from .batches import Encoder
 from .data import Example
 from .evaluate import Task, detect_task, evaluate
 from .modeling import FrozenModel
 from .stats import compare_paired, wilson_interval
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_REFERENCES = 8
@@ -46,11 +50,31 @@ class ReferenceSpec:
 
     @property
     def label(self) -> str:
+        """Unique per reference: prompt refs are names (no spaces, colons or parentheses)."""
         if self.kind == "prompt":
             return self.value
         if self.kind == "text":
             return f"text: {self.value}"
-        return "bare"
+        return "(bare)"
+
+
+@dataclass(frozen=True)
+class TaskHint:
+    """What a prompt's metadata says about the task it was trained for."""
+
+    task: str | None = None
+    labels: tuple[str, ...] = ()
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "TaskHint":
+        config, metrics = meta.get("training_config") or {}, meta.get("metrics") or {}
+        task = metrics.get("task") or config.get("task")
+        labels = metrics.get("labels") or ()
+        max_new = config.get("max_new_tokens")
+        return cls(task if task in ("classification", "generation") else None,
+                   tuple(str(label) for label in labels if isinstance(label, str)) if isinstance(labels, list) else (),
+                   max_new if isinstance(max_new, int) and not isinstance(max_new, bool) and max_new > 0 else None)
 
 
 @dataclass(frozen=True)
@@ -59,8 +83,7 @@ class Reference:
     vectors: torch.Tensor = field(repr=False)  # [P, D] fp32 cpu; [0, D] for bare
     version: str | None = None  # the resolved name-vN of a prompt reference
     checksum: str | None = None
-    training_config: dict = field(default_factory=dict)
-    task: str | None = None  # the task the prompt was trained for, if recorded
+    hint: TaskHint = field(default_factory=TaskHint)  # what the prompt was trained for, if recorded
     cache_key: tuple | None = None  # content identity for prefix caches (None: no prompt)
 
     @property
@@ -75,6 +98,8 @@ def reference_specs(prompts: Sequence[str] = (), texts: Sequence[str] = (), bare
         for value in values:
             if not isinstance(value, str) or not value.strip():
                 raise ReferenceError(f"a {kind} reference must be a non-empty string, got {value!r}")
+            if not is_text(value):
+                raise ReferenceError(f"a {kind} reference is not valid Unicode text (it holds a lone surrogate)")
             if len(value) > MAX_TEXT_CHARS:
                 raise ReferenceError(f"a {kind} reference is {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
             specs.append(ReferenceSpec(kind, value))
@@ -96,12 +121,8 @@ def load_references(frozen: FrozenModel, store: PromptStore, specs: Sequence[Ref
     for spec in specs:
         if spec.kind == "prompt":
             loaded = store.load(spec.value, expect=frozen.fingerprint)
-            meta = loaded.version.meta
-            config = meta.get("training_config") or {}
-            task = (meta.get("metrics") or {}).get("task") or config.get("task")
             references.append(Reference(spec, loaded.embeddings.float(), str(loaded.version.id), loaded.version.checksum,
-                                        config, task if task in ("classification", "generation") else None,
-                                        loaded.cache_key))
+                                        TaskHint.from_meta(loaded.version.meta), loaded.cache_key))
         elif spec.kind == "text":
             digest = hashlib.sha256(spec.value.encode()).hexdigest()
             references.append(Reference(spec, init_embeddings(frozen, spec.value), cache_key=(f"text:{digest[:16]}", 0, digest)))
@@ -110,18 +131,29 @@ def load_references(frozen: FrozenModel, store: PromptStore, specs: Sequence[Ref
     return references
 
 
-def choose_task(references: Sequence[Reference], examples: Sequence[Example], requested: str = "auto") -> Task:
-    """The requested task; else the task the first trained prompt was made for; else from the data."""
+def choose_task(hints: Sequence[TaskHint], examples: Sequence[Example], requested: str = "auto") -> Task:
+    """The requested task; else the task the first trained prompt was made for; else from the data.
+
+    A classification is scored over the labels the prompts were trained on AND those in the
+    data: a test file that happens to hold one class must not make the other unpredictable."""
     if requested == "auto":
-        requested = next((r.task for r in references if r.task), "auto")
-    return detect_task(examples, requested)
+        requested = next((h.task for h in hints if h.task), "auto")
+    task = detect_task(examples, requested)
+    if task.kind == "classification":
+        labels = tuple(sorted(set(task.labels).union(*(h.labels for h in hints))))
+        if len(labels) < 2 and requested == "auto":  # one answer throughout: compare what is generated
+            return Task("generation")
+        if len(labels) < 2:
+            raise ValueError(f"a classification needs at least 2 labels; the data and prompts give {list(labels)}")
+        task = Task("classification", labels)
+    return task
 
 
-def choose_max_new_tokens(references: Sequence[Reference], requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    return next((int(r.training_config["max_new_tokens"]) for r in references if r.training_config.get("max_new_tokens")),
-                DEFAULT_MAX_NEW_TOKENS)
+def choose_max_new_tokens(hints: Sequence[TaskHint], requested: int | None, *, limit: int = 256) -> int:
+    """The requested length; else the first prompt's training setting; else 16. Never above `limit`."""
+    if requested is None:
+        requested = next((h.max_new_tokens for h in hints if h.max_new_tokens), DEFAULT_MAX_NEW_TOKENS)
+    return min(requested, limit)
 
 
 def data_identity(data: bytes, name: str, examples: int) -> dict:
@@ -163,6 +195,8 @@ def run_comparison(
     started = time.perf_counter()
     chunks = [list(examples[i : i + chunk_size]) for i in range(0, len(examples), chunk_size)]
     total, done = len(chunks) * len(references), 0
+    if len({r.label for r in references}) != len(references):
+        raise ReferenceError("two references have the same label; give each once")
     outcomes = {r.label: [] for r in references}
     predictions = {r.label: [] for r in references}
     for chunk in chunks:  # chunk-major: every reference advances together, so progress is even
@@ -218,11 +252,16 @@ def evaluation_record(table: dict, result: dict, *, source: str) -> dict:
 
 
 def record_results(store: PromptStore, table: dict, *, source: str) -> list[str]:
-    """Keep each scored version's result with it; returns the versions recorded."""
+    """Keep each scored version's result with it; returns the versions recorded (a version
+    deleted while it was being scored is skipped)."""
     recorded = []
     for result in table["results"]:
         if result["kind"] == "prompt" and result["version"]:
-            store.record_evaluation(result["version"], evaluation_record(table, result, source=source))
+            try:
+                store.record_evaluation(result["version"], evaluation_record(table, result, source=source))
+            except PromptNotFoundError:
+                logger.warning("%s was deleted while it was scored; its result is not recorded", result["version"])
+                continue
             recorded.append(result["version"])
     return recorded
 

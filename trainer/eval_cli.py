@@ -77,13 +77,17 @@ def run(args: argparse.Namespace) -> int:
     from .compare import format_table, record_results
 
     print(format_table(table))
-    if args.json:
-        args.json.write_text(json.dumps(table, indent=2))
-        logger.info("wrote %s", args.json)
-    if not args.no_record:
-        recorded = record_results(store, table, source="softprompt eval")
-        if recorded:
-            print(f"recorded with {', '.join(recorded)} in {store.root}")
+    try:
+        if args.json:
+            args.json.write_text(json.dumps(table, indent=2))
+            logger.info("wrote %s", args.json)
+        if not args.no_record:
+            recorded = record_results(store, table, source="softprompt eval")
+            if recorded:
+                print(f"recorded with {', '.join(recorded)} in {store.root}")
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -105,8 +109,9 @@ def _score(frozen, store, specs, examples, data: bytes, args) -> dict:
     from .compare import choose_max_new_tokens, choose_task, data_identity, load_references, model_scorer, run_comparison
 
     references = load_references(frozen, store, specs)
-    task = choose_task(references, examples, args.task)
-    max_new_tokens = choose_max_new_tokens(references, args.max_new_tokens)
+    hints = [r.hint for r in references]
+    task = choose_task(hints, examples, args.task)
+    max_new_tokens = choose_max_new_tokens(hints, args.max_new_tokens, limit=max(args.max_new_tokens or 0, 256))
     score = model_scorer(frozen, Encoder(frozen), task, max_new_tokens=max_new_tokens, batch_size=args.batch_size)
     with tqdm(total=None, desc="eval", unit="part", disable=args.no_progress, file=sys.stderr) as bar:
 

@@ -218,7 +218,7 @@ class Engine:
                 self._waiting.append(item)
             elif isinstance(item, tuple):
                 item[-1].set_exception(error)  # a prewarm's future
-            elif isinstance(item, _Call):
+            elif isinstance(item, _Call) and item.future.set_running_or_notify_cancel():  # not if its caller gave up
                 item.future.set_exception(error)
         for request in self._waiting:
             self._fail(request, error)

@@ -205,12 +205,13 @@ class JobManager:
         """An evaluation's whole table (per-example rows included), once it succeeded."""
         return self.files.load_result(job_id)
 
-    def counts_by_state(self) -> dict[str, int]:
-        """How many jobs are in each state (every state listed, zeros included)."""
+    def counts_by_state(self, kind: str | None = None) -> dict[str, int]:
+        """How many jobs (of `kind`, or all) are in each state (every state listed, zeros included)."""
         with self._changed:
             counts = {state.value: 0 for state in JobState}
             for record in self._records.values():
-                counts[record.state.value] += 1
+                if kind in (None, record.kind):
+                    counts[record.state.value] += 1
             return counts
 
     def threads_in_use(self) -> int:
@@ -306,7 +307,8 @@ class JobManager:
         except Exception as exc:  # every failure ends the job with its reason; the server goes on
             logger.exception("evaluation job %s failed", job_id)
             emit("failed", error=f"{type(exc).__name__}: {exc}")
-        self._ended(job_id, final, code=0)
+        finally:  # whatever failed above (even saving the record), the job's place is given back
+            self._ended(job_id, final, code=0)
 
     def _follow(self, job_id: str, proc: subprocess.Popen) -> None:
         final = None
@@ -347,7 +349,8 @@ class JobManager:
                     setattr(record, key, event.get(key))
                 if event.get("val_metric") is not None:  # keep the latest evaluation between evaluations
                     record.val_metric = event["val_metric"]
-                record.history.append({k: event.get(k) for k in ("step", "loss", "val_metric", "elapsed_seconds")})
+                if record.kind == "train":  # an evaluation's steps are chunks: no curve to draw
+                    record.history.append({k: event.get(k) for k in ("step", "loss", "val_metric", "elapsed_seconds")})
                 self._touch(record)
             elif kind == "succeeded":
                 record.version, record.metrics = event.get("version"), event.get("metrics", {})

@@ -18,7 +18,9 @@ from starlette.datastructures import UploadFile
 from prompt_store.untrusted import parse_json
 
 from ..deps import AdminAuth, IdempotencyKey, Jobs, SettingsDep, State
-from ..errors import InvalidEvalRequestError
+from trainer.data import DataError
+
+from ..errors import InvalidEvalDataError, InvalidEvalRequestError
 from ..evaluation import build_eval_request
 from ..jobs.errors import UploadTooLargeError
 from ..jobs.records import JobRecord
@@ -35,7 +37,7 @@ def public(record: JobRecord) -> dict:
     return data
 
 
-@router.post("", status_code=202, dependencies=[AdminAuth], responses=error_responses(401, 403, 404, 409, 413, 422))
+@router.post("", status_code=202, dependencies=[AdminAuth], responses=error_responses(400, 401, 403, 404, 409, 413, 422))
 async def submit_eval(request: Request, jobs: Jobs, state: State, settings: SettingsDep,
                       idempotency_key: IdempotencyKey = None) -> dict:
     """Score references on labeled data. Multipart: `file` (JSONL), repeated `prompt` fields
@@ -57,7 +59,12 @@ async def submit_eval(request: Request, jobs: Jobs, state: State, settings: Sett
                   "task": form.get("task"), "max_new_tokens": form.get("max_new_tokens"), "data_name": upload.filename or "file"}
     elif content_type.startswith("application/json"):
         body = _json_body(await request.body())
-        data = examples_to_jsonl(body["examples"], "examples")
+        try:
+            data = examples_to_jsonl(body["examples"], "examples")
+        except DataError as error:
+            raise InvalidEvalDataError(str(error)) from None
+        if body.get("bare") not in (None, True, False):
+            raise InvalidEvalRequestError(f"'bare' must be true or false, got {body['bare']!r}.")
         fields = {"prompts": _strings(body, "prompts"), "texts": _strings(body, "texts"), "bare": body.get("bare") is True,
                   "task": body.get("task"), "max_new_tokens": body.get("max_new_tokens"),
                   "data_name": body.get("data_name") if isinstance(body.get("data_name"), str) else "examples"}
@@ -77,12 +84,13 @@ async def submit_eval(request: Request, jobs: Jobs, state: State, settings: Sett
     return public(record)
 
 
-@router.get("")
+# Reads need the admin key too: a table holds the uploaded examples and the predictions.
+@router.get("", dependencies=[AdminAuth], responses=error_responses(401, 403))
 async def list_evals(jobs: Jobs) -> dict:
     return {"jobs": [public(r) for r in jobs.list("eval")]}
 
 
-@router.get("/{job_id}", responses=error_responses(404, 422))
+@router.get("/{job_id}", dependencies=[AdminAuth], responses=error_responses(401, 403, 404, 422))
 async def get_eval(job_id: str, jobs: Jobs,
                    examples: bool = Query(True, description="include every example's predictions and outcomes")) -> dict:
     """The job, and once it succeeded, its `table`: scores with 95 % intervals and the paired tests."""
@@ -100,8 +108,8 @@ async def cancel_eval(job_id: str, jobs: Jobs) -> dict:
     return public(jobs.cancel(job_id, "eval"))
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses={**event_stream("`progress` events, then `end`", "progress", "end"), **error_responses(404, 422)})
+@router.get("/{job_id}/events", response_class=EventSourceResponse, dependencies=[AdminAuth],
+            responses={**event_stream("`progress` events, then `end`", "progress", "end"), **error_responses(401, 403, 404, 422)})
 async def eval_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceResponse:
     """Server-Sent Events: one `progress` event per change, then a final `end` event."""
     return job_event_stream(jobs, jobs.get(job_id, "eval"), request, public)
