@@ -66,3 +66,33 @@ def test_real_model_cached_prefix_equals_uncached(real_model):
         finally:
             engine.stop()
     assert results[0] == results[1]
+
+
+def test_real_model_eval_job_scores_what_generate_serves(real_model, tmp_path):
+    """POST /eval on the resident model: a version made of a text's embeddings and that text as a
+    text reference answer alike, and each answer is the one /generate gives."""
+    from tests.jobs_helpers import wait_until
+    from trainer.data import load_examples
+
+    problems = load_examples("examples/data/arithmetic.test.jsonl")[:12]
+    store = PromptStore(tmp_path / "store")
+    store.publish("adder", _text_prompt(real_model, INSTRUCTION), fingerprint=real_model.fingerprint,
+                  base_model=real_model.base_model, init_text=INSTRUCTION,
+                  training_config={"task": "generation", "max_new_tokens": 8})
+    lines = "".join(f'{{"input": "{p.input}", "output": "{p.output}"}}\n' for p in problems).encode()
+    settings = Settings(store=tmp_path / "store", store_poll_seconds=0.2, api_key=None)
+    with TestClient(create_app(settings, frozen=real_model)) as client:
+        job = client.post("/eval", files={"file": ("problems.jsonl", lines, "application/jsonl")},
+                          data={"prompt": ["adder"], "text": [INSTRUCTION], "bare": "true"}).json()
+        done = wait_until(lambda: (b := client.get(f"/eval/{job['id']}").json())["state"] in ("succeeded", "failed") and b,
+                          timeout=300)
+        assert done["state"] == "succeeded", done["error"]
+        table = done["table"]
+        assert table["task"] == "generation" and table["max_new_tokens"] == 8
+        for row in table["examples"]:
+            assert row["predicted"]["adder"] == row["predicted"][f"text: {INSTRUCTION}"]
+            served = client.post("/generate", params={"prompt": "adder"}, json={"input": row["input"], "max_new_tokens": 8})
+            assert row["predicted"]["adder"] == served.json()["text"]
+        scores = {r["reference"]: r["score"] for r in table["results"]}
+        assert scores["adder"] == scores[f"text: {INSTRUCTION}"]
+        assert client.get("/prompts/adder").json()["evaluations"][0]["data"]["name"] == "problems.jsonl"
