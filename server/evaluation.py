@@ -145,7 +145,7 @@ class EngineScorer:
             texts = [self._wait(future) for future in futures]
         except ComparisonCancelled:
             for request in requests:
-                request.cancelled = True
+                self.engine.cancel(request)
             raise
         return {"correct": [answers_match(text, e.output) for text, e in zip(texts, chunk)], "predictions": texts}
 

@@ -36,7 +36,8 @@ class RequestHandle:
     final one (a token event per row per step would wake the loop 16 times a step at batch 16,
     and on a 2-core machine that Python work competes with the decode step's threads)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, stream: bool, metrics: RequestMetrics | None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine, *, stream: bool, metrics: RequestMetrics | None):
+        self.engine = engine
         self.request: GenerationRequest | None = None  # set once built, before the engine sees it
         self.done: DoneEvent | None = None  # the final event, once a reader has seen it
         self.prompt_label: str | None = None  # the resolved version, e.g. "math-v3"
@@ -71,9 +72,9 @@ class RequestHandle:
         raise RuntimeError("engine stream ended without a result")
 
     def cancel(self) -> None:
-        """Client went away: the engine drops the row at its next step."""
+        """Client went away: the engine drops the row at its next step (and frees its queue place now)."""
         if self.request is not None:
-            self.request.cancelled = True
+            self.engine.cancel(self.request)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class GenerationService:
             raise InvalidGenerationRequestError(
                 f"{len(requests)} rows (prompts x n) are more than this server queues at once ({self.engine.max_queue}).")
         loop = asyncio.get_running_loop()
-        handles = [RequestHandle(loop, stream=stream, metrics=self.metrics) for _ in requests]
+        handles = [RequestHandle(loop, self.engine, stream=stream, metrics=self.metrics) for _ in requests]
         self.engine.reserve(len(requests))  # a full queue answers at once, before any tokenizing or prompt loading
         try:
             await loop.run_in_executor(self._builder, self._build_all, prompt_ref, requests, handles)

@@ -190,6 +190,43 @@ def test_queue_full_when_too_many_wait(mixing, tokenizer):
         engine.stop()
 
 
+def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(mixing, tokenizer):
+    engine = _engine(mixing, max_queue=2)
+    try:
+        engine.pause()  # nothing is admitted: only cancel() can free a place
+        first, first_sink = make_job(tokenizer, "x")
+        engine.submit(first), engine.submit(make_job(tokenizer, "y")[0])
+        with pytest.raises(QueueFullError):
+            engine.submit(make_job(tokenizer, "z")[0])
+        engine.cancel(first)
+        engine.cancel(first)  # twice frees one place, not two
+        assert engine.stats()["waiting"] == 1
+        engine.submit(make_job(tokenizer, "z")[0])
+        with pytest.raises(QueueFullError):
+            engine.submit(make_job(tokenizer, "w")[0])
+        engine.resume()
+        assert _drain_done(first_sink).finish_reason == "cancelled"
+    finally:
+        engine.resume()
+        engine.stop()
+
+
+def test_cancelled_requests_end_while_the_batch_is_full(mixing, tokenizer):
+    engine = _engine(mixing, max_batch_size=1, max_queue=4)
+    try:
+        long, long_sink = make_job(tokenizer, TEXTS[1], max_new_tokens=200, ignore_eos=True)
+        engine.submit(long)  # holds the only batch row
+        waiting, waiting_sink = make_job(tokenizer, "x")
+        engine.submit(waiting)
+        engine.cancel(waiting)
+        assert _drain_done(waiting_sink).finish_reason == "cancelled"  # not after the long row ends
+        assert not long.closed
+    finally:
+        engine.cancel(long)
+        _drain_done(long_sink)
+        engine.stop()
+
+
 def test_prefix_cache_keys_by_version_and_checksum_not_name():
     cache = PrefixCache(max_bytes=1 << 20)
     head = (1, 2, 3)

@@ -149,7 +149,22 @@ class Engine:
             if self._closed:
                 self._waiting_count -= 1
                 raise ShuttingDownError("The server is shutting down.")
+            request.holds_queue_place = True
             self._inbox.put(request)
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Drop a request (thread-safe): the engine ends it at its next step with finish reason
+        "cancelled". A request still waiting gives its queue place back now, so a client that left
+        (or a cancelled evaluation job) never holds places while the batch is full."""
+        with self._lock:
+            request.cancelled = True
+            self._give_back_place(request)
+
+    def _give_back_place(self, request: GenerationRequest) -> None:
+        """Under the lock: free the queue place a waiting request holds (once)."""
+        if request.holds_queue_place:
+            request.holds_queue_place = False
+            self._waiting_count -= 1
 
     def prewarm(self, prompt_key: tuple | None, soft: torch.Tensor | None, head_ids: tuple[int, ...]) -> Future:
         """Compute (in the engine thread) the prefix KV of a prompt for `head_ids` ahead of use."""
@@ -280,11 +295,17 @@ class Engine:
         Each stage fails only the requests it concerns: a request that cannot start fails alone, a
         failed prefill fails the rows it was prefilling, a failed merge leaves the running batch as
         it was."""
+        if any(request.cancelled for request in self._waiting):  # ended now, not when a batch row frees up
+            for request in [r for r in self._waiting if r.cancelled]:
+                with self._lock:
+                    self._give_back_place(request)
+                request.send(_cancelled(request))
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
         new: list[Sequence] = []
         while self._waiting and len(self._seqs) + len(new) < self.max_batch_size:
             request = self._waiting.popleft()
             with self._lock:
-                self._waiting_count -= 1
+                self._give_back_place(request)
             if request.cancelled:
                 request.send(_cancelled(request))
                 continue

@@ -69,6 +69,7 @@ class GenerationRequest:
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     closed: bool = False  # a final event (done or failed) was sent; nothing follows it
+    holds_queue_place: bool = False  # queued and not yet admitted or cancelled (the engine's lock guards it)
 
     def send(self, event: Event) -> None:
         """Deliver an event. The first final event closes the request: every request gets exactly
