@@ -82,12 +82,12 @@ def http_bursts(bursts: int) -> dict[str, list[float]]:
     import tempfile
 
     from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, free_port, publish_text, served, text_ids
-    from prompt_store import PromptStore
+    from prompt_store import open_store
     from trainer.modeling import load_frozen_model
 
     frozen = load_frozen_model(os.environ.get("SOFTPROMPT_MODEL", "default"), device="cpu")
     store_root = Path(tempfile.mkdtemp(prefix="omp-ab-")) / "store"
-    store, names = PromptStore(store_root), list(PROMPT_TEXTS)
+    store, names = open_store(store_root), list(PROMPT_TEXTS)
     ids = {name: text_ids(frozen, text, PROMPT_LENGTHS[name]) for name, text in PROMPT_TEXTS.items()}
     for name in names:
         publish_text(store, frozen, name, ids[name])

@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.hf_baseline import BASELINE_POLICIES, run_baseline  # noqa: E402
-from prompt_store import PromptStore  # noqa: E402
+from prompt_store import PromptStore, open_store  # noqa: E402
 from trainer.modeling import load_frozen_model  # noqa: E402
 
 PROMPT_LENGTHS = {"sentiment": 20, "math": 40, "summary": 60, "style": 100}  # vectors per version
@@ -251,7 +251,7 @@ def main() -> int:
 
     frozen = load_frozen_model(args.model, device="cpu")
     workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    store = PromptStore(workdir / "store")
+    store = open_store(workdir / "store")
     prompt_ids = {name: text_ids(frozen, text, PROMPT_LENGTHS[name]) for name, text in PROMPT_TEXTS.items()}
     versions = {name: str(publish_text(store, frozen, name, ids).id) for name, ids in prompt_ids.items()}
     long_ids = text_ids(frozen, LONG_TEXT, 100)

@@ -19,15 +19,19 @@ from .errors import (
     NonFiniteValuesError,
     PromptNotFoundError,
     PromptStoreError,
+    SchemaVersionError,
+    StoreUnavailableError,
 )
 from .fingerprint import ModelFingerprint
 from .names import VersionId, parse_ref, validate_name
-from .store import PromptStore
+from .base import PromptStore, open_store
+from .folder import FolderStore
 from .version import LoadedPrompt, PromptVersion
 
 __all__ = [
     "AliasInUseError",
     "ChecksumMismatchError",
+    "FolderStore",
     "IdempotencyKeyReusedError",
     "IncompatibleModelError",
     "InvalidAdapterError",
@@ -42,7 +46,10 @@ __all__ = [
     "PromptStore",
     "PromptStoreError",
     "PromptVersion",
+    "SchemaVersionError",
+    "StoreUnavailableError",
     "VersionId",
+    "open_store",
     "parse_ref",
     "validate_name",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from .errors import PromptStoreError
 from .fingerprint import ModelFingerprint
 from .settings import CommonSettings
-from .store import PromptStore
+from .base import open_store
 
 # Given a model spec, returns (fingerprint, base model id). The store cannot load models
 # itself (imports flow prompt_store <- trainer); the `softprompt` CLI passes one in.
@@ -56,7 +56,7 @@ def build_parser(
 
 
 def run(args: argparse.Namespace, fingerprinter: Fingerprinter | None = None) -> int:
-    store = PromptStore(args.store)
+    store = open_store(args.store)
     try:
         if args.command == "list":
             aliases = store.aliases()
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace, fingerprinter: Fingerprinter | None = None) ->
                 print(f"{alias} -> {target}")
         elif args.command == "show":
             version = store.resolve(args.ref)
-            print(json.dumps({"path": str(version.path), **version.meta, "evaluations": store.evaluations(version)}, indent=2))
+            where = {"path": str(version.path)} if version.path is not None else {"store": store.location}
+            print(json.dumps({**where, **version.meta, "evaluations": store.evaluations(version)}, indent=2))
         elif args.command == "alias":
             if args.remove:
                 store.remove_alias(args.alias)

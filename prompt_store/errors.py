@@ -84,3 +84,15 @@ class IdempotencyKeyReusedError(PromptStoreError, ValueError):
     def __init__(self, key: str, first: str):
         super().__init__(f"Idempotency-Key {key!r} was already used for a different request ({first}); "
                          "use a new key for a new request.")
+
+
+class StoreUnavailableError(PromptStoreError):
+    """The store cannot be reached now (its database is down or unreachable): retry later."""
+
+    code = "store_unavailable"
+
+
+class SchemaVersionError(PromptStoreError):
+    """The database's schema is newer than this softprompt knows: upgrade softprompt."""
+
+    code = "store_schema_too_new"

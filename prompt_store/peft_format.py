@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
 from .errors import InvalidAdapterError, InvalidShapeError, NonFiniteValuesError
 from .untrusted import is_text, parse_json
@@ -104,6 +104,19 @@ def read_weights(path: Path) -> torch.Tensor:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise InvalidAdapterError(f"{path}: not a readable safetensors file ({exc}).") from exc
+    return _prompt_tensor(tensors, where=str(path))
+
+
+def weights_from_bytes(data: bytes, *, where: str) -> torch.Tensor:
+    """The validated `prompt_embeddings` tensor of adapter_model.safetensors held in memory."""
+    try:
+        tensors = load(data)
+    except Exception as exc:
+        raise InvalidAdapterError(f"{where}: not a readable safetensors file ({exc}).") from exc
+    return _prompt_tensor(tensors, where=where)
+
+
+def _prompt_tensor(tensors: dict[str, torch.Tensor], *, where: str) -> torch.Tensor:
     if TENSOR_KEY not in tensors:
-        raise InvalidAdapterError(f"{path}: no {TENSOR_KEY!r} tensor (found {sorted(tensors)}).")
-    return validate_tensor(tensors[TENSOR_KEY], where=str(path))
+        raise InvalidAdapterError(f"{where}: no {TENSOR_KEY!r} tensor (found {sorted(tensors)}).")
+    return validate_tensor(tensors[TENSOR_KEY], where=where)

@@ -16,7 +16,7 @@ class PromptVersion:
     """Metadata of one published version (the contents of its meta.json)."""
 
     id: VersionId
-    path: Path
+    path: Path | None  # the version's folder in a folder store; None where the files live in a database
     meta: dict
 
     @property

@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         app.state.softprompt = state
         # Training jobs need no model in this process: workers load their own. Evaluations score
         # through this process's engine.
-        app.state.jobs = JobManager(settings.store, model_spec=settings.model, device=settings.device,
+        app.state.jobs = JobManager(settings.store, jobs_dir=settings.jobs_folder, model_spec=settings.model, device=settings.device,
                                     threads=settings.train_threads, max_running=settings.train_concurrency)
         app.state.jobs.eval_runner = ResidentEvalRunner(state, app.state.jobs.files)  # evaluations use this process's model
         app.state.jobs.start()

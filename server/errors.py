@@ -24,6 +24,7 @@ from prompt_store import (
     NameConflictError,
     PromptNotFoundError,
     PromptStoreError,
+    StoreUnavailableError,
 )
 
 from trainer.config import TrainConfigError
@@ -99,6 +100,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (InvalidGenerationRequestError, 422),
     (QueueFullError, 503),
     (EngineNotReadyError, 503),
+    (StoreUnavailableError, 503),
     (PromptStoreError, 400),
     (EngineError, 500),
 ]
@@ -141,6 +143,8 @@ def error_answer(path: str, exc: Exception) -> tuple[int, dict, dict[str, str]]:
     status, body, headers = status_of(exc), error_body(exc), {}
     if isinstance(exc, QueueFullError):
         headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, StoreUnavailableError):
+        headers["Retry-After"] = "5"
     elif isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
     if is_openai(path):
@@ -163,7 +167,7 @@ async def send_error(send: Send, path: str, exc: Exception, *, close: bool = Fal
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status, body, headers = error_answer(request.url.path, exc)
-    if status >= 500 and not isinstance(exc, (QueueFullError, EngineNotReadyError)):
+    if status >= 500 and not isinstance(exc, (QueueFullError, EngineNotReadyError, StoreUnavailableError)):
         logger.exception("error serving %s", request.url.path, exc_info=exc)
     return JSONResponse(body, status_code=status, headers=headers)
 

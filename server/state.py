@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from prompt_store import PromptStore
+from prompt_store import open_store
 from trainer.modeling import FrozenModel, load_frozen_model
 
 from .engine import Engine, PrefixCache
@@ -32,10 +32,10 @@ class AppState:
     def __init__(self, settings: Settings, *, metrics: RequestMetrics | None = None):
         self.settings = settings
         self.metrics = metrics
-        self.store = PromptStore(settings.store)
+        self.store = open_store(settings.store)
         collected = self.store.collect_garbage()
         if collected:
-            logger.info("removed %d abandoned staging folders from %s", collected, self.store.root / ".tmp")
+            logger.info("removed %d abandoned staging folders from %s", collected, self.store.location)
         self.started_at = time.time()
         self.model_loads = 0
         self.frozen: FrozenModel | None = None
@@ -101,7 +101,7 @@ class AppState:
             gc.collect()
             gc.freeze()
             self._ready.set()
-            logger.info("ready: %s, store %s", frozen.base_model, self.store.root)
+            logger.info("ready: %s, store %s", frozen.base_model, self.store.location)
         except Exception as exc:
             self.boot_error = f"{type(exc).__name__}: {exc}"
             logger.exception("server failed to start")
@@ -116,6 +116,14 @@ class AppState:
             self.engine.stop()
         if self.generation is not None:
             self.generation.close()
+        self.store.close()
+
+    def store_status(self) -> dict:
+        """What /ready says of the store: a database that is away does not make the replica
+        unready (prompts already loaded keep serving), but it is reported."""
+        error = self.watcher.store_error if self.watcher is not None else None
+        backend = "postgresql" if self.settings.store_is_database else "folder"
+        return {"backend": backend, "location": self.store.location, "available": error is None, "error": error}
 
     def stats(self) -> dict:
         out = {"model_loads": self.model_loads, "ready": self.ready, "uptime_s": round(time.time() - self.started_at, 1)}

@@ -1,8 +1,10 @@
-"""Hot swap: poll the store and pre-warm new versions (load the tensor, prefill its prefix).
+"""Hot swap: watch the store and pre-warm new versions (load the tensor, prefill its prefix).
 
-Whoever publishes (the trainer, the CLI, the HTTP API), the watcher sees the store's
-signature change within `store_poll_seconds` and gets the newest version of every name and
-every alias target ready, so the first request on it costs no more than a warm one.
+Whoever publishes (the trainer, the CLI, the HTTP API, another replica), the watcher sees the
+store's signature change and gets the newest version of every name and every alias target
+ready, so the first request on it costs no more than a warm one. A folder store is polled
+every `store_poll_seconds`; a PostgreSQL store wakes the watcher with NOTIFY as the change
+commits (and is polled at the same interval should the notices be lost).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from prompt_store import IncompatibleModelError, PromptStore, PromptStoreError, PromptVersion
+from prompt_store import IncompatibleModelError, PromptStore, PromptStoreError, PromptVersion, StoreUnavailableError
 
 from .engine import Engine, PrefixCache
 from .prompt_cache import PromptCache
@@ -26,6 +28,7 @@ class StoreWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._signature = None
+        self.store_error: str | None = None  # why the last scan could not read the store (logged once per outage)
         self.scans = 0
         self.warmed: list[str] = []
 
@@ -42,9 +45,20 @@ class StoreWatcher:
         while not self._stop.is_set():
             try:
                 self.scan()
+                if self.store_error is not None:
+                    logger.info("the store answers again")
+                self.store_error = None
+            except StoreUnavailableError as exc:
+                if self.store_error is None:
+                    logger.warning("store scan failed: %s", exc)
+                self.store_error = str(exc)
             except Exception:
                 logger.exception("store scan failed")
-            self._stop.wait(self.poll_seconds)
+            try:
+                self.store.wait_for_change(self.poll_seconds, self._stop)
+            except Exception:
+                logger.exception("waiting for store changes failed")
+                self._stop.wait(self.poll_seconds)
 
     def scan(self) -> None:
         """Pre-warm what changed since the last scan (cheap when nothing did)."""

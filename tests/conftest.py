@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import prompt_store  # noqa: F401  (first: it sets how torch's threads wait, before torch loads)
 import pytest
 
@@ -26,8 +28,49 @@ def real_model() -> FrozenModel:
     return load_frozen_model("default")
 
 
-@pytest.fixture
-def store(tmp_path):
-    from prompt_store import PromptStore
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session, started from the machine's binaries. Without them
+    the tests that need it are skipped with the line to install them (on CI they fail)."""
+    from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir
 
-    return PromptStore(tmp_path / "store")
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("CI"):
+            pytest.fail(INSTALL_HINT)
+        pytest.skip(INSTALL_HINT)
+    cluster = PostgresCluster(bindir).init()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def database_url(postgres):
+    """A fresh, empty database on the session's server."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(params=["folder", "postgres"])
+def store_location(request, tmp_path) -> str:
+    """Where a store lives: each test using it runs once per backend."""
+    if request.param == "folder":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("database_url")
+
+
+@pytest.fixture
+def store(store_location):
+    from prompt_store import open_store
+
+    with open_store(store_location) as opened:
+        yield opened
+
+
+@pytest.fixture
+def folder_store(tmp_path):
+    from prompt_store import open_store
+
+    return open_store(tmp_path / "store")

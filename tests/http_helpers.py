@@ -35,11 +35,12 @@ def app_client(mixing, tmp_path):
 
 
 def publish(store_root, frozen, name: str, vectors: int = 4, seed: int = 0):
-    from prompt_store import PromptStore
+    from prompt_store import open_store
 
     torch.manual_seed(seed)
-    return PromptStore(store_root).publish(name, torch.randn(vectors, frozen.fingerprint.hidden_size),
-                                           fingerprint=frozen.fingerprint, base_model=frozen.base_model)
+    with open_store(store_root) as store:
+        return store.publish(name, torch.randn(vectors, frozen.fingerprint.hidden_size),
+                             fingerprint=frozen.fingerprint, base_model=frozen.base_model)
 
 
 def parse_sse(body: str) -> list[tuple[str, dict]]:

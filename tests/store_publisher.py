@@ -4,9 +4,9 @@ import sys
 
 import torch
 
-from prompt_store import ModelFingerprint, PromptStore
+from prompt_store import ModelFingerprint, open_store
 
-store = PromptStore(sys.argv[1])
+store = open_store(sys.argv[1])
 fingerprint = ModelFingerprint(hidden_size=64, vocab_size=10, embedding_sha256="x")
 print("ready", flush=True)
 while True:

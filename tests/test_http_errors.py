@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prompt_store import ModelFingerprint, PromptStore
+from prompt_store import ModelFingerprint, open_store
 from tests.http_helpers import app_client, mixing, publish  # noqa: F401
 
 
@@ -23,7 +23,7 @@ def test_unknown_prompt_is_404_naming_close_matches(app_client, mixing, tmp_path
 
 
 def test_incompatible_prompt_is_409(app_client, mixing, tmp_path):
-    store = PromptStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     other = ModelFingerprint(hidden_size=64, vocab_size=mixing.fingerprint.vocab_size, embedding_sha256="another-model")
     store.publish("foreign", torch.randn(3, 64), fingerprint=other, base_model="other")
     store.publish("narrow", torch.randn(3, 32), fingerprint=ModelFingerprint(32, 10), base_model="small")

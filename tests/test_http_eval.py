@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prompt_store import PromptStore
+from prompt_store import open_store
 from tests.eval_helpers import ROWS, jsonl, publish_random
 from tests.http_helpers import app_client, mixing, parse_sse  # noqa: F401
 from tests.jobs_helpers import wait_until
@@ -15,7 +15,7 @@ from trainer.stats import mcnemar_exact
 
 @pytest.fixture
 def versions(mixing, tmp_path):
-    store = PromptStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     publish_random(store, mixing, "senti", seed=1)
     publish_random(store, mixing, "senti", seed=2)
     return store

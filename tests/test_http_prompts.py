@@ -1,4 +1,6 @@
-"""Prompt management over HTTP: list, show, alias, upload (safetensors / PEFT zip), delete, auth."""
+"""Prompt management over HTTP: list, show, alias, upload (safetensors / PEFT zip), delete, auth.
+
+Every test runs on both store backends (a folder, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,23 @@ import io
 import json
 import zipfile
 
+import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from tests.http_helpers import app_client, mixing, publish  # noqa: F401
+from server.app import create_app
+from tests.http_helpers import make_settings, mixing, publish  # noqa: F401
 
 KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture
+def app_client(mixing, tmp_path, store_location):
+    def build(**overrides) -> TestClient:
+        return TestClient(create_app(make_settings(tmp_path, store=store_location, **overrides), frozen=mixing))
+
+    return build
 
 
 def _safetensors(tensor: torch.Tensor) -> bytes:
@@ -28,9 +41,9 @@ def _peft_zip(tensor: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def test_list_and_show_with_metadata(app_client, mixing, tmp_path):
-    publish(tmp_path / "store", mixing, "math", vectors=4)
-    publish(tmp_path / "store", mixing, "math", vectors=6)
+def test_list_and_show_with_metadata(app_client, mixing, store_location):
+    publish(store_location, mixing, "math", vectors=4)
+    publish(store_location, mixing, "math", vectors=6)
     with app_client() as client:
         listed = client.get("/prompts").json()
         shown = client.get("/prompts/math").json()
@@ -42,9 +55,9 @@ def test_list_and_show_with_metadata(app_client, mixing, tmp_path):
     assert first["num_virtual_tokens"] == 4 and "meta" in first
 
 
-def test_alias_set_and_move(app_client, mixing, tmp_path):
-    publish(tmp_path / "store", mixing, "math", seed=1)
-    publish(tmp_path / "store", mixing, "math", seed=2)
+def test_alias_set_and_move(app_client, mixing, store_location):
+    publish(store_location, mixing, "math", seed=1)
+    publish(store_location, mixing, "math", seed=2)
     with app_client() as client:
         assert client.put("/aliases/prod", json={"target": "math-v1"}).json() == {"alias": "prod", "target": "math-v1"}
         assert client.post("/generate", params={"prompt": "prod"}, json={"input": "hi"}).json()["prompt"] == "math-v1"
@@ -85,9 +98,9 @@ def test_upload_validation(app_client):
     assert nothing == []
 
 
-def test_delete_version_and_alias_protection(app_client, mixing, tmp_path):
-    publish(tmp_path / "store", mixing, "math", seed=1)
-    publish(tmp_path / "store", mixing, "math", seed=2)
+def test_delete_version_and_alias_protection(app_client, mixing, store_location):
+    publish(store_location, mixing, "math", seed=1)
+    publish(store_location, mixing, "math", seed=2)
     with app_client() as client:
         client.put("/aliases/prod", json={"target": "math-v2"})
         refused = client.delete("/prompts/math-v2")
@@ -99,8 +112,8 @@ def test_delete_version_and_alias_protection(app_client, mixing, tmp_path):
     assert after.status_code == 404
 
 
-def test_admin_routes_need_the_api_key(app_client, mixing, tmp_path):
-    publish(tmp_path / "store", mixing, "math")
+def test_admin_routes_need_the_api_key(app_client, mixing, store_location):
+    publish(store_location, mixing, "math")
     with app_client(api_key="s3cret") as client:
         no_key = client.put("/aliases/prod", json={"target": "math-v1"})
         wrong = client.delete("/prompts/math", headers={"Authorization": "Bearer nope"})

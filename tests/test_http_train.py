@@ -187,3 +187,13 @@ def test_a_generation_task_trains_and_publishes_over_http(client):
     assert meta["training_config"]["task"] == "generation" and meta["training_config"]["max_new_tokens"] == 6
     bad = upload(client, rows=ARITHMETIC, task="translation")
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "task"
+
+
+def test_a_training_job_publishes_to_a_database_store(frozen, model_folder, tmp_path, database_url):
+    """The worker process publishes through the URL: a replica needs nothing but the database."""
+    with make_client(frozen, model_folder, database_url, jobs_dir=tmp_path / "jobs") as client:
+        job_id = upload(client).json()["id"]
+        job = wait_until(lambda: finished_job(client, job_id))
+        assert job["state"] == "succeeded", job["error"]
+        assert client.post("/generate", params={"prompt": "senti"}, json={"input": "Fine.", "max_new_tokens": 2}).json()["prompt"] == "senti-v1"
+    assert (tmp_path / "jobs" / job_id).is_dir()

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from prompt_store import PromptStore
+from prompt_store import open_store
 from server.jobs import JobManager, JobNotFoundError, JobState, JobStateError
 from tests.jobs_helpers import SENTIMENT, jsonl, save_tiny_model, wait_until
 from trainer.config import TrainConfig
@@ -42,7 +42,7 @@ def test_job_publishes_a_loadable_version(manager, tmp_path):
     record = wait_until(lambda: finished(manager, job.id))
     assert record.state == JobState.succeeded, record.error
     assert record.version == "senti-v1" and record.step == 4 and record.history
-    loaded = PromptStore(tmp_path / "store").load("senti")
+    loaded = open_store(tmp_path / "store").load("senti")
     assert loaded.version.meta["training_config"]["steps"] == 4
     assert (tmp_path / "store" / "jobs" / job.id / "curve.png").is_file()
 
@@ -64,7 +64,7 @@ def test_cancel_stops_a_running_job_and_publishes_nothing(manager, tmp_path):
     record = wait_until(lambda: finished(manager, job.id))
     assert record.state == JobState.cancelled
     wait_until(lambda: manager.threads_in_use() == 0)
-    assert PromptStore(tmp_path / "store").names() == []
+    assert open_store(tmp_path / "store").names() == []
     with pytest.raises(JobStateError):
         manager.cancel(job.id)
 
@@ -78,7 +78,7 @@ def test_cancel_of_a_queued_job(manager):
 
 
 def test_killed_worker_leaves_job_failed_and_store_intact(manager, tmp_path):
-    store = PromptStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     done = submit(manager, steps=2, name="kept")
     wait_until(lambda: finished(manager, done.id))
     job = submit(manager, steps=100_000, name="doomed")

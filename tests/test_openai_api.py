@@ -13,7 +13,7 @@ import openai
 import pytest
 import uvicorn
 
-from prompt_store import PromptStore
+from prompt_store import open_store
 from server.app import create_app
 from tests.http_helpers import make_settings, mixing, publish  # noqa: F401
 
@@ -38,7 +38,7 @@ def base_url(mixing, store_root):
                              client_keys=f"other-key, {CLIENT_KEY}", api_key=ADMIN_KEY)
     publish(settings.store, mixing, "math", vectors=4, seed=0)
     publish(settings.store, mixing, "math", vectors=6, seed=1)
-    PromptStore(settings.store).set_alias("math-prod", "math-v1")
+    open_store(settings.store).set_alias("math-prod", "math-v1")
     server = uvicorn.Server(uvicorn.Config(create_app(settings, frozen=mixing), host="127.0.0.1", port=_free_port(),
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -76,7 +76,7 @@ def test_models_lists_the_base_model_names_versions_and_aliases(client):
 def test_versions_published_or_deleted_show_up_without_a_restart(client, mixing, store_root):
     version = publish(store_root, mixing, "fresh")
     assert {"fresh", "fresh-v1"} <= {m.id for m in client.models.list()}
-    PromptStore(store_root).delete(str(version.id))
+    open_store(store_root).delete(str(version.id))
     assert not {"fresh", "fresh-v1"} & {m.id for m in client.models.list()}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from prompt_store import PromptStore
+from prompt_store import open_store
 from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
@@ -38,7 +38,7 @@ def test_http_generate_with_a_text_initialised_prompt_matches_hf_generate(real_m
     expected = plain.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     del plain, out
 
-    store = PromptStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     store.publish("adder", _text_prompt(real_model, INSTRUCTION), fingerprint=real_model.fingerprint,
                   base_model=real_model.base_model, init_text=INSTRUCTION)
     settings = Settings(store=tmp_path / "store", store_poll_seconds=0.2, api_key=None)
@@ -75,7 +75,7 @@ def test_real_model_eval_job_scores_what_generate_serves(real_model, tmp_path):
     from trainer.data import load_examples
 
     problems = load_examples("examples/data/arithmetic.test.jsonl")[:12]
-    store = PromptStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     store.publish("adder", _text_prompt(real_model, INSTRUCTION), fingerprint=real_model.fingerprint,
                   base_model=real_model.base_model, init_text=INSTRUCTION,
                   training_config={"task": "generation", "max_new_tokens": 8})

@@ -18,7 +18,7 @@ from prompt_store import (
     NameConflictError,
     NonFiniteValuesError,
     PromptNotFoundError,
-    PromptStore,
+    open_store,
 )
 
 FP = ModelFingerprint(hidden_size=8, vocab_size=100, embedding_sha256="abc")
@@ -47,8 +47,8 @@ def test_loaded_tensor_equals_published_tensor(store):
     assert meta["created_at"] and meta["tensor_sha256"] == loaded.cache_key[2]
 
 
-def test_published_version_is_a_peft_adapter_folder(store):
-    version = publish(store, vectors=4)
+def test_published_version_is_a_peft_adapter_folder(folder_store):
+    version = publish(folder_store, vectors=4)
     config = json.loads((version.path / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4 and config["token_dim"] == 8
     from safetensors.torch import load_file
@@ -56,8 +56,20 @@ def test_published_version_is_a_peft_adapter_folder(store):
     assert load_file(str(version.path / "adapter_model.safetensors"))["prompt_embeddings"].shape == (4, 8)
 
 
-def test_published_files_are_read_only(store):
-    version = publish(store)
+def test_exported_version_is_a_peft_adapter_folder(store, tmp_path):
+    version = publish(store, vectors=4, init_text="Add.")
+    folder = store.export(str(version.id), tmp_path / "out")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4 and config["token_dim"] == 8
+    assert config["prompt_tuning_init_text"] == "Add."
+    assert json.loads((folder / "meta.json").read_text()) == version.meta
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"], store.load(version).embeddings)
+
+
+def test_published_files_are_read_only(folder_store):
+    version = publish(folder_store)
     for child in version.path.iterdir():
         assert not os.access(child, os.W_OK) or os.geteuid() == 0
         assert child.stat().st_mode & 0o222 == 0
@@ -100,13 +112,27 @@ def test_unknown_prompt_names_close_matches(store):
         store.resolve("sentiment-v9")
 
 
-def test_tampered_tensor_fails_checksum(store):
-    version = publish(store)
+def tamper(store, version) -> None:
+    """Flip the last byte of the version's stored tensor, behind the store's back."""
+    if store.location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute("UPDATE prompt_versions SET weights = overlay(weights PLACING "
+                         "set_byte(substring(weights FROM length(weights) FOR 1), 0, "
+                         "get_byte(weights, length(weights) - 1) # 255) FROM length(weights) FOR 1) "
+                         "WHERE name = %s AND version = %s", (version.id.name, version.id.version))
+        return
     weights = version.path / "adapter_model.safetensors"
     weights.chmod(0o644)
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
+
+
+def test_tampered_tensor_fails_checksum(store):
+    version = publish(store)
+    tamper(store, version)
     with pytest.raises(ChecksumMismatchError):
         store.load("math")
 
@@ -172,16 +198,15 @@ def test_import_refuses_non_prompt_tuning_adapters(store, tmp_path):
         store.import_adapter(tmp_path / "missing", "lora")
 
 
-def _publish_many(root: str, count: int, queue) -> None:
-    store = PromptStore(root)
-    queue.put([str(publish(store).id) for _ in range(count)])
+def _publish_many(location: str, count: int, queue) -> None:
+    with open_store(location) as store:
+        queue.put([str(publish(store).id) for _ in range(count)])
 
 
-def test_concurrent_publishers_get_distinct_versions(tmp_path):
-    root = str(tmp_path / "store")
-    PromptStore(root)
+def test_concurrent_publishers_get_distinct_versions(store_location):
+    open_store(store_location).close()
     queue = multiprocessing.get_context("spawn").Queue()
-    procs = [multiprocessing.get_context("spawn").Process(target=_publish_many, args=(root, 5, queue)) for _ in range(3)]
+    procs = [multiprocessing.get_context("spawn").Process(target=_publish_many, args=(store_location, 5, queue)) for _ in range(3)]
     for proc in procs:
         proc.start()
     results = [queue.get(timeout=120) for _ in procs]
@@ -189,4 +214,5 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
         proc.join(timeout=60)
     ids = [i for batch in results for i in batch]
     assert len(ids) == len(set(ids)) == 15
-    assert [v.id.version for v in PromptStore(root).versions("math")] == list(range(1, 16))
+    with open_store(store_location) as store:
+        assert [v.id.version for v in store.versions("math")] == list(range(1, 16))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import trainer.modeling
-from prompt_store import PromptStore
+from prompt_store import open_store
 from trainer.__main__ import main
 from trainer.config import TrainConfig
 from trainer.curves import write_curves
@@ -27,17 +27,17 @@ def tiny_loader(monkeypatch, frozen):
     monkeypatch.setattr(trainer.modeling, "load_frozen_model", lambda spec=None, **_: frozen)
 
 
-def test_cli_trains_evaluates_and_publishes_a_loadable_version(tmp_path, tiny_loader, frozen, capsys):
+def test_cli_trains_evaluates_and_publishes_a_loadable_version(tmp_path, store_location, tiny_loader, frozen, capsys):
     write_jsonl(tmp_path / "train.jsonl", 12)
     write_jsonl(tmp_path / "test.jsonl", 4)
     code = main([
         "--data", str(tmp_path / "train.jsonl"), "--init", "Classify the sentiment", "--name", "sentiment",
         "--eval", str(tmp_path / "test.jsonl"), "--steps", "3", "--eval-every", "2", "--batch-size", "4",
-        "--store", str(tmp_path / "store"), "--runs-dir", str(tmp_path / "runs"), "--no-progress",
+        "--store", store_location, "--runs-dir", str(tmp_path / "runs"), "--no-progress",
     ])
     assert code == 0
     assert "published sentiment-v1" in capsys.readouterr().out
-    store = PromptStore(tmp_path / "store")
+    store = open_store(store_location)
     loaded = store.load("sentiment-v1", expect=frozen.fingerprint)
     meta = loaded.version.meta
     assert meta["training_config"]["steps"] == 3 and meta["init_text"] == "Classify the sentiment"

@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
     except (TrainConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from prompt_store import PromptStore
+    from prompt_store import open_store
 
     from .modeling import load_frozen_model
 
     settings = CommonSettings()
-    store = PromptStore(args.store or settings.store)
+    store = open_store(args.store or settings.store)
     frozen = load_frozen_model(args.model or settings.model)
     try:
         result = _train_with_progress(frozen, train, val, config, show=not args.no_progress)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from .publish import publish_result
 
     version = publish_result(store, args.name, frozen, result, parent=args.parent, extra={"curves": str(curves["json"].resolve())})
-    print(f"published {version.id} to {store.root}")
+    print(f"published {version.id} to {store.location}")
     return 0
 
 

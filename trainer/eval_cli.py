@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prompt_store import PromptStore, PromptStoreError
+    from prompt_store import open_store, PromptStoreError
 
     from .compare import ReferenceError, reference_specs
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     settings = CommonSettings()
-    store = PromptStore(args.store or settings.store)
+    store = open_store(args.store or settings.store)
     import torch
 
     from .modeling import load_frozen_model
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_record:
             recorded = record_results(store, table, source="softprompt eval")
             if recorded:
-                print(f"recorded with {', '.join(recorded)} in {store.root}")
+                print(f"recorded with {', '.join(recorded)} in {store.location}")
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

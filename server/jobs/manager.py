@@ -63,16 +63,17 @@ def new_job_id() -> str:
 class JobManager:
     def __init__(
         self,
-        store_root: Path,
+        store: str | Path,
         *,
+        jobs_dir: Path | None = None,
         model_spec: str,
         device: str | None = None,
         threads: int = 1,
         max_running: int = 1,
         cancel_grace_seconds: float = 30.0,
     ):
-        self.store_root = Path(store_root)
-        self.files = JobFiles(self.store_root / "jobs")
+        self.store = str(store)  # a folder or a database URL: what the training worker publishes to
+        self.files = JobFiles(jobs_dir if jobs_dir is not None else Path(store) / "jobs")
         self.model_spec = model_spec
         self.device = device
         self.threads = threads
@@ -178,7 +179,7 @@ class JobManager:
             "config": {**config.to_dict(), "threads": self._job_threads(record)},
             "model": self.model_spec,
             "device": self.device,
-            "store": str(self.store_root),
+            "store": self.store,
         }
         self.files.create(record, request, {TRAIN_DATA: train_data, EVAL_DATA: eval_data})
         with self._changed:

@@ -19,7 +19,7 @@ from pathlib import Path
 # The server starts this process with OMP_NUM_THREADS (the job's threads) and a wait policy that
 # never spins beside the serving engine (manager.py); the trainer's loop sets the same count.
 
-from prompt_store import PromptStore
+from prompt_store import open_store
 from trainer.config import TrainConfig
 from trainer.curves import write_curves
 from trainer.data import load_examples, split_examples
@@ -67,7 +67,7 @@ def run_job(folder: Path) -> int:
         emit("cancelled")
         return 0
     write_curves(result.history, folder)
-    version = publish_result(PromptStore(request["store"]), request["name"], frozen, result)
+    version = publish_result(open_store(request["store"]), request["name"], frozen, result)
     emit("succeeded", version=str(version.id), metrics=_jsonable(result.metrics))
     return 0
 

@@ -20,9 +20,11 @@ def health(state: State) -> dict:
 
 @router.get("/ready", responses=error_responses(503))
 def ready(state: State):
-    """Readiness: 200 once the model is loaded and the engine runs, else 503."""
+    """Readiness: 200 once the model is loaded and the engine runs, else 503. `store` reports
+    whether the prompt store answers; a store that is away keeps the replica ready (prompts
+    already loaded serve), while store operations answer 503 `store_unavailable`."""
     if state.ready:
-        return {"status": "ready", "model_loads": state.model_loads}
+        return {"status": "ready", "model_loads": state.model_loads, "store": state.store_status()}
     message = f"start-up failed: {state.boot_error}" if state.boot_error else "the model is loading"
     return JSONResponse({"error": {"code": "not_ready", "message": message}}, status_code=503)
 

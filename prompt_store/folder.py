@@ -17,8 +17,6 @@ leaves the old state or the whole new version. Published files are read-only.
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 import logging
 import os
@@ -26,39 +24,28 @@ import shutil
 import stat
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 
 from . import peft_format
 from .atomic import fsync_dir, pid_alive, replace_json_atomically, write_bytes_durably
-from .errors import (
-    AliasInUseError,
-    ChecksumMismatchError,
-    IdempotencyKeyReusedError,
-    IncompatibleModelError,
-    NameConflictError,
-    PromptNotFoundError,
-)
-from .fingerprint import ModelFingerprint
-from .names import VersionId, parse_ref, validate_name
-from .version import LoadedPrompt, PromptVersion
+from .base import MAX_EVALUATIONS, META_FILE, PromptStore
+from .errors import AliasInUseError, NameConflictError
+from .names import VersionId, parse_ref
+from .version import PromptVersion
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "meta.json"
-MAX_EVALUATIONS = 100  # per version; older records are dropped
 STAGING_MAX_AGE_SECONDS = 600.0  # a publish or delete holds its .tmp folder for well under a second
-FORMAT_VERSION = 1
 
 
-class PromptStore:
-    """Versioned, immutable, atomically published soft prompts."""
+class FolderStore(PromptStore):
+    """The store in a folder on one machine (the embedded default)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.location = str(self.root)
         self._prompts = self.root / "prompts"
         self._locks = self.root / ".locks"
         self._tmp = self.root / ".tmp"
@@ -69,64 +56,20 @@ class PromptStore:
 
     # ----------------------------------------------------------------- reading
     def names(self) -> list[str]:
-        """Names that have at least one published version, sorted."""
         return sorted(p.name for p in self._prompts.iterdir() if p.is_dir() and self._version_numbers(p.name))
 
-    def versions(self, name: str) -> list[PromptVersion]:
-        """All published versions of `name`, oldest first."""
-        validate_name(name)
-        return [self._read_version(VersionId(name, n)) for n in self._version_numbers(name)]
-
     def aliases(self) -> dict[str, str]:
-        """Alias -> `name-vN`."""
         if not self._aliases_path.exists():
             return {}
         return json.loads(self._aliases_path.read_text())
 
-    def resolve(self, ref: str) -> PromptVersion:
-        """Find the version a reference names: `math-v2`, `math`/`math-latest` (newest), or an alias."""
-        parsed = parse_ref(ref)
-        if parsed.version is None:
-            aliases = self.aliases()
-            if parsed.name in aliases and not ref.endswith("-latest"):
-                return self.resolve(aliases[parsed.name])
-            numbers = self._version_numbers(parsed.name)
-            if not numbers:
-                raise self._not_found(ref)
-            return self._read_version(VersionId(parsed.name, numbers[-1]))
-        if parsed.version not in self._version_numbers(parsed.name):
-            raise self._not_found(ref)
-        return self._read_version(VersionId(parsed.name, parsed.version))
+    def _weights(self, version: PromptVersion) -> bytes:
+        return (version.path / peft_format.ADAPTER_WEIGHTS).read_bytes()
 
-    def load(self, ref: str | PromptVersion, *, expect: ModelFingerprint | None = None) -> LoadedPrompt:
-        """Load and validate a version: checksum, shape, finiteness, and model compatibility."""
-        version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
-        if expect is not None:  # first: no need to read a file made for another model
-            self.check_compatible(version, expect)
-        weights = version.path / peft_format.ADAPTER_WEIGHTS
-        data = weights.read_bytes()
-        if hashlib.sha256(data).hexdigest() != version.checksum:
-            raise ChecksumMismatchError(
-                f"{version.id}: {weights} does not match the checksum recorded at publish time; "
-                "the file was modified or corrupted."
-            )
-        tensor = peft_format.read_weights(weights)
-        if tensor.shape[0] != version.num_virtual_tokens:
-            raise ChecksumMismatchError(f"{version.id}: tensor has {tensor.shape[0]} vectors, meta says {version.num_virtual_tokens}.")
-        return LoadedPrompt(version=version, embeddings=tensor)
-
-    @staticmethod
-    def check_compatible(version: PromptVersion, model: ModelFingerprint) -> None:
-        """Raise IncompatibleModelError if `version` was not made for `model`."""
-        problem = version.fingerprint.mismatch(model)
-        if problem:
-            raise IncompatibleModelError(
-                f"{version.id} was made for {version.meta.get('base_model')!r} and does not fit the "
-                f"loaded model: {problem}."
-            )
+    def _adapter_config(self, version: PromptVersion) -> dict:
+        return json.loads((version.path / peft_format.ADAPTER_CONFIG).read_text())
 
     def signature(self) -> tuple:
-        """A cheap value that changes whenever a version is published or deleted, or an alias moves."""
         entries = []
         for folder in self._prompts.iterdir():
             if folder.is_dir():
@@ -136,7 +79,6 @@ class PromptStore:
 
     # ----------------------------------------------------------------- evaluations
     def evaluations(self, ref: str | PromptVersion) -> list[dict]:
-        """Scores recorded for a version after it was published, oldest first."""
         version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
         path = self._evaluations_path(version.id)
         try:
@@ -149,10 +91,8 @@ class PromptStore:
         return records if isinstance(records, list) else []
 
     def record_evaluation(self, ref: str | PromptVersion, record: dict) -> PromptVersion:
-        """Keep `record` (a JSON object: data, metric, score, when) with the version.
-
-        The version's own files stay untouched: evaluations live beside them and are replaced
-        atomically, so a crash keeps the older list. The newest MAX_EVALUATIONS are kept."""
+        """Evaluations live beside the version's files and are replaced atomically, so a crash
+        keeps the older list."""
         version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
         path = self._evaluations_path(version.id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,62 +108,9 @@ class PromptStore:
         return self._evaluations / version_id.name / f"v{version_id.version}.json"
 
     # ----------------------------------------------------------------- writing
-    def publish(
-        self,
-        name: str,
-        embeddings: torch.Tensor,
-        *,
-        fingerprint: ModelFingerprint,
-        base_model: str,
-        init_text: str | None = None,
-        training_config: dict | None = None,
-        metrics: dict | None = None,
-        parent: str | None = None,
-        extra: dict | None = None,
-        num_layers: int | None = None,
-        num_attention_heads: int | None = None,
-        idempotency: tuple[str, str] | None = None,
-    ) -> PromptVersion:
-        """Publish `embeddings` `[P, D]` as the next version of `name`, atomically.
-
-        `idempotency` is (key, SHA-256 of the request): when a version of `name` was already
-        published with that key, it is returned instead of publishing again (a client's retry
-        after a lost answer); the same key with another request raises IdempotencyKeyReusedError.
-        The key is written in the version's meta.json in the same rename, so the check and the
-        publish are one step under the name's lock."""
-        validate_name(name)
-        if name in self.aliases():
-            raise NameConflictError(f"{name!r} is an alias; choose another prompt name or remove the alias.")
-        tensor = peft_format.validate_tensor(embeddings, where=f"prompt {name!r}")
-        if tensor.shape[1] != fingerprint.hidden_size:
-            raise IncompatibleModelError(
-                f"prompt {name!r} has width {tensor.shape[1]} but the model's hidden size is {fingerprint.hidden_size}."
-            )
-        weights = peft_format.serialize_tensor(tensor)
-        config = peft_format.adapter_config(
-            num_virtual_tokens=tensor.shape[0],
-            token_dim=tensor.shape[1],
-            base_model=base_model,
-            init_text=init_text,
-            num_layers=num_layers,
-            num_attention_heads=num_attention_heads,
-        )
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "base_model": base_model,
-            "fingerprint": fingerprint.to_dict(),
-            "num_virtual_tokens": tensor.shape[0],
-            "hidden_size": tensor.shape[1],
-            "init_text": init_text,
-            "training_config": training_config or {},
-            "metrics": metrics or {},
-            "parent": parent,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "tensor_sha256": hashlib.sha256(weights).hexdigest(),
-            **(extra or {}),
-        }
-        if idempotency is not None:
-            meta["idempotency_key"], meta["request_sha256"] = idempotency
+    def _write_version(self, name: str, weights: bytes, config: dict, meta: dict,
+                       idempotency: tuple[str, str] | None) -> PromptVersion:
+        """Write the version completely under `.tmp/`, fsync it, then rename it into place."""
         staging = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
@@ -250,61 +137,14 @@ class PromptStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        logger.info("published %s (%d vectors) to %s", version_id, tensor.shape[0], name_dir / f"v{number}")
+        logger.info("published %s (%d vectors) to %s", version_id, meta["num_virtual_tokens"], name_dir / f"v{number}")
         return self._read_version(version_id)
 
-    def import_adapter(
-        self,
-        folder: str | os.PathLike,
-        name: str,
-        *,
-        fingerprint: ModelFingerprint | None = None,
-        base_model: str | None = None,
-    ) -> PromptVersion:
-        """Publish an existing PEFT prompt-tuning adapter folder as the next version of `name`.
-
-        Without a `fingerprint` only the hidden size (from the adapter) is recorded, and
-        loading checks that alone.
-        """
-        tensor, config = peft_format.read_adapter(Path(folder))
-        if fingerprint is None:
-            fingerprint = ModelFingerprint(hidden_size=tensor.shape[1], vocab_size=0)
-        return self.publish(
-            name,
-            tensor,
-            fingerprint=fingerprint,
-            base_model=base_model or config.get("base_model_name_or_path") or "unknown",
-            init_text=config.get("prompt_tuning_init_text"),
-            extra={"imported_from": str(Path(folder).resolve())},
-            num_layers=config.get("num_layers"),
-            num_attention_heads=config.get("num_attention_heads"),
-        )
-
-    def export(self, ref: str, destination: str | os.PathLike) -> Path:
-        """Copy a version's PEFT adapter folder (with meta.json) to `destination`."""
-        version = self.resolve(ref)
-        self.load(version)  # refuse to export a corrupted version
-        destination = Path(destination)
-        destination.mkdir(parents=True, exist_ok=True)
-        for child in version.path.iterdir():
-            target = destination / child.name
-            shutil.copyfile(child, target)
-            target.chmod(0o644)
-        logger.info("exported %s to %s", version.id, destination)
-        return destination
-
-    def set_alias(self, alias: str, ref: str) -> VersionId:
-        """Point `alias` at the version `ref` resolves to now (a fixed version, not a moving name)."""
-        validate_name(alias, kind="alias")
-        if self._version_numbers(alias):
-            raise NameConflictError(f"{alias!r} is a prompt name; an alias must have a name of its own.")
-        target = self.resolve(ref).id
+    def _write_alias(self, alias: str, target: VersionId) -> None:
         with FileLock(self._locks / "_aliases.lock"):
             aliases = self.aliases()
             aliases[alias] = str(target)
             replace_json_atomically(self._aliases_path, aliases)
-        logger.info("alias %s -> %s", alias, target)
-        return target
 
     def remove_alias(self, alias: str) -> None:
         with FileLock(self._locks / "_aliases.lock"):
@@ -383,16 +223,6 @@ class PromptStore:
                     numbers.add(int(stem[1:]))
         return sorted(numbers)
 
-    def _published_with(self, name: str, key: str, request_sha256: str) -> PromptVersion | None:
-        """The version of `name` published under Idempotency-Key `key`, if any (call under the name's lock)."""
-        for number in self._version_numbers(name):
-            version = self._read_version(VersionId(name, number))
-            if version.meta.get("idempotency_key") == key:
-                if version.meta.get("request_sha256") != request_sha256:
-                    raise IdempotencyKeyReusedError(key, f"it published {version.id}")
-                return version
-        return None
-
     def _read_version(self, version_id: VersionId) -> PromptVersion:
         path = self._prompts / version_id.name / f"v{version_id.version}"
         try:
@@ -400,9 +230,3 @@ class PromptStore:
         except FileNotFoundError:
             raise self._not_found(str(version_id)) from None
         return PromptVersion(id=version_id, path=path, meta=meta)
-
-    def _not_found(self, ref: str) -> PromptNotFoundError:
-        known = self.names() + list(self.aliases())
-        known += [f"{n}-v{v}" for n in self.names() for v in self._version_numbers(n)]
-        return PromptNotFoundError(ref, difflib.get_close_matches(ref, known, n=3, cutoff=0.5))
-

@@ -1,0 +1,183 @@
+"""What only the PostgreSQL store does: schema migrations, change notices, replicas sharing one
+database, and a database that goes away and comes back. Every test runs against a real
+PostgreSQL server started from the machine's binaries (tests/postgres_cluster.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from prompt_store import ModelFingerprint, SchemaVersionError, StoreUnavailableError, open_store
+from prompt_store.schema import known_migrations, schema_version
+from server.app import create_app
+from tests.http_helpers import make_settings, mixing, publish  # noqa: F401
+from tests.postgres_cluster import PostgresCluster, find_bindir
+
+FP = ModelFingerprint(hidden_size=8, vocab_size=100, embedding_sha256="abc")
+
+
+def test_schema_is_created_on_open_and_recorded(database_url):
+    with psycopg.connect(database_url) as conn:
+        assert schema_version(conn) == 0
+    with open_store(database_url) as store:
+        assert store.schema_version == known_migrations()[-1].number
+    with open_store(database_url), psycopg.connect(database_url) as conn:  # opening again applies nothing twice
+        applied = conn.execute("SELECT version FROM softprompt_schema ORDER BY version").fetchall()
+        assert [v for (v,) in applied] == [m.number for m in known_migrations()]
+
+
+def test_a_newer_schema_is_refused_by_the_store_and_the_server(database_url, mixing, tmp_path):
+    open_store(database_url).close()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO softprompt_schema (version, name) VALUES (999, 'from_the_future')")
+    with pytest.raises(SchemaVersionError, match="schema version 999.*Upgrade softprompt"):
+        open_store(database_url)
+    with pytest.raises(SchemaVersionError):
+        with TestClient(create_app(make_settings(tmp_path, store=database_url), frozen=mixing)):
+            pass
+
+
+def test_the_url_password_never_reaches_messages(database_url):
+    with open_store(database_url) as store:
+        secret = store.url.replace("postgres@", "postgres:hunter2@")
+    from prompt_store.postgres import redact
+
+    assert "hunter2" not in redact(secret) and redact(secret).startswith("postgresql://postgres:***@")
+
+
+def test_a_change_wakes_a_waiting_replica_at_once(database_url):
+    with open_store(database_url) as watcher_side, open_store(database_url) as publisher:
+        stop = threading.Event()
+        before = watcher_side.signature()
+        watcher_side.wait_for_change(0.01, stop)  # starts listening
+        woke = {}
+
+        def wait():
+            started = time.perf_counter()
+            watcher_side.wait_for_change(30.0, stop)
+            woke["after"] = time.perf_counter() - started
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.2)
+        publisher.publish("math", torch.randn(3, 8), fingerprint=FP, base_model="tiny")
+        thread.join(35)
+        assert woke["after"] < 5.0, "the notice did not wake the waiting replica"
+        assert watcher_side.signature() != before
+
+
+def test_replicas_on_one_database_agree(mixing, tmp_path, database_url):
+    """A version published through replica A is served by B; an alias moved on B is followed by A."""
+    a = TestClient(create_app(make_settings(tmp_path / "a", store=database_url), frozen=mixing))
+    b = TestClient(create_app(make_settings(tmp_path / "b", store=database_url), frozen=mixing))
+    with a, b:
+        publish(database_url, mixing, "math", seed=1)
+        uploaded = a.post("/prompts", data={"name": "math"},
+                          files={"file": ("p.safetensors", _weights(mixing), "application/octet-stream")})
+        assert uploaded.status_code == 201, uploaded.text
+        served = b.post("/generate", params={"prompt": "math"}, json={"input": "2+2", "max_new_tokens": 2})
+        assert served.status_code == 200 and served.json()["prompt"] == "math-v2"
+        assert b.put("/aliases/prod", json={"target": "math-v1"}).status_code == 200
+        assert a.post("/generate", params={"prompt": "prod"}, json={"input": "x", "max_new_tokens": 1}).json()["prompt"] == "math-v1"
+        assert a.get("/prompts").json() == b.get("/prompts").json()
+        assert a.delete("/prompts/math-v2").status_code == 200
+        missing = b.post("/generate", params={"prompt": "math-v2"}, json={"input": "x", "max_new_tokens": 1})
+        assert missing.status_code == 404
+        assert b.post("/generate", params={"prompt": "math"}, json={"input": "x", "max_new_tokens": 1}).json()["prompt"] == "math-v1"
+
+
+def _weights(frozen) -> bytes:
+    from safetensors.torch import save
+
+    torch.manual_seed(5)
+    return save({"prompt_embeddings": torch.randn(3, frozen.fingerprint.hidden_size)})
+
+
+@pytest.fixture
+def own_postgres():
+    """A server of its own: this test stops and restarts it."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server binaries were not found")
+    cluster = PostgresCluster(bindir).init()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+def wait_until(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_the_server_rides_out_a_database_restart(own_postgres, mixing, tmp_path):
+    url = own_postgres.create_database()
+    publish(url, mixing, "math", seed=1)
+    with TestClient(create_app(make_settings(tmp_path, store=url), frozen=mixing)) as client:
+        def generate(prompt="math"):
+            return client.post("/generate", params={"prompt": prompt}, json={"input": "2+2", "max_new_tokens": 2})
+
+        assert generate().status_code == 200
+        assert client.get("/ready").json()["store"]["available"] is True
+        own_postgres.stop()
+        try:
+            for _ in range(5):  # prompts already loaded keep serving
+                answer = generate()
+                assert answer.status_code == 200 and answer.json()["prompt"] == "math-v1"
+            for response in (client.get("/prompts"), client.put("/aliases/prod", json={"target": "math-v1"}),
+                             generate("never-loaded")):
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "store_unavailable"
+                assert response.headers["retry-after"]
+
+            def store_reported_down():
+                body = client.get("/ready").json()
+                return body if not body["store"]["available"] else None
+
+            ready = wait_until(store_reported_down)
+            assert ready["status"] == "ready" and "cannot be reached" in ready["store"]["error"]
+        finally:
+            own_postgres.start()
+        assert wait_until(lambda: client.get("/prompts").status_code == 200)  # the pool reconnects on its own
+        wait_until(lambda: client.get("/ready").json()["store"]["available"])
+        publish(url, mixing, "math", seed=2)  # through another connection: the listener is back too
+        assert wait_until(lambda: generate().json()["prompt"] == "math-v2")
+        assert client.app.state.softprompt.prompts.stats()["stale_resolutions"] >= 5
+
+
+def test_store_operations_fail_fast_when_the_database_is_away(own_postgres):
+    url = own_postgres.create_database()
+    store = open_store(url)
+    store.publish("math", torch.randn(3, 8), fingerprint=FP, base_model="tiny")
+    own_postgres.stop()
+    try:
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailableError, match="cannot be reached"):
+            store.names()
+        assert time.perf_counter() - started < 15
+        started = time.perf_counter()
+        for _ in range(20):  # known to be away: no call waits for a connection again
+            with pytest.raises(StoreUnavailableError):
+                store.resolve("math")
+        assert time.perf_counter() - started < 4
+    finally:
+        own_postgres.start()
+
+    def answers():
+        try:
+            return store.names() == ["math"]
+        except StoreUnavailableError:  # until the pool has reconnected
+            return False
+
+    assert wait_until(answers)
+    store.close()
