@@ -10,6 +10,7 @@ rates on the same test file, side by side:
 - what the served prompt answers over HTTP (exact match of the extracted number),
 - what `POST /eval` reports for math (the server's evaluation job), with the init text and
   no prompt beside it, as the table `softprompt eval` prints.
+The report is also written to `<results>/<task>/served.txt`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import prompt_store  # noqa: E402,F401  (sets how torch's threads wait, before t
 import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from prompt_store import PromptStore  # noqa: E402
+from prompt_store import open_store  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from trainer.compare import format_table  # noqa: E402
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     frozen = load_frozen_model(args.model)
     with tempfile.TemporaryDirectory() as folder:
-        store = PromptStore(folder)
+        store = open_store(folder)
         store.publish("math", vectors, fingerprint=frozen.fingerprint, base_model=frozen.base_model,
                       init_text=config["init_text"], training_config=config, metrics=run["metrics"])
         with TestClient(create_app(Settings(model=args.model, store=folder, api_key=None), frozen=frozen)) as client:
@@ -84,25 +85,33 @@ def main(argv: list[str] | None = None) -> int:
 
             job = client.post("/eval", files={"file": (test_path.name, test_path.read_bytes(), "application/jsonl")},
                               data={"prompt": ["math"], "text": [config["init_text"]], "bare": "true"}).json()
-            while (state := client.get(f"/eval/{job['id']}", params={"examples": "false"}).json())["state"] in ("queued", "running"):
+            while (state := client.get(f"/eval/{job['id']}").json())["state"] in ("queued", "running"):
                 time.sleep(2)
             if state["state"] != "succeeded":
                 raise SystemExit(f"eval job {state['state']}: {state['error']}")
             table = state["table"]
             kept = client.get("/prompts/math-v1").json()["evaluations"]
     evaluated = table["results"][0]["score"]
-    print(format_table(table))
-    print()
-    print(f"{args.task}: {len(test)} held-out problems, prompt {key} (seed 0) published as math-v1")
-    print(f"  train_bench's test exact match          {100 * measured:5.1f} %")
-    print(f"  POST /generate?prompt=math (greedy)      {100 * served:5.1f} %   ({served_seconds:.0f} s for {len(test)} requests)")
-    print(f"  POST /eval, math                          {100 * evaluated:5.1f} %   (recorded with math-v1: {len(kept)} evaluation)")
+    lines = [format_table(table), "",
+             f"{args.task}: {len(test)} held-out problems, prompt {key} (seed 0) published as math-v1",
+             f"  train_bench's test exact match          {100 * measured:5.1f} %",
+             f"  POST /generate?prompt=math (greedy)      {100 * served:5.1f} %   ({served_seconds:.0f} s for {len(test)} requests)",
+             f"  POST /eval, math                          {100 * evaluated:5.1f} %   (recorded with math-v1: {len(kept)} evaluation)"]
     bare_numbers = sum(NUMBER.fullmatch(a["text"].strip()) is not None for a in answers)
-    print(f"  served answers that are a number and nothing else: {bare_numbers} of {len(test)}")
+    lines.append(f"  served answers that are a number and nothing else: {bare_numbers} of {len(test)}")
+    lines.append("  /eval answers that are a number and nothing else, by reference:")
+    for result in table["results"]:
+        label = result["reference"]
+        numbers = sum(NUMBER.fullmatch(row["predicted"][label].strip()) is not None for row in table["examples"])
+        lines.append(f"    {label[:40]:<40} {numbers:3d} / {len(table['examples'])}")
     if args.task == "arithmetic":
-        print("  served exact match by operation and operand size:")
-        for kind, (hits, total) in sorted(by_kind(test, answers).items()):
-            print(f"    {kind:<24} {hits:3d} / {total:3d}")
+        lines.append("  served exact match by operation and operand size:")
+        lines += [f"    {kind:<24} {hits:3d} / {total:3d}" for kind, (hits, total) in sorted(by_kind(test, answers).items())]
+    report = "\n".join(lines) + "\n"
+    print(report, end="")
+    out = args.results / args.task / "served.txt"
+    out.write_text(report)
+    logger.info("wrote %s", out)
     return 0
 
 
