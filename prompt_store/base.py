@@ -100,6 +100,10 @@ class PromptStore(ABC):
     def signature(self) -> object:
         """A cheap value that changes whenever a version is published or deleted, or an alias moves."""
 
+    def _used_names(self) -> list[str]:
+        """Every name that has a version number in use, live or only tombstones, sorted."""
+        return self.names()
+
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
         """Block until the store may have changed, `timeout` passed or `stop` is set. Polling
         backends just wait; a backend that is told about changes returns as soon as one happens."""

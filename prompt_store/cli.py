@@ -1,4 +1,5 @@
-"""`softprompt prompts ...`: list, show, alias, import, export and delete stored prompts."""
+"""`softprompt prompts ...`: list, show, alias, import, export and delete stored prompts, and
+migrate a folder store into PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import argparse
 import json
 import logging
 import sys
-
 from collections.abc import Callable
+from pathlib import Path
 
 from .errors import PromptStoreError
 from .fingerprint import ModelFingerprint
@@ -52,11 +53,26 @@ def build_parser(
     delete = sub.add_parser("delete", help="delete a version (name-vN) or all versions of a name")
     delete.add_argument("ref")
     delete.add_argument("--force", action="store_true", help="also delete versions aliases point at")
+    migrate = sub.add_parser("migrate", help="copy a folder store into a PostgreSQL store and verify the copy")
+    migrate.add_argument("--from", dest="source", required=True, help="the folder store to copy")
+    migrate.add_argument("--to", dest="target", required=True, help="postgresql://user:password@host:port/database")
+    migrate.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def run(args: argparse.Namespace, fingerprinter: Fingerprinter | None = None) -> int:
-    store = open_store(args.store)
+    if args.command == "migrate":
+        return _migrate(args)
+    try:
+        store = open_store(args.store)
+    except PromptStoreError as exc:
+        print(f"error ({exc.code}): {exc}", file=sys.stderr)
+        return 1
+    with store:
+        return _run(store, args, fingerprinter)
+
+
+def _run(store, args: argparse.Namespace, fingerprinter: Fingerprinter | None) -> int:
     try:
         if args.command == "list":
             aliases = store.aliases()
@@ -90,6 +106,27 @@ def run(args: argparse.Namespace, fingerprinter: Fingerprinter | None = None) ->
         elif args.command == "delete":
             deleted = store.delete(args.ref, force=args.force)
             print("deleted " + ", ".join(map(str, deleted)))
+    except PromptStoreError as exc:
+        print(f"error ({exc.code}): {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .copy import copy_store
+    from .folder import FolderStore
+    from .settings import is_database_url
+
+    if not is_database_url(args.target):
+        print("migrate: --to must be a postgresql:// URL", file=sys.stderr)
+        return 2
+    if is_database_url(args.source) or not Path(args.source).is_dir():
+        print(f"migrate: --from must be an existing folder store, got {args.source!r}", file=sys.stderr)
+        return 2
+    try:
+        with open_store(args.target) as target:
+            report = copy_store(FolderStore(args.source), target, progress=not args.no_progress)
+            print(f"copied {report} from {args.source} to {target.location}; verified")
     except PromptStoreError as exc:
         print(f"error ({exc.code}): {exc}", file=sys.stderr)
         return 1

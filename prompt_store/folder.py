@@ -58,6 +58,9 @@ class FolderStore(PromptStore):
     def names(self) -> list[str]:
         return sorted(p.name for p in self._prompts.iterdir() if p.is_dir() and self._version_numbers(p.name))
 
+    def _used_names(self) -> list[str]:
+        return sorted(p.name for p in self._prompts.iterdir() if p.is_dir() and self._version_numbers(p.name, include_deleted=True))
+
     def aliases(self) -> dict[str, str]:
         if not self._aliases_path.exists():
             return {}

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -127,6 +128,10 @@ class PostgresStore(PromptStore):
         with self._connection() as conn:
             rows = conn.execute("SELECT DISTINCT name FROM prompt_versions WHERE deleted_at IS NULL ORDER BY name").fetchall()
         return [name for (name,) in rows]
+
+    def _used_names(self) -> list[str]:
+        with self._connection() as conn:
+            return [name for (name,) in conn.execute("SELECT DISTINCT name FROM prompt_versions ORDER BY name").fetchall()]
 
     def aliases(self) -> dict[str, str]:
         with self._connection() as conn:
@@ -295,6 +300,33 @@ class PostgresStore(PromptStore):
         return targets
 
 
+    def insert_copies(self, records: list[VersionRecord], aliases: dict[str, str]) -> None:
+        """Write versions exactly as another store holds them (numbers, tombstones, metadata,
+        tensors, evaluations) and the aliases, in one transaction. Refuses names this store
+        has ever used, so nothing is overwritten and numbers stay unique."""
+        names = sorted({r.id.name for r in records})
+        with self._transaction((ALIASES_LOCK, False), *[(_name_lock(n), False) for n in names]) as conn:
+            taken = conn.execute("SELECT DISTINCT name FROM prompt_versions WHERE name = ANY(%s) "
+                                 "UNION SELECT alias FROM prompt_aliases WHERE alias = ANY(%s)",
+                                 (names + list(aliases), names + list(aliases))).fetchall()
+            if taken:
+                raise NameConflictError(f"{self.location} already has {', '.join(sorted(n for (n,) in taken))}; "
+                                        "copy into a store without these names.")
+            for record in records:
+                conn.execute("INSERT INTO prompt_versions (name, version, meta, adapter_config, weights, tensor_sha256, "
+                             "deleted_at) VALUES (%s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() END)",
+                             (record.id.name, record.id.version, None if record.deleted else Jsonb(record.meta),
+                              None if record.deleted else Jsonb(record.adapter_config), record.weights,
+                              None if record.deleted else record.meta["tensor_sha256"], record.deleted))
+                for evaluation in record.evaluations:
+                    conn.execute("INSERT INTO prompt_evaluations (name, version, record) VALUES (%s, %s, %s)",
+                                 (record.id.name, record.id.version, Jsonb(evaluation)))
+            for alias, target in aliases.items():
+                name, _, number = target.rpartition("-v")
+                conn.execute("INSERT INTO prompt_aliases (alias, name, version) VALUES (%s, %s, %s)", (alias, name, int(number)))
+            self._changed(conn, {"copied": len(records)})
+
+
 def _name_lock(name: str) -> str:
     return f"softprompt:name:{name}"
 
@@ -302,3 +334,18 @@ def _name_lock(name: str) -> str:
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
+
+
+@dataclass
+class VersionRecord:
+    """One version as stored, for copying a store: the files of a live version, or a tombstone."""
+
+    id: VersionId
+    meta: dict | None = None
+    adapter_config: dict | None = None
+    weights: bytes | None = None
+    evaluations: list[dict] = field(default_factory=list)
+
+    @property
+    def deleted(self) -> bool:
+        return self.meta is None

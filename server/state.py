@@ -128,7 +128,8 @@ class AppState:
     def stats(self) -> dict:
         out = {"model_loads": self.model_loads, "ready": self.ready, "uptime_s": round(time.time() - self.started_at, 1)}
         if self.frozen is not None:
-            out["model"] = {"base_model": self.frozen.base_model, "device": str(self.frozen.device),
+            out["model"] = {"base_model": self.frozen.base_model, "hidden_size": self.frozen.fingerprint.hidden_size,
+                            "device": str(self.frozen.device),
                             "dtype": str(self.frozen.dtype), "context_length": self.frozen.context_length,
                             "load_seconds": round(self.frozen.load_seconds, 2),
                             "rewrites": self.rewrites.as_dict() if self.rewrites else None}
@@ -137,7 +138,9 @@ class AppState:
         if self.prompts is not None:
             out["prompt_cache"] = self.prompts.stats()
         if self.watcher is not None:
-            out["watcher"] = {"scans": self.watcher.scans, "warmed": self.watcher.warmed[-20:],
+            recent = self.watcher.warmed[-20:]
+            out["watcher"] = {"scans": self.watcher.scans, "warmed": recent,
+                              "warmed_at": {v: self.watcher.warmed_at[v] for v in recent if v in self.watcher.warmed_at},
                               "poll_seconds": self.watcher.poll_seconds}
         out["torch_threads"] = torch.get_num_threads()
         return out

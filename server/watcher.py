@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from prompt_store import IncompatibleModelError, PromptStore, PromptStoreError, PromptVersion, StoreUnavailableError
 
@@ -31,6 +32,7 @@ class StoreWatcher:
         self.store_error: str | None = None  # why the last scan could not read the store (logged once per outage)
         self.scans = 0
         self.warmed: list[str] = []
+        self.warmed_at: dict[str, float] = {}  # version -> when it became servable warm here (Unix time)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="softprompt-store-watcher", daemon=True)
@@ -95,5 +97,6 @@ class StoreWatcher:
             return False
         self.engine.prewarm(loaded.cache_key, loaded.embeddings, self.head_ids).result(timeout)
         self.warmed = self.warmed[-99:] + [str(version.id)]
+        self.warmed_at = {v: self.warmed_at.get(v, time.time()) for v in self.warmed}
         logger.info("pre-warmed %s", version.id)
         return True

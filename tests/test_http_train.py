@@ -196,4 +196,4 @@ def test_a_training_job_publishes_to_a_database_store(frozen, model_folder, tmp_
         job = wait_until(lambda: finished_job(client, job_id))
         assert job["state"] == "succeeded", job["error"]
         assert client.post("/generate", params={"prompt": "senti"}, json={"input": "Fine.", "max_new_tokens": 2}).json()["prompt"] == "senti-v1"
-    assert (tmp_path / "jobs" / job_id).is_dir()
+    assert "postgresql://" not in (tmp_path / "jobs" / job_id / "request.json").read_text()  # a URL may carry a password

@@ -46,3 +46,31 @@ def test_the_prompts_commands_manage_a_store(store_location, tmp_path, capsys):
 def _first() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(3, 8)
+
+
+def test_migrate_copies_a_folder_store_into_postgres_and_verifies_it(folder_store, database_url, capsys):
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        folder_store.publish("math", torch.randn(3, 8), fingerprint=FP, base_model="tiny", init_text="Add.")
+    folder_store.publish("senti", torch.randn(2, 8), fingerprint=FP, base_model="tiny")
+    folder_store.publish("gone", torch.randn(2, 8), fingerprint=FP, base_model="tiny")
+    folder_store.delete("math-v2")
+    folder_store.delete("gone")  # only a tombstone is left of this name
+    folder_store.set_alias("prod", "math-v3")
+    folder_store.record_evaluation("math-v3", {"metric": "exact_match", "score": 0.25})
+
+    code, out, err = run(capsys, "migrate", "--from", str(folder_store.root), "--to", database_url, "--no-progress")
+    assert code == 0, err
+    assert "3 versions of 3 names, 2 tombstones, 1 aliases, 1 evaluations" in out and "verified" in out
+    with open_store(database_url) as copied:
+        assert copied.names() == ["math", "senti"] and copied.aliases() == {"prod": "math-v3"}
+        for version in folder_store.versions("math") + folder_store.versions("senti"):
+            assert copied.resolve(str(version.id)).meta == version.meta
+            assert torch.equal(copied.load(str(version.id)).embeddings, folder_store.load(version).embeddings)
+        assert copied.evaluations("prod") == [{"metric": "exact_match", "score": 0.25}]
+        assert str(copied.publish("math", torch.randn(3, 8), fingerprint=FP, base_model="tiny").id) == "math-v4"
+        assert str(copied.publish("gone", torch.randn(3, 8), fingerprint=FP, base_model="tiny").id) == "gone-v2"
+
+    code, _, err = run(capsys, "migrate", "--from", str(folder_store.root), "--to", database_url, "--no-progress")
+    assert code == 1 and "name_conflict" in err  # a second copy never overwrites
+    assert run(capsys, "migrate", "--from", str(folder_store.root / "nope"), "--to", database_url)[0] == 2

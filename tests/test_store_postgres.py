@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import psycopg
 import pytest
 import torch
@@ -129,6 +130,15 @@ def test_the_server_rides_out_a_database_restart(own_postgres, mixing, tmp_path)
 
         assert generate().status_code == 200
         assert client.get("/ready").json()["store"]["available"] is True
+        statuses, stop_traffic = [], threading.Event()
+
+        def traffic():  # a client asking for the loaded prompt all through the outage
+            while not stop_traffic.is_set():
+                statuses.append(generate().status_code)
+
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        time.sleep(0.3)
         own_postgres.stop()
         try:
             for _ in range(5):  # prompts already loaded keep serving
@@ -149,6 +159,9 @@ def test_the_server_rides_out_a_database_restart(own_postgres, mixing, tmp_path)
         finally:
             own_postgres.start()
         assert wait_until(lambda: client.get("/prompts").status_code == 200)  # the pool reconnects on its own
+        stop_traffic.set()
+        sender.join(30)
+        assert len(statuses) > 10 and set(statuses) == {200}, statuses
         wait_until(lambda: client.get("/ready").json()["store"]["available"])
         publish(url, mixing, "math", seed=2)  # through another connection: the listener is back too
         assert wait_until(lambda: generate().json()["prompt"] == "math-v2")
@@ -181,3 +194,38 @@ def test_store_operations_fail_fast_when_the_database_is_away(own_postgres):
 
     assert wait_until(answers)
     store.close()
+
+
+def test_two_server_processes_on_one_database(frozen, database_url, tmp_path):
+    """Real `softprompt serve` processes (the tiny model): A publishes, B serves it at once;
+    an alias moved on B is followed by A; /v1/models and GET /prompts agree."""
+    from tests.jobs_helpers import save_tiny_model
+    from tests.local_servers import start_server
+    from tests.postgres_cluster import free_port
+
+    model = save_tiny_model(frozen, tmp_path / "tiny-model")
+    ports = [free_port(), free_port()]
+    processes = []
+    try:
+        for name, port in zip("ab", ports):
+            processes.append(start_server(database_url, tmp_path / name, port, model=model, timeout=120))
+        a, b = (f"http://127.0.0.1:{port}" for port in ports)
+        with httpx.Client(timeout=30) as client:
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                weights = _weights(frozen)
+                assert client.post(f"{a}/prompts", data={"name": "math"},
+                                   files={"file": ("p.safetensors", weights, "application/octet-stream")}).status_code == 201
+                served = client.post(f"{b}/generate", params={"prompt": "math"}, json={"input": "1+1", "max_new_tokens": 2})
+                assert served.json()["prompt"] == f"math-v{seed}"
+            assert client.put(f"{b}/aliases/prod", json={"target": "math-v1"}).status_code == 200
+            followed = client.post(f"{a}/generate", params={"prompt": "prod"}, json={"input": "x", "max_new_tokens": 1})
+            assert followed.json()["prompt"] == "math-v1"
+            assert client.get(f"{a}/prompts").json() == client.get(f"{b}/prompts").json()
+            models = [sorted(m["id"] for m in client.get(f"{base}/v1/models").json()["data"]) for base in (a, b)]
+            assert models[0] == models[1] and {"math-v1", "math-v2", "prod"} <= set(models[0])
+            wait_until(lambda: "math-v2" in client.get(f"{b}/stats").json()["watcher"]["warmed"])  # NOTIFY reached B
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(30)

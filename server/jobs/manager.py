@@ -179,8 +179,7 @@ class JobManager:
             "config": {**config.to_dict(), "threads": self._job_threads(record)},
             "model": self.model_spec,
             "device": self.device,
-            "store": self.store,
-        }
+        }  # not the store: a database URL carries a password; the worker gets it in its environment
         self.files.create(record, request, {TRAIN_DATA: train_data, EVAL_DATA: eval_data})
         with self._changed:
             self._records[record.id] = record
@@ -279,7 +278,8 @@ class JobManager:
         folder = self.files.folder(record.id)
         threads = str(self._job_threads(record))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
-               "GOMP_SPINCOUNT": "0"}  # never spin beside the server, even if it was told to (bench/omp_ab.py)
+               "GOMP_SPINCOUNT": "0",  # never spin beside the server, even if it was told to (bench/omp_ab.py)
+               "SOFTPROMPT_STORE": self.store}
         log = open(folder / "worker.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.jobs.worker", str(folder)],

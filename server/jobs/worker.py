@@ -20,6 +20,7 @@ from pathlib import Path
 # never spins beside the serving engine (manager.py); the trainer's loop sets the same count.
 
 from prompt_store import open_store
+from prompt_store.settings import CommonSettings
 from trainer.config import TrainConfig
 from trainer.curves import write_curves
 from trainer.data import load_examples, split_examples
@@ -67,7 +68,8 @@ def run_job(folder: Path) -> int:
         emit("cancelled")
         return 0
     write_curves(result.history, folder)
-    version = publish_result(open_store(request["store"]), request["name"], frozen, result)
+    with open_store(request.get("store") or CommonSettings().store) as store:  # the server passes SOFTPROMPT_STORE
+        version = publish_result(store, request["name"], frozen, result)
     emit("succeeded", version=str(version.id), metrics=_jsonable(result.metrics))
     return 0
 
