@@ -75,16 +75,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from prompt_store import open_store
 
+    from .distributed import init_from_environment
     from .modeling import load_frozen_model
 
     settings = CommonSettings()
-    store = open_store(args.store or settings.store)
-    frozen = load_frozen_model(args.model or settings.model)
+    ranks = init_from_environment()  # under torchrun: this process's rank; else rank 0 of 1
+    store = open_store(args.store or settings.store) if ranks.is_main else None
+    frozen = load_frozen_model(args.model or settings.model, device=ranks.device if ranks.device.type == "cuda" else None)
     try:
-        result = _train_with_progress(frozen, train, val, config, show=not args.no_progress)
+        result = _train_with_progress(frozen, train, val, config, show=not args.no_progress and ranks.is_main)
     except KeyboardInterrupt:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
+    if not ranks.is_main:  # rank 0 evaluates, writes the curves and publishes
+        return 0
     if held_out is not None:
         result.metrics.update(evaluate_held_out(frozen, result, held_out, config, source=str(args.eval)))
     from .curves import write_curves

@@ -19,6 +19,7 @@ import torch
 from .batches import Encoded, Encoder, collate, prefix_block, target_loss
 from .config import TrainConfig
 from .data import Example
+from .distributed import current as current_ranks
 from .evaluate import detect_task, evaluate
 from .interpret import hard_prompt, nearest_tokens
 from .modeling import FrozenModel
@@ -113,7 +114,12 @@ def train_prompt(
 
 
 def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
+    """One process, or one rank of a data-parallel job (trainer/distributed.py): every rank
+    runs the same steps on its shard of each global batch; rank 0 alone evaluates and reports."""
     started = time.perf_counter()
+    ranks = current_ranks()
+    if ranks.distributed and config.batch_size < ranks.world:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the {ranks.world} ranks sharing each batch")
     torch.manual_seed(config.seed)
     task = detect_task(list(train) + list(val), config.task)
     encoder = Encoder(frozen, use_chat_template=config.use_chat_template, max_input_tokens=config.max_input_tokens)
@@ -131,22 +137,28 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
     logger.info("EmbedGrad: %s task, %d train / %d validation examples, %d prompt vectors, %d steps",
                 task.kind, len(train), len(val_set), init.shape[0], config.steps)
 
-    before = run_eval(init)
+    before = run_eval(init) if ranks.is_main else {"name": "", "metric": 0.0}
     best = {"key": (before["metric"], -before.get("loss", 0.0)), "step": 0, "eval": before, "vectors": init.clone()}
     history = [{"step": 0, "split": "validation", "val_metric": before["metric"], "val_loss": before.get("loss"), "elapsed_seconds": time.perf_counter() - started}]
     logger.info("step 0: validation %s %.4f (init text)", before["name"], before["metric"])
     stale, stopped_early, step = 0, False, 0
     loop_started = time.perf_counter()
     for step in range(1, config.steps + 1):
-        if should_stop is not None and should_stop():
+        if ranks.decide(should_stop is not None and ranks.is_main and should_stop()):
             raise TrainingCancelled(f"training cancelled after {step - 1} of {config.steps} steps")
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(config.grad_accum):
-            batch = collate(next(batches), pad_id)
-            loss_sum, tokens = target_loss(frozen, prefix_block(frozen, encoder.head_ids, soft), batch)
-            (loss_sum / tokens / config.grad_accum).backward()
-            step_loss += float(loss_sum.detach()) / tokens / config.grad_accum
+            rows = ranks.shard(next(batches))  # every rank draws the same global batch
+            loss_sum, tokens = (target_loss(frozen, prefix_block(frozen, encoder.head_ids, soft), collate(rows, pad_id))
+                                if rows else (None, 0))  # an epoch's last batch may leave a rank nothing
+            total = ranks.sum(tokens)  # the global batch's target tokens: the single-process normalisation
+            if loss_sum is not None:
+                (loss_sum / total / config.grad_accum).backward()
+            step_loss += ranks.sum(float(loss_sum.detach()) if loss_sum is not None else 0.0) / total / config.grad_accum
+        if soft.grad is None:
+            soft.grad = torch.zeros_like(soft)
+        ranks.sum_(soft.grad)
         grad_norm = float(soft.grad.norm())
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([soft], config.max_grad_norm)
@@ -157,7 +169,7 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
         elapsed = time.perf_counter() - started
         row = {"step": step, "split": "train", "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "projected_rows": moved, "elapsed_seconds": elapsed}
         val_metric = None
-        if step % config.eval_every == 0 or step == config.steps:
+        if ranks.is_main and (step % config.eval_every == 0 or step == config.steps):
             result = run_eval(soft.detach().cpu())
             val_metric = result["metric"]
             row.update(val_metric=val_metric, val_loss=result.get("loss"))
@@ -171,13 +183,15 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
                         step, config.steps, step_loss, result["name"], val_metric, best["eval"]["metric"], best["step"])
         history.append(row)
         per_step = (time.perf_counter() - loop_started) / step
-        if callback is not None:
+        if callback is not None and ranks.is_main:
             callback(TrainProgress(step, config.steps, step_loss, val_metric, per_step * (config.steps - step), elapsed))
-        if config.patience is not None and stale >= config.patience:
+        if ranks.decide(config.patience is not None and stale >= config.patience):
             stopped_early = True
             logger.info("early stop at step %d: no validation improvement in %d evaluations", step, stale)
             break
 
+    if not ranks.is_main:  # rank 0 selects, interprets and reports; this rank's work is done
+        return TrainResult(soft.detach().float().cpu().clone(), init, {"rank": ranks.rank}, history, [], config)
     vectors = best["vectors"]
     hard_vectors, hard_text = hard_prompt(frozen, vectors)
     hard = run_eval(hard_vectors)
