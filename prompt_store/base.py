@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -23,7 +24,14 @@ from pathlib import Path
 import torch
 
 from . import peft_format
-from .errors import ChecksumMismatchError, IdempotencyKeyReusedError, IncompatibleModelError, NameConflictError, PromptNotFoundError
+from .errors import (
+    ChecksumMismatchError,
+    IdempotencyKeyReusedError,
+    IncompatibleModelError,
+    NameConflictError,
+    PromptNotFoundError,
+    PromptStoreError,
+)
 from .fingerprint import ModelFingerprint
 from .names import VersionId, parse_ref, validate_name
 from .settings import is_database_url
@@ -99,6 +107,11 @@ class PromptStore(ABC):
     @abstractmethod
     def signature(self) -> object:
         """A cheap value that changes whenever a version is published or deleted, or an alias moves."""
+
+    @property
+    def available(self) -> bool:
+        """False while the store is known to be unreachable (a database that is away)."""
+        return True
 
     def _used_names(self) -> list[str]:
         """Every name that has a version number in use, live or only tombstones, sorted."""
@@ -227,8 +240,7 @@ class PromptStore(ABC):
         }
         if idempotency is not None:
             meta["idempotency_key"], meta["request_sha256"] = idempotency
-        version = self._write_version(name, weights, config, meta, idempotency)
-        return version
+        return self._write_version(name, weights, json_safe(config), json_safe(meta), idempotency)
 
     def import_adapter(
         self,
@@ -305,9 +317,25 @@ class PromptStore(ABC):
         return PromptNotFoundError(ref, difflib.get_close_matches(ref, known, n=3, cutoff=0.5))
 
 
+def json_safe(value):
+    """`value` as every backend can keep it as JSON: non-finite numbers (a diverged run's loss)
+    become null and NUL characters U+FFFD, so the folder and the database store the same."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {json_safe(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def open_store(location: str | os.PathLike) -> PromptStore:
     """The store at `location`: a `postgresql://` URL, or a folder (created if missing)."""
     text = os.fspath(location)
+    if "://" in text and not is_database_url(text):
+        raise PromptStoreError(f"unsupported store URL {text.split('://')[0]}://...: use a folder or a postgresql:// URL")
     if is_database_url(text):
         from .postgres import PostgresStore  # psycopg is only needed for this backend
 

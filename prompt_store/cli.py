@@ -55,7 +55,8 @@ def build_parser(
     delete.add_argument("--force", action="store_true", help="also delete versions aliases point at")
     migrate = sub.add_parser("migrate", help="copy a folder store into a PostgreSQL store and verify the copy")
     migrate.add_argument("--from", dest="source", required=True, help="the folder store to copy")
-    migrate.add_argument("--to", dest="target", required=True, help="postgresql://user:password@host:port/database")
+    migrate.add_argument("--to", dest="target", required=True,
+                         help="postgresql://user@host:port/database (a password: PGPASSWORD or ~/.pgpass keep it off the command line)")
     migrate.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -120,8 +121,8 @@ def _migrate(args: argparse.Namespace) -> int:
     if not is_database_url(args.target):
         print("migrate: --to must be a postgresql:// URL", file=sys.stderr)
         return 2
-    if is_database_url(args.source) or not Path(args.source).is_dir():
-        print(f"migrate: --from must be an existing folder store, got {args.source!r}", file=sys.stderr)
+    if is_database_url(args.source) or not (Path(args.source) / "prompts").is_dir():
+        print(f"migrate: --from must be a folder store (a folder with prompts/ in it), got {args.source!r}", file=sys.stderr)
         return 2
     try:
         with open_store(args.target) as target:

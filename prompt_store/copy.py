@@ -63,12 +63,16 @@ def read_records(source: PromptStore, *, progress: bool = True) -> list[VersionR
 
 def copy_store(source: PromptStore, target: PostgresStore, *, progress: bool = True) -> CopyReport:
     records = read_records(source, progress=progress)
-    aliases = source.aliases()
+    live = {str(r.id) for r in records if not r.deleted}
+    aliases = {a: t for a, t in source.aliases().items() if t in live}
+    for alias in sorted(set(source.aliases()) - set(aliases)):  # a folder store can hold one whose target is gone
+        logger.warning("not copying alias %s: it points at %s, which is not a live version", alias, source.aliases()[alias])
     target.insert_copies(records, aliases)
     verify_copy(records, aliases, target)
-    live = [r for r in records if not r.deleted]
-    report = CopyReport(names=len({r.id.name for r in records}), versions=len(live), tombstones=len(records) - len(live),
-                        aliases=len(aliases), evaluations=sum(len(r.evaluations) for r in live))
+    live_records = [r for r in records if not r.deleted]
+    report = CopyReport(names=len({r.id.name for r in records}), versions=len(live_records),
+                        tombstones=len(records) - len(live_records), aliases=len(aliases),
+                        evaluations=sum(len(r.evaluations) for r in live_records))
     logger.info("copied %s from %s to %s", report, source.location, target.location)
     return report
 

@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from . import peft_format
 from .atomic import fsync_dir, pid_alive, replace_json_atomically, write_bytes_durably
-from .base import MAX_EVALUATIONS, META_FILE, PromptStore
+from .base import MAX_EVALUATIONS, META_FILE, PromptStore, json_safe
 from .errors import AliasInUseError, NameConflictError
 from .names import VersionId, parse_ref
 from .version import PromptVersion
@@ -102,7 +102,7 @@ class FolderStore(PromptStore):
         with FileLock(self._locks / f"{version.id.name}.lock"):  # the lock delete takes: no record for a deleted version
             if version.id.version not in self._version_numbers(version.id.name):
                 raise self._not_found(str(version.id))
-            records = [*self.evaluations(version), record][-MAX_EVALUATIONS:]
+            records = [*self.evaluations(version), json_safe(record)][-MAX_EVALUATIONS:]
             replace_json_atomically(path, records)
         logger.info("recorded an evaluation of %s: %s %s", version.id, record.get("metric"), record.get("score"))
         return version

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -28,10 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .base import MAX_EVALUATIONS, PromptStore
+from .base import MAX_EVALUATIONS, PromptStore, json_safe
 from .errors import AliasInUseError, IdempotencyKeyReusedError, NameConflictError, StoreUnavailableError
 from .names import VersionId, parse_ref, validate_name
 from .schema import migrate
@@ -42,30 +42,54 @@ logger = logging.getLogger(__name__)
 CHANNEL = "softprompt_store"
 CONNECT_TIMEOUT_S = 3  # a database that does not answer is reported, not waited on
 POOL_TIMEOUT_S = 5.0  # the longest a call waits for a pooled connection while the database is up
-PROBE_TIMEOUT_S = 1.0  # ... and while it is known to be away (one probe per PROBE_INTERVAL_S)
-PROBE_INTERVAL_S = 1.0
+PROBE_INTERVAL_S = 1.0  # while it is away: one caller a second checks whether it is back
+RECONNECT_TIMEOUT_S = 2.0  # the pool's own reconnection gives up soon, so a probe can grow it again at once
 ALIASES_LOCK = "softprompt:aliases"
+# Every session: a lock or statement that waits this long fails (503, retry) instead of holding a
+# pool connection for ever; a client gone mid-transaction loses its locks; keepalives notice a
+# vanished peer in about a minute, not two hours.
+SESSION = {
+    "autocommit": True,
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "options": "-c lock_timeout=10s -c statement_timeout=60s -c idle_in_transaction_session_timeout=60s",
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+}
+# SQLSTATEs that mean the connection itself is gone (class 08, and the server shutting down).
+CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """The URL without its password (in the user part or as a parameter), for messages and logs."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
+
+
+def _read_committed(conn: psycopg.Connection) -> None:
+    """Numbering relies on each statement seeing what committed before its lock was granted."""
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
 
 
 class PostgresStore(PromptStore):
     """The store in a PostgreSQL database (schema migrated on open)."""
 
-    def __init__(self, url: str, *, pool_size: int = 4):
+    def __init__(self, url: str, *, pool_size: int = 8):
         self.url = url
         self.location = redact(url)
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=POOL_TIMEOUT_S, open=False,
-                                    kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                                    kwargs=SESSION, configure=_read_committed, reconnect_timeout=RECONNECT_TIMEOUT_S,
                                     check=ConnectionPool.check_connection, name="softprompt-store")
         self._pool.open(wait=False)
-        self._away: str | None = None  # why the last call could not reach the database; None while it answers
-        self._last_probe = 0.0
+        self._away: str | None = None  # why the database could not be reached; None while it answers
+        self._next_probe = 0.0
+        self._probing = threading.Lock()
         self._listener: psycopg.Connection | None = None
         self._listener_lock = threading.Lock()
+        self._listen_failing = False
         try:
             with self._connection() as conn:
                 self.schema_version = migrate(conn)
@@ -73,32 +97,63 @@ class PostgresStore(PromptStore):
             self._pool.close()
             raise
 
+    @property
+    def available(self) -> bool:
+        return self._away is None
+
     # ----------------------------------------------------------------- connections
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection. While the database is known to be away, calls fail at once except
-        one probe a second (with a short wait), so requests that can do without the store, such
-        as those for prompts already loaded, are not held up by it."""
-        timeout = POOL_TIMEOUT_S
+        """A pooled connection. While the database is known to be away every call fails at once,
+        except one caller a second that checks whether it is back, so requests that can do
+        without the store (those for prompts already loaded) are never held up by it. Errors of
+        the connection itself mark the database away; others (a lock or statement timeout, a
+        deadlock, a busy pool) fail that call only, with 503 too."""
+        probing = False
         if self._away is not None:
-            now = time.monotonic()
-            if now - self._last_probe < PROBE_INTERVAL_S:
+            if time.monotonic() < self._next_probe or not self._probing.acquire(blocking=False):
                 raise self._unavailable(self._away)
-            self._last_probe, timeout = now, PROBE_TIMEOUT_S
+            probing = True
         try:
-            with self._pool.connection(timeout=timeout) as conn:
-                yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            if self._away is None:
-                logger.warning("the store's database %s cannot be reached: %s", self.location, _first_line(exc))
-                self._last_probe = time.monotonic()
-            self._away = _first_line(exc)
-            raise self._unavailable(self._away) from exc
+            try:
+                if probing:  # a direct connection answers at once; the pool may be backing off
+                    psycopg.connect(self.url, **{**SESSION, "connect_timeout": 1}).close()
+                with self._pool.connection(timeout=POOL_TIMEOUT_S) as conn:
+                    yield conn
+            except PoolTimeout as exc:
+                if probing or not self._reachable():
+                    self._mark_away(exc)
+                raise self._unavailable(_first_line(exc), busy=self._away is None) from exc
+            except psycopg.OperationalError as exc:
+                if exc.sqlstate is None or exc.sqlstate.startswith(CONNECTION_LOST):
+                    self._mark_away(exc)
+                    raise self._unavailable(self._away) from exc
+                raise self._unavailable(_first_line(exc), busy=True) from exc
+        finally:
+            if probing:
+                self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+                self._probing.release()
         if self._away is not None:
             logger.info("the store's database %s answers again", self.location)
             self._away = None
 
-    def _unavailable(self, reason: str) -> StoreUnavailableError:
+    def _reachable(self) -> bool:
+        try:
+            psycopg.connect(self.url, **{**SESSION, "connect_timeout": 1}).close()
+            return True
+        except psycopg.Error:
+            return False
+
+    def _mark_away(self, exc: BaseException) -> None:
+        if self._away is None:
+            logger.warning("the store's database %s cannot be reached: %s", self.location, _first_line(exc))
+            self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+        self._away = _first_line(exc)
+
+    def _unavailable(self, reason: str, *, busy: bool = False) -> StoreUnavailableError:
+        if busy:
+            return StoreUnavailableError(f"The prompt store's database ({self.location}) could not do this now: {reason}. "
+                                         "Retry shortly.")
         return StoreUnavailableError(f"The prompt store's database ({self.location}) cannot be reached: {reason}. "
                                      "Prompts already loaded keep serving; retry store operations later.")
 
@@ -111,10 +166,11 @@ class PostgresStore(PromptStore):
                 conn.execute(f"SELECT {function}(hashtextextended(%s, 0))", (key,))
             yield conn
 
-    def _changed(self, conn: psycopg.Connection, event: dict) -> None:
-        """Inside a write transaction: bump the change counter and notify listeners at commit."""
+    def _changed(self, conn: psycopg.Connection, event: str) -> None:
+        """Inside a write transaction: bump the change counter and notify listeners at commit
+        (a short payload: NOTIFY takes under 8,000 bytes, and listeners only need to rescan)."""
         generation = conn.execute("UPDATE prompt_store_state SET generation = generation + 1 RETURNING generation").fetchone()[0]
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps({"generation": generation, **event})))
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps({"generation": generation, "event": event})))
 
     def close(self) -> None:
         with self._listener_lock:
@@ -126,16 +182,16 @@ class PostgresStore(PromptStore):
     # ----------------------------------------------------------------- reading
     def names(self) -> list[str]:
         with self._connection() as conn:
-            rows = conn.execute("SELECT DISTINCT name FROM prompt_versions WHERE deleted_at IS NULL ORDER BY name").fetchall()
+            rows = conn.execute("SELECT name FROM prompt_versions WHERE deleted_at IS NULL GROUP BY name ORDER BY name COLLATE \"C\"").fetchall()
         return [name for (name,) in rows]
 
     def _used_names(self) -> list[str]:
         with self._connection() as conn:
-            return [name for (name,) in conn.execute("SELECT DISTINCT name FROM prompt_versions ORDER BY name").fetchall()]
+            return [name for (name,) in conn.execute("SELECT name FROM prompt_versions GROUP BY name ORDER BY name COLLATE \"C\"").fetchall()]
 
     def aliases(self) -> dict[str, str]:
         with self._connection() as conn:
-            rows = conn.execute("SELECT alias, name, version FROM prompt_aliases ORDER BY alias").fetchall()
+            rows = conn.execute("SELECT alias, name, version FROM prompt_aliases ORDER BY alias COLLATE \"C\"").fetchall()
         return {alias: str(VersionId(name, version)) for alias, name, version in rows}
 
     def versions(self, name: str) -> list[PromptVersion]:
@@ -175,31 +231,49 @@ class PostgresStore(PromptStore):
             return conn.execute("SELECT generation FROM prompt_store_state").fetchone()[0]
 
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
-        """Wake on the first NOTIFY after the last call, or after `timeout`. Without a listening
-        connection (the database is away) this waits out `timeout` and tries again next time."""
-        with self._listener_lock:
-            listener = self._listener
-            if listener is None:
-                try:
-                    listener = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
-                    listener.execute(f"LISTEN {CHANNEL}")
-                except psycopg.Error as exc:
-                    logger.warning("cannot LISTEN for store changes (%s); polling every %.1f s", _first_line(exc), timeout)
-                    listener = None
-                self._listener = listener
-        if listener is None:
-            stop.wait(timeout)
+        """Wake on the first NOTIFY after the last call, on `stop`, or after `timeout`. Without a
+        listening connection (the database is away) this waits out `timeout` and tries again
+        next time: the caller's rescans are then the fallback poll."""
+        if self._away is not None:  # the caller's rescans are how the store finds out it is back
+            timeout = min(timeout, PROBE_INTERVAL_S)
+        listener, fresh = self._listening()
+        if listener is None:  # try to listen again in a second; the caller rescans meanwhile
+            stop.wait(min(timeout, PROBE_INTERVAL_S))
             return
+        if fresh:  # what changed before this LISTEN was never notified: the caller rescans now
+            return
+        deadline = time.monotonic() + timeout
         try:
-            for _ in listener.notifies(timeout=timeout, stop_after=1):
-                pass
+            while not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0 or any(True for _ in listener.notifies(timeout=min(left, 0.5), stop_after=1)):
+                    return
         except psycopg.Error as exc:
-            logger.warning("lost the store's change notices (%s); reconnecting", _first_line(exc))
+            logger.warning("lost the store's change notices (%s); polling until they are back", _first_line(exc))
+            self._listen_failing = True
             with self._listener_lock:
                 if self._listener is listener:
                     self._listener = None
             listener.close()
             stop.wait(min(timeout, 1.0))
+
+    def _listening(self) -> tuple[psycopg.Connection | None, bool]:
+        """The listening connection, and whether it was (re)made just now."""
+        with self._listener_lock:
+            if self._listener is not None:
+                return self._listener, False
+            try:
+                self._listener = psycopg.connect(self.url, **SESSION)
+                self._listener.execute(f"LISTEN {CHANNEL}")
+            except psycopg.Error as exc:
+                if not self._listen_failing:
+                    logger.warning("cannot LISTEN for store changes (%s); polling until it can", _first_line(exc))
+                self._listen_failing, self._listener = True, None
+                return None, False
+            if self._listen_failing:
+                logger.info("listening for store changes again")
+            self._listen_failing = False
+            return self._listener, True
 
     # ----------------------------------------------------------------- evaluations
     def evaluations(self, ref: str | PromptVersion) -> list[dict]:
@@ -215,7 +289,7 @@ class PostgresStore(PromptStore):
         with self._transaction((_name_lock(version.id.name), False)) as conn:  # the lock delete takes
             live = conn.execute("SELECT 1 FROM prompt_versions WHERE name = %s AND version = %s AND deleted_at IS NULL", key).fetchone()
             if live is not None:
-                conn.execute("INSERT INTO prompt_evaluations (name, version, record) VALUES (%s, %s, %s)", (*key, Jsonb(record)))
+                conn.execute("INSERT INTO prompt_evaluations (name, version, record) VALUES (%s, %s, %s)", (*key, Jsonb(json_safe(record))))
                 conn.execute("DELETE FROM prompt_evaluations WHERE name = %s AND version = %s AND id NOT IN "
                              "(SELECT id FROM prompt_evaluations WHERE name = %s AND version = %s ORDER BY id DESC LIMIT %s)",
                              (*key, *key, MAX_EVALUATIONS))
@@ -246,7 +320,7 @@ class PostgresStore(PromptStore):
             conn.execute("INSERT INTO prompt_versions (name, version, meta, adapter_config, weights, tensor_sha256) "
                          "VALUES (%s, %s, %s, %s, %s, %s)",
                          (name, number, Jsonb(meta), Jsonb(config), weights, meta["tensor_sha256"]))
-            self._changed(conn, {"published": str(version_id)})
+            self._changed(conn, "published")
         logger.info("published %s (%d vectors) to %s", version_id, meta["num_virtual_tokens"], self.location)
         return PromptVersion(id=version_id, path=None, meta=json.loads(json.dumps(meta)))
 
@@ -260,7 +334,7 @@ class PostgresStore(PromptStore):
                 conn.execute("INSERT INTO prompt_aliases (alias, name, version) VALUES (%s, %s, %s) "
                              "ON CONFLICT (alias) DO UPDATE SET name = excluded.name, version = excluded.version",
                              (alias, target.name, target.version))
-                self._changed(conn, {"alias": alias, "target": str(target)})
+                self._changed(conn, "alias")
         if live is None:  # deleted between resolving and locking
             raise self._not_found(str(target))
 
@@ -268,7 +342,7 @@ class PostgresStore(PromptStore):
         with self._transaction((ALIASES_LOCK, False)) as conn:
             removed = conn.execute("DELETE FROM prompt_aliases WHERE alias = %s RETURNING alias", (alias,)).fetchone()
             if removed is not None:
-                self._changed(conn, {"alias_removed": alias})
+                self._changed(conn, "alias_removed")
         if removed is None:
             raise self._not_found(alias)
 
@@ -284,7 +358,7 @@ class PostgresStore(PromptStore):
             if targets:
                 numbers = [t.version for t in targets]
                 pointing = conn.execute("SELECT alias, version FROM prompt_aliases WHERE name = %s AND version = ANY(%s) "
-                                        "ORDER BY alias", (parsed.name, numbers)).fetchall()
+                                        "ORDER BY alias COLLATE \"C\"", (parsed.name, numbers)).fetchall()
                 if pointing and not force:
                     raise AliasInUseError(
                         f"Aliases point at {ref}: {', '.join(f'{a} -> {VersionId(parsed.name, v)}' for a, v in pointing)}. "
@@ -293,7 +367,7 @@ class PostgresStore(PromptStore):
                 conn.execute("DELETE FROM prompt_evaluations WHERE name = %s AND version = ANY(%s)", (parsed.name, numbers))
                 conn.execute("UPDATE prompt_versions SET meta = NULL, adapter_config = NULL, weights = NULL, "
                              "deleted_at = now() WHERE name = %s AND version = ANY(%s)", (parsed.name, numbers))
-                self._changed(conn, {"deleted": [str(t) for t in targets]})
+                self._changed(conn, "deleted")
         if not targets:
             raise self._not_found(ref)
         logger.info("deleted %s", ", ".join(map(str, targets)))
@@ -324,7 +398,7 @@ class PostgresStore(PromptStore):
             for alias, target in aliases.items():
                 name, _, number = target.rpartition("-v")
                 conn.execute("INSERT INTO prompt_aliases (alias, name, version) VALUES (%s, %s, %s)", (alias, name, int(number)))
-            self._changed(conn, {"copied": len(records)})
+            self._changed(conn, "copied")
 
 
 def _name_lock(name: str) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from prompt_store import IncompatibleModelError, InvalidAdapterError, PromptStore, PromptVersion
+from prompt_store import IncompatibleModelError, InvalidAdapterError, PromptStore, PromptVersion, StoreUnavailableError
 from prompt_store.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, read_weights
 from trainer.modeling import FrozenModel
 
@@ -22,6 +23,8 @@ from .engine import PrefixCache
 from .errors import PayloadTooLargeError
 from .prompt_cache import PromptCache
 from .watcher import StoreWatcher
+
+logger = logging.getLogger(__name__)
 
 MAX_ZIP_MEMBERS = 16
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
@@ -111,7 +114,10 @@ class PromptAdmin:
 
     def _warm(self, version: PromptVersion) -> None:
         if self.watcher is not None:
-            self.watcher.warm(version)
+            try:
+                self.watcher.warm(version)
+            except StoreUnavailableError as exc:  # published already: the watcher warms it once the store answers
+                logger.warning("could not pre-warm %s now: %s", version.id, exc)
 
     @staticmethod
     def _read_safetensors(data: bytes):

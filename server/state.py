@@ -122,6 +122,8 @@ class AppState:
         """What /ready says of the store: a database that is away does not make the replica
         unready (prompts already loaded keep serving), but it is reported."""
         error = self.watcher.store_error if self.watcher is not None else None
+        if error is None and not self.store.available:
+            error = "the store's database cannot be reached"
         backend = "postgresql" if self.settings.store_is_database else "folder"
         return {"backend": backend, "location": self.store.location, "available": error is None, "error": error}
 

@@ -67,7 +67,6 @@ class StoreWatcher:
         signature = self.store.signature()
         if signature == self._signature:
             return
-        self._signature = signature
         self.scans += 1
         targets: list[PromptVersion] = []
         for name in self.store.names():
@@ -81,6 +80,7 @@ class StoreWatcher:
                 continue
         for version in targets[: self.limit]:
             self.warm(version)
+        self._signature = signature  # only once everything was read: a failed scan is tried again
 
     def warm(self, version: PromptVersion, timeout: float = 120.0) -> bool:
         """Load `version` and compute its prefix KV now; False if it cannot be served here."""
@@ -92,6 +92,8 @@ class StoreWatcher:
         except IncompatibleModelError as exc:
             logger.warning("not pre-warming %s: %s", version.id, exc)
             return False
+        except StoreUnavailableError:
+            raise
         except PromptStoreError as exc:
             logger.warning("cannot load %s: %s", version.id, exc)
             return False

@@ -123,9 +123,10 @@ def test_a_retried_prompt_upload_returns_the_first_answer(app_client):
 def test_concurrent_retries_publish_once(app_client):
     from concurrent.futures import ThreadPoolExecutor
 
+    data = _prompt_file()  # built once: seeding torch's global generator in 4 threads at once races
     with app_client() as client:
         def send(_):
-            return client.post("/prompts", data={"name": "p"}, files={"file": ("p.safetensors", _prompt_file())},
+            return client.post("/prompts", data={"name": "p"}, files={"file": ("p.safetensors", data)},
                                headers={"Idempotency-Key": "same"}).json()["id"]
 
         with ThreadPoolExecutor(4) as pool:

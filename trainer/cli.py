@@ -76,11 +76,29 @@ def run(args: argparse.Namespace) -> int:
     from prompt_store import open_store
 
     from .distributed import init_from_environment
-    from .modeling import load_frozen_model
+
+    from prompt_store import PromptStoreError
 
     settings = CommonSettings()
     ranks = init_from_environment()  # under torchrun: this process's rank; else rank 0 of 1
-    store = open_store(args.store or settings.store) if ranks.is_main else None
+    try:  # opened first: a wrong or unreachable store stops the run before the training, not after
+        store = open_store(args.store or settings.store) if ranks.is_main and not args.dry_run else None
+    except PromptStoreError as error:
+        print(f"error ({error.code}): {error}", file=sys.stderr)
+        return 1
+    try:
+        return _train_and_publish(args, config, train, val, held_out, store, ranks, settings)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _train_and_publish(args, config, train, val, held_out, store, ranks, settings) -> int:
+    from prompt_store import PromptStoreError
+    from safetensors.torch import save_file
+
+    from .modeling import load_frozen_model
+
     frozen = load_frozen_model(args.model or settings.model, device=ranks.device if ranks.device.type == "cuda" else None)
     try:
         result = _train_with_progress(frozen, train, val, config, show=not args.no_progress and ranks.is_main)
@@ -104,7 +122,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .publish import publish_result
 
-    version = publish_result(store, args.name, frozen, result, parent=args.parent, extra={"curves": str(curves["json"].resolve())})
+    saved = run_dir / "prompt_embeddings.safetensors"  # kept whatever happens to the publish
+    save_file({"prompt_embeddings": result.embeddings.contiguous()}, str(saved))
+    try:
+        version = publish_result(store, args.name, frozen, result, parent=args.parent, extra={"curves": str(curves["json"].resolve())})
+    except PromptStoreError as error:
+        print(f"error ({error.code}): {error}\nthe trained prompt is saved in {saved}; publish it later with "
+              f"softprompt prompts import or POST /prompts", file=sys.stderr)
+        return 1
     print(f"published {version.id} to {store.location}")
     return 0
 

@@ -61,7 +61,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     settings = CommonSettings()
-    store = open_store(args.store or settings.store)
+    try:
+        store = open_store(args.store or settings.store)
+    except PromptStoreError as error:
+        print(f"error ({error.code}): {error}", file=sys.stderr)
+        return 1
+    with store:
+        return _run(args, store, specs, examples, data, settings)
+
+
+def _run(args, store, specs, examples, data, settings) -> int:
+    from prompt_store import PromptStoreError
+
     import torch
 
     from .modeling import load_frozen_model
@@ -85,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             recorded = record_results(store, table, source="softprompt eval")
             if recorded:
                 print(f"recorded with {', '.join(recorded)} in {store.location}")
-    except OSError as error:
+    except (OSError, PromptStoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
