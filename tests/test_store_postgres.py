@@ -48,7 +48,7 @@ def test_a_newer_schema_is_refused_by_the_store_and_the_server(database_url, mix
 @pytest.mark.parametrize("url", ["postgresql://u:hunter2@h:5432/db", "postgresql://u@h/db?password=hunter2",
                                  "postgresql://:hunter2@h/db", "postgres://u:hunter2@h/db?sslmode=require"])
 def test_the_url_password_never_reaches_messages(url):
-    from prompt_store.postgres import redact
+    from prompt_store.pg_database import redact
 
     assert "hunter2" not in redact(url) and redact(url).startswith("postgresql://")
 
@@ -93,9 +93,9 @@ def test_publishing_keeps_numbers_right_under_a_stricter_default_isolation(datab
 def test_a_busy_database_fails_the_call_not_the_store(database_url, monkeypatch):
     """A lock held elsewhere: the call waits at most lock_timeout and fails with 503, but the
     store is not marked away, so the next call works."""
-    from prompt_store import postgres
+    from prompt_store import pg_database
 
-    monkeypatch.setitem(postgres.SESSION, "options", "-c lock_timeout=300ms")  # not 10 s here
+    monkeypatch.setitem(pg_database.SESSION, "options", "-c lock_timeout=300ms")  # not 10 s here
     with open_store(database_url) as store, psycopg.connect(database_url) as holder:
         store.publish("busy", torch.randn(1, 8), fingerprint=FP, base_model="tiny")
         holder.execute("SELECT pg_advisory_xact_lock(hashtextextended('softprompt:aliases', 0))")  # until rollback
