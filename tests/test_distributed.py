@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tests.jobs_helpers import save_tiny_model
 from tests.postgres_cluster import free_port
 from trainer.config import TrainConfig
 from trainer.data import Example
-from trainer.loop import train_prompt
+from trainer.loop import TrainingCancelled, train_prompt
 from trainer.modeling import load_frozen_model
 
 WORDS = ["great fun", "a wonderful film", "dull and boring", "a bad movie", "moving", "awful", "witty", "tedious"]
@@ -28,16 +29,30 @@ TRAIN = [Example(f"review {i}: {WORDS[i % len(WORDS)]}", "positive" if i % len(W
 VAL = TRAIN[:4]
 CONFIG = dict(init_text="Classify the sentiment.", steps=6, batch_size=6, lr=1e-2, eval_every=3, warmup_steps=1,
               grad_accum=2, seed=3, threads=1)
+# 3 ranks on batches of 4 (an epoch's last batch of 2 leaves a rank nothing), an lr and a clip
+# small enough that clipping and the trust-region projection act on every step, early stopping.
+HARD = dict(CONFIG, steps=12, batch_size=4, lr=0.5, max_grad_norm=1e-3, min_cosine=0.99, eval_every=1, patience=2)
 
 
-def _rank(rank: int, world: int, port: int, model: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _rank(rank: int, world: int, port: int, model: str, out: str, config: dict, cancel_at: int | None) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=60))  # a mismatched collective fails, not hangs
+    steps = iter(range(1, 10_000))
+    should_stop = (lambda: next(steps) >= cancel_at) if cancel_at else None  # called once a step, on rank 0
     try:
-        result = train_prompt(load_frozen_model(model, device="cpu"), TRAIN, VAL, TrainConfig(**CONFIG))
-        torch.save({"embeddings": result.embeddings, "history": result.history, "metrics": result.metrics},
-                   f"{out}/rank{rank}.pt")
+        result = train_prompt(load_frozen_model(model, device="cpu"), TRAIN, VAL, TrainConfig(**config), should_stop=should_stop)
+        torch.save({"embeddings": result.embeddings, "final": result.final_embeddings, "history": result.history,
+                    "metrics": result.metrics}, f"{out}/rank{rank}.pt")
+    except TrainingCancelled:
+        torch.save({"cancelled": True}, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _spawn(world: int, model: str, out: Path, config: dict, cancel_at: int | None = None) -> list[dict]:
+    mp.start_processes(_rank, args=(world, free_port(), model, str(out), config, cancel_at), nprocs=world, join=True,
+                       start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +60,27 @@ def model_folder(frozen, tmp_path_factory):
     return save_tiny_model(frozen, tmp_path_factory.mktemp("tiny-model"))
 
 
-def test_two_gloo_ranks_train_the_same_prompt_as_one_process(model_folder, tmp_path):
-    single = train_prompt(load_frozen_model(model_folder, device="cpu"), TRAIN, VAL, TrainConfig(**CONFIG))
-    mp.start_processes(_rank, args=(2, free_port(), model_folder, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    main, other = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    init = single.init_embeddings
-    assert not torch.allclose(single.embeddings, init), "the prompt did not move: the comparison would be empty"
+@pytest.mark.parametrize("world, config", [(2, CONFIG), (3, HARD)], ids=["2-ranks", "3-ranks-clipped-projected-early-stop"])
+def test_ranks_train_the_same_prompt_as_one_process(model_folder, tmp_path, world, config):
+    single = train_prompt(load_frozen_model(model_folder, device="cpu"), TRAIN, VAL, TrainConfig(**config))
+    main, *others = _spawn(world, model_folder, tmp_path, config)
+    assert not torch.allclose(single.embeddings, single.init_embeddings), "the prompt did not move: nothing to compare"
     torch.testing.assert_close(main["embeddings"], single.embeddings, rtol=1e-4, atol=1e-5)
-    # every step's loss is the global batch's, and rank 1 ended with the same vectors it was told to
-    losses = [h["loss"] for h in single.history if "loss" in h]
+    torch.testing.assert_close(main["final"], single.final_embeddings, rtol=1e-4, atol=1e-5)
+    losses = [h["loss"] for h in single.history if "loss" in h]  # every step's loss is the global batch's
     assert [h["loss"] for h in main["history"] if "loss" in h] == pytest.approx(losses, rel=1e-5)
     assert main["metrics"]["val_after"] == single.metrics["val_after"] and main["metrics"]["best_step"] == single.metrics["best_step"]
-    assert other["metrics"] == {"rank": 1}
+    assert main["metrics"]["steps_run"] == single.metrics["steps_run"]
+    for rank, other in enumerate(others, start=1):  # every rank took the same steps to the same vectors
+        assert other["metrics"] == {"rank": rank} and torch.equal(other["final"], main["final"])
+    if config is HARD:
+        rows = [h for h in single.history if "loss" in h]
+        assert all(h["projected_rows"] > 0 for h in rows) and all(h["grad_norm"] > 1e-3 for h in rows)
+        assert single.metrics["stopped_early"] and single.metrics["steps_run"] < config["steps"]
+
+
+def test_a_cancel_on_rank_0_stops_every_rank(model_folder, tmp_path):
+    assert all(r.get("cancelled") for r in _spawn(2, model_folder, tmp_path, CONFIG, cancel_at=3))
 
 
 def test_torchrun_trains_one_prompt_and_only_rank_0_publishes(model_folder, tmp_path):

@@ -75,22 +75,34 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from prompt_store import open_store
 
-    from .distributed import init_from_environment
+    from .distributed import init_from_environment, shutdown
 
     from prompt_store import PromptStoreError
 
     settings = CommonSettings()
     ranks = init_from_environment()  # under torchrun: this process's rank; else rank 0 of 1
-    try:  # opened first: a wrong or unreachable store stops the run before the training, not after
-        store = open_store(args.store or settings.store) if ranks.is_main and not args.dry_run else None
-    except PromptStoreError as error:
-        print(f"error ({error.code}): {error}", file=sys.stderr)
-        return 1
     try:
-        return _train_and_publish(args, config, train, val, held_out, store, ranks, settings)
+        if config.batch_size < ranks.world:
+            print(f"error: batch_size {config.batch_size} is smaller than the {ranks.world} processes sharing each batch",
+                  file=sys.stderr)
+            return 2
+        if not ranks.is_main:  # rank 0 alone logs the run's progress
+            logging.getLogger("trainer").setLevel(logging.WARNING)
+        store, opened = None, True
+        try:  # opened first: a wrong or unreachable store stops the run before the training, not after
+            store = open_store(args.store or settings.store) if ranks.is_main and not args.dry_run else None
+        except PromptStoreError as error:
+            print(f"error ({error.code}): {error}", file=sys.stderr)
+            opened = False
+        if not ranks.decide(opened):  # every rank stops, not only rank 0
+            return 1
+        try:
+            return _train_and_publish(args, config, train, val, held_out, store, ranks, settings)
+        finally:
+            if store is not None:
+                store.close()
     finally:
-        if store is not None:
-            store.close()
+        shutdown()
 
 
 def _train_and_publish(args, config, train, val, held_out, store, ranks, settings) -> int:

@@ -15,11 +15,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+# The other ranks wait in a collective while rank 0 evaluates; a long validation (generation on
+# a real model) must not trip the group's timeout (gloo 30 min, NCCL 10 min by default).
+GROUP_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,21 @@ def init_from_environment() -> Ranks:
     each rank takes the GPU of its LOCAL_RANK (its `device`) and the group uses NCCL."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return current()
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
+                               "start at most one process per GPU")
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl", timeout=GROUP_TIMEOUT, device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group(backend="gloo", timeout=GROUP_TIMEOUT)
     ranks = current()
     logger.info("rank %d of %d (%s)", ranks.rank, ranks.world, dist.get_backend())
     return ranks
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -46,6 +46,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     cosines: list[float] = field(default_factory=list)
     config: TrainConfig | None = None
+    final_embeddings: torch.Tensor | None = None  # [P, D] after the last step run (the best may be earlier)
 
 
 class TrainingCancelled(Exception):
@@ -190,8 +191,9 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
             logger.info("early stop at step %d: no validation improvement in %d evaluations", step, stale)
             break
 
+    final = soft.detach().float().cpu().clone()
     if not ranks.is_main:  # rank 0 selects, interprets and reports; this rank's work is done
-        return TrainResult(soft.detach().float().cpu().clone(), init, {"rank": ranks.rank}, history, [], config)
+        return TrainResult(final, init, {"rank": ranks.rank}, history, [], config, final_embeddings=final)
     vectors = best["vectors"]
     hard_vectors, hard_text = hard_prompt(frozen, vectors)
     hard = run_eval(hard_vectors)
@@ -225,4 +227,4 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
             metrics[f"val_{key}"] = best["eval"][key]
     logger.info("done in %.0f s: validation %s %.4f -> %.4f (hard prompt %.4f), cosine mean %.4f min %.4f",
                 metrics["train_seconds"], before["name"], before["metric"], metrics["val_after"], hard["metric"], stats["cosine_mean"], stats["cosine_min"])
-    return TrainResult(vectors, init, metrics, history, stats["cosines"], config)
+    return TrainResult(vectors, init, metrics, history, stats["cosines"], config, final_embeddings=final)
