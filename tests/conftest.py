@@ -28,10 +28,9 @@ def real_model() -> FrozenModel:
     return load_frozen_model("default")
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """One PostgreSQL server for the session, started from the machine's binaries. Without them
-    the tests that need it are skipped with the line to install them (on CI they fail)."""
+def _started_postgres():
+    """A PostgreSQL server from the machine's binaries, stopped and removed afterwards. Without
+    the binaries the test is skipped with the line to install them (on CI it fails)."""
     from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir
 
     bindir = find_bindir()
@@ -43,6 +42,18 @@ def postgres():
     cluster.start()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session."""
+    yield from _started_postgres()
+
+
+@pytest.fixture
+def own_postgres():
+    """A server of its own, for a test that stops and restarts it."""
+    yield from _started_postgres()
 
 
 @pytest.fixture

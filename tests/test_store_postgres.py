@@ -4,8 +4,8 @@ PostgreSQL server started from the machine's binaries (tests/postgres_cluster.py
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import threading
 import time
 
@@ -19,7 +19,7 @@ from prompt_store import ModelFingerprint, PromptStoreError, SchemaVersionError,
 from prompt_store.schema import known_migrations, schema_version
 from server.app import create_app
 from tests.http_helpers import make_settings, mixing, publish  # noqa: F401
-from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir
+from tests.jobs_helpers import wait_until
 
 FP = ModelFingerprint(hidden_size=8, vocab_size=100, embedding_sha256="abc")
 
@@ -156,28 +156,7 @@ def _weights(frozen) -> bytes:
     return save({"prompt_embeddings": torch.randn(3, frozen.fingerprint.hidden_size)})
 
 
-@pytest.fixture
-def own_postgres():
-    """A server of its own: this test stops and restarts it."""
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("CI"):
-            pytest.fail(INSTALL_HINT)
-        pytest.skip(INSTALL_HINT)
-    cluster = PostgresCluster(bindir).init()
-    cluster.start()
-    yield cluster
-    cluster.destroy()
-
-
-def wait_until(check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+wait_until = functools.partial(wait_until, timeout=30.0, interval=0.05)
 
 
 def test_the_server_rides_out_a_database_restart(own_postgres, mixing, tmp_path):
