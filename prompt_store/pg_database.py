@@ -92,7 +92,7 @@ class Database:
         try:
             try:
                 if probing:  # a direct connection answers at once; the pool may be backing off
-                    psycopg.connect(self.url, **{**SESSION, "connect_timeout": 1}).close()
+                    self._connect_directly()
                 with self._pool.connection(timeout=POOL_TIMEOUT_S) as conn:
                     yield conn
             except PoolTimeout as exc:
@@ -112,9 +112,13 @@ class Database:
             logger.info("the store's database %s answers again", self.location)
             self._away = None
 
+    def _connect_directly(self) -> None:
+        """Open and close one connection outside the pool (raises what connecting raises)."""
+        psycopg.connect(self.url, **{**SESSION, "connect_timeout": 1}).close()
+
     def _reachable(self) -> bool:
         try:
-            psycopg.connect(self.url, **{**SESSION, "connect_timeout": 1}).close()
+            self._connect_directly()
             return True
         except psycopg.Error:
             return False
