@@ -58,12 +58,13 @@ def _read_committed(conn: psycopg.Connection) -> None:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 8):
+    def __init__(self, url: str, *, pool_size: int = 8, channel: str = CHANNEL, name: str = "softprompt-store"):
         self.url = url
+        self.channel = channel
         self.location = redact(url)
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=POOL_TIMEOUT_S, open=False,
                                     kwargs=SESSION, configure=_read_committed, reconnect_timeout=RECONNECT_TIMEOUT_S,
-                                    check=ConnectionPool.check_connection, name="softprompt-store")
+                                    check=ConnectionPool.check_connection, name=name)
         self._pool.open(wait=False)
         self._away: str | None = None  # why the database could not be reached; None while it answers
         self._next_probe = 0.0
@@ -186,7 +187,7 @@ class Database:
                 return self._listener, False
             try:
                 self._listener = psycopg.connect(self.url, **SESSION)
-                self._listener.execute(f"LISTEN {CHANNEL}")
+                self._listener.execute(f"LISTEN {self.channel}")
             except psycopg.Error as exc:
                 if not self._listen_failing:
                     logger.warning("cannot LISTEN for store changes (%s); polling until it can", _first_line(exc))

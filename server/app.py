@@ -23,6 +23,7 @@ from .admission import QueueGate
 from .body_limit import BodySizeLimit
 from .errors import register_error_handlers
 from .jobs import JobManager
+from .jobs.shared_manager import SharedJobManager
 from .metrics import RequestMetrics, StateCollector
 from .openapi_responses import openai_routes_answer_400
 from .evaluation import ResidentEvalRunner
@@ -49,9 +50,9 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         app.state.softprompt = state
         # Training jobs need no model in this process: workers load their own. Evaluations score
         # through this process's engine.
-        app.state.jobs = JobManager(settings.store, jobs_dir=settings.jobs_folder, model_spec=settings.model, device=settings.device,
-                                    threads=settings.train_threads, max_running=settings.train_concurrency)
-        app.state.jobs.eval_runner = ResidentEvalRunner(state, app.state.jobs.files)  # evaluations use this process's model
+        app.state.jobs = job_manager(settings)
+        app.state.jobs.eval_runner = ResidentEvalRunner(state, app.state.jobs)  # evaluations use this process's model
+        app.state.jobs.fingerprint = lambda: state.frozen.fingerprint.to_dict() if state.frozen is not None else None
         app.state.jobs.start()
         state.reserved_threads = app.state.jobs.threads_in_use  # the engine leaves them free
         _log_admin_access(settings)
@@ -83,6 +84,18 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     app.include_router(openai.router)
     openai_routes_answer_400(app)
     return app
+
+
+def job_manager(settings: Settings) -> JobManager | SharedJobManager:
+    """Jobs beside a folder store run on this server; with a database store they live in the
+    database, for every replica and worker (the embedded worker takes SOFTPROMPT_WORKER_JOBS)."""
+    if settings.store_is_database:
+        return SharedJobManager(settings.store, jobs_dir=settings.jobs_folder, model_spec=settings.model,
+                                device=settings.device, threads=settings.train_threads, max_running=settings.train_concurrency,
+                                worker_kinds=settings.worker_kinds, lease_seconds=settings.job_lease_seconds,
+                                heartbeat_seconds=settings.job_heartbeat_seconds, max_attempts=settings.job_max_attempts)
+    return JobManager(settings.store, jobs_dir=settings.jobs_folder, model_spec=settings.model, device=settings.device,
+                      threads=settings.train_threads, max_running=settings.train_concurrency)
 
 
 def body_limits(settings: Settings):

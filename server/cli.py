@@ -4,6 +4,7 @@
     softprompt train --data train.jsonl --init "..." --name sentiment
     softprompt eval --data test.jsonl --prompt math-v2 --prompt math-v3 [--text "..."] [--bare]
     softprompt prompts list|show|alias|import|export|delete
+    softprompt worker                                  run training jobs from a PostgreSQL store's queue
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_arguments(sub.add_parser("eval", help="score prompts on labeled data and compare them pairwise",
                                           description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     prompts_cli.build_parser(sub.add_parser("prompts", help="manage the prompt store"), can_fingerprint=True)
+    from server import worker_cli
+
+    worker_cli.add_arguments(sub.add_parser("worker", help="run training jobs from a PostgreSQL store's queue",
+                                            description=worker_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -72,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer import cli as train_cli
 
         return train_cli.run(args)
+    if args.area == "worker":
+        from server import worker_cli
+
+        return worker_cli.run(args)
     if args.area == "eval":
         from trainer import eval_cli
 

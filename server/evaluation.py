@@ -42,7 +42,7 @@ from trainer.modeling import FrozenModel
 
 from .engine import DoneEvent, Event, FailedEvent, GenerationRequest, QueueFullError, SamplingParams
 from .errors import InvalidEvalDataError, InvalidEvalRequestError
-from .jobs.job_files import EVAL_DATA, REQUEST, JobFiles
+from .jobs.job_files import EVAL_DATA, REQUEST
 from .jobs.submission import check_size
 from .state import AppState
 
@@ -183,8 +183,9 @@ def _resolve(future: Future) -> Callable[[Event], None]:
 class ResidentEvalRunner:
     """The JobManager's `eval_runner`: scores a job's data through the app's engine."""
 
-    def __init__(self, state: AppState, files: JobFiles, *, chunk_size: int = CHUNK_SIZE, ready_timeout_s: float = 600.0):
-        self.state, self.files, self.chunk_size, self.ready_timeout_s = state, files, chunk_size, ready_timeout_s
+    def __init__(self, state: AppState, results, *, chunk_size: int = CHUNK_SIZE, ready_timeout_s: float = 600.0):
+        """`results.save_result(job_id, table)` keeps the whole table (the job manager: a file or the job's row)."""
+        self.state, self.results, self.chunk_size, self.ready_timeout_s = state, results, chunk_size, ready_timeout_s
 
     def __call__(self, folder: Path, emit, should_stop) -> None:
         try:
@@ -218,7 +219,7 @@ class ResidentEvalRunner:
             emit("cancelled")
             return
         job_id = folder.name
-        self.files.save_result(job_id, table)
+        self.results.save_result(job_id, table)
         recorded = record_results(store, table, source=f"eval job {job_id}")
         logger.info("eval job %s: %s; recorded with %s", job_id,
                     ", ".join(f"{r['reference']} {r['score']:.3f}" for r in table["results"]), ", ".join(recorded) or "no version")

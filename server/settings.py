@@ -23,6 +23,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def worker_kinds(value: str) -> list[str]:
+    """'train,eval' -> ['train', 'eval']; 'none' or '' -> []."""
+    kinds = [kind.strip().lower() for kind in value.split(",") if kind.strip()]
+    return [] if kinds == ["none"] else kinds
+
+
 RETIRED = {"SOFTPROMPT_PACKED_DECODE": "SOFTPROMPT_PACKED_WEIGHTS (oneDNN packing, on by default)"}
 
 
@@ -53,7 +59,18 @@ class Settings(CommonSettings):
     store_poll_seconds: float = Field(1.0, gt=0, description="how often the store is checked for new versions")
     train_threads: int = Field(1, ge=1, description="torch threads a training job may use")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest training upload accepted")
-    train_concurrency: int = Field(1, ge=1, description="training jobs run at once (the rest wait, FIFO)")
+    train_concurrency: int = Field(1, ge=1, description="jobs this server's worker (or `softprompt worker`) runs at "
+                                   "once (the rest wait, FIFO)")
+    worker_jobs: str = Field("train,eval", description="with a database store: the jobs this server's embedded "
+                             "worker takes ('train,eval', 'eval', 'train' or 'none' for a serving-only replica whose "
+                             "jobs run on other servers or `softprompt worker` processes)")
+    job_lease_seconds: float = Field(30.0, ge=2, le=3600, description="with a database store: a worker's hold on a "
+                                     "running job; a worker silent this long loses the job (failed, or queued again "
+                                     "while SOFTPROMPT_JOB_MAX_ATTEMPTS allows)")
+    job_heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="with a database store: how often workers "
+                                         "renew their leases and reap expired ones (at most half the lease)")
+    job_max_attempts: int = Field(1, ge=1, le=100, description="with a database store: times a job is tried when its "
+                                  "worker dies or stops (1: it fails instead of running again)")
     # serving engine
     prefix_cache_mb: int = Field(512, ge=1, description="memory for cached soft-prompt prefix key/values (LRU)")
     use_prefix_cache: bool = Field(True, description="reuse the soft prompt's key/values across requests")
@@ -77,6 +94,27 @@ class Settings(CommonSettings):
             raise ValueError("SOFTPROMPT_API_KEY is set but empty: set a real key, or unset it (admin routes then "
                              "answer only on a loopback address unless SOFTPROMPT_ALLOW_OPEN_ADMIN=true)")
         return key
+
+    @field_validator("worker_jobs")
+    @classmethod
+    def _known_job_kinds(cls, value: str) -> str:
+        kinds = worker_kinds(value)
+        unknown = [kind for kind in kinds if kind not in ("train", "eval")]
+        if unknown:
+            raise ValueError(f"SOFTPROMPT_WORKER_JOBS: unknown job kind {unknown[0]!r}; use 'train', 'eval', "
+                             "'train,eval' or 'none'")
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.job_heartbeat_seconds * 2 > self.job_lease_seconds:
+            raise ValueError(f"SOFTPROMPT_JOB_HEARTBEAT_SECONDS ({self.job_heartbeat_seconds}) must be at most half of "
+                             f"SOFTPROMPT_JOB_LEASE_SECONDS ({self.job_lease_seconds})")
+        return self
+
+    @property
+    def worker_kinds(self) -> list[str]:
+        return worker_kinds(self.worker_jobs)
 
     @property
     def client_key_list(self) -> list[str]:

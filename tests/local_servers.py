@@ -45,10 +45,11 @@ http {{
 
 
 def start_server(store: str, workdir: Path, port: int, *, model: str = "default", poll_seconds: float = 1.0,
-                 threads: int = 1, timeout: float = 600) -> subprocess.Popen:
-    """`softprompt serve` on 127.0.0.1:`port` against `store`; returns once /ready answers 200."""
+                 threads: int = 1, timeout: float = 600, env: dict | None = None) -> subprocess.Popen:
+    """`softprompt serve` on 127.0.0.1:`port` against `store`; returns once /ready answers 200.
+    `env`: further SOFTPROMPT_* settings (e.g. SOFTPROMPT_WORKER_JOBS=none)."""
     env = {**os.environ, "SOFTPROMPT_JOBS_DIR": str(workdir / "jobs"), "SOFTPROMPT_STORE_POLL_SECONDS": str(poll_seconds),
-           "SOFTPROMPT_THREADS": str(threads)}
+           "SOFTPROMPT_THREADS": str(threads), **(env or {})}
     env.pop("SOFTPROMPT_API_KEY", None)  # admin routes answer on loopback without a key
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(workdir / "server.log", "wb")
@@ -60,6 +61,25 @@ def start_server(store: str, workdir: Path, port: int, *, model: str = "default"
     except BaseException:
         process.kill()
         raise
+    return process
+
+
+def start_worker(store: str, workdir: Path, *, model: str = "default", threads: int = 1, concurrency: int = 1,
+                 env: dict | None = None) -> subprocess.Popen:
+    """`softprompt worker` against the database `store`, logging to <workdir>/worker.log; returns once it
+    has started claiming (its log says so)."""
+    env = {**os.environ, "SOFTPROMPT_JOBS_DIR": str(workdir / "jobs"), **(env or {})}
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "worker.log"
+    process = subprocess.Popen([sys.executable, "-m", "server", "worker", "--store", store, "--model", model,
+                                "--threads", str(threads), "--concurrency", str(concurrency)],
+                               env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while b"job worker" not in (log_path.read_bytes() if log_path.exists() else b""):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"the worker did not start; see {log_path}")
+        time.sleep(0.1)
     return process
 
 

@@ -9,12 +9,9 @@ failed and `queued` ones run again. Both kinds share the queue, cancel and persi
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -25,8 +22,10 @@ from prompt_store import IdempotencyKeyReusedError
 from trainer.config import TrainConfig
 
 from .errors import JobNotFoundError, JobStateError
+from .events import fold_progress, read_events
 from .job_files import CANCEL_FLAG, EVAL_DATA, TRAIN_DATA, JobFiles
-from .records import JobRecord, JobState, now
+from .launch import launch_worker
+from .records import JobRecord, JobState, now, training_request
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +88,7 @@ class JobManager:
         self._stopping = False
         self._dispatcher: threading.Thread | None = None
         self.eval_runner: EvalRunner | None = None  # set by the app once it can score
+        self.fingerprint: Callable[[], dict | None] = lambda: None  # the served model's, once loaded (set by the app)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -123,6 +123,7 @@ class JobManager:
         *,
         num_train_examples: int,
         num_eval_examples: int = 0,
+        processes: int = 1,
         idempotency: tuple[str, str] | None = None,
     ) -> JobRecord:
         """Queue a job. `idempotency` is (key, SHA-256 of the request): a job already submitted
@@ -132,7 +133,8 @@ class JobManager:
             if earlier is not None:
                 logger.info("job %s was already submitted with this Idempotency-Key", earlier.id)
                 return earlier
-            return self._submit(name, config, train_data, eval_data, num_train_examples, num_eval_examples, idempotency)
+            return self._submit(name, config, train_data, eval_data, num_train_examples, num_eval_examples, processes,
+                                idempotency)
 
     def submit_eval(self, request: dict, data: bytes, *, num_examples: int,
                     idempotency: tuple[str, str] | None = None) -> JobRecord:
@@ -162,7 +164,8 @@ class JobManager:
                 raise IdempotencyKeyReusedError(key, f"it started job {earlier.id}")
             return earlier.model_copy(deep=True)
 
-    def _submit(self, name, config, train_data, eval_data, num_train_examples, num_eval_examples, idempotency) -> JobRecord:
+    def _submit(self, name, config, train_data, eval_data, num_train_examples, num_eval_examples, processes,
+                idempotency) -> JobRecord:
         key, digest = idempotency or (None, None)
         record = JobRecord(
             id=new_job_id(),
@@ -171,15 +174,12 @@ class JobManager:
             total=config.steps,
             num_train_examples=num_train_examples,
             num_eval_examples=num_eval_examples,
+            processes=processes,
             idempotency_key=key,
             request_sha256=digest,
         )
-        request = {
-            "name": name,
-            "config": {**config.to_dict(), "threads": self._job_threads(record)},
-            "model": self.model_spec,
-            "device": self.device,
-        }  # not the store: a database URL carries a password; the worker gets it in its environment
+        request = training_request(record, model=self.model_spec, device=self.device, threads=self._threads_per_process(record),
+                                   fingerprint=self.fingerprint())
         self.files.create(record, request, {TRAIN_DATA: train_data, EVAL_DATA: eval_data})
         with self._changed:
             self._records[record.id] = record
@@ -205,6 +205,9 @@ class JobManager:
         """An evaluation's whole table (per-example rows included), once it succeeded."""
         return self.files.load_result(job_id)
 
+    def save_result(self, job_id: str, table: dict) -> None:
+        self.files.save_result(job_id, table)
+
     def counts_by_state(self, kind: str | None = None) -> dict[str, int]:
         """How many jobs (of `kind`, or all) are in each state (every state listed, zeros included)."""
         with self._changed:
@@ -225,6 +228,9 @@ class JobManager:
         """Threads a running job holds: evaluations run in the engine's thread and hold none extra."""
         if record.kind == "eval":
             return 0
+        return self._threads_per_process(record) * record.processes
+
+    def _threads_per_process(self, record: JobRecord) -> int:
         return record.config.get("threads") or self.threads
 
     def cancel(self, job_id: str, kind: str | None = None) -> JobRecord:
@@ -275,22 +281,8 @@ class JobManager:
             threading.Thread(target=self._follow, args=(job_id, proc), name=f"job-{job_id}", daemon=True).start()
 
     def _launch(self, record: JobRecord) -> subprocess.Popen:
-        folder = self.files.folder(record.id)
-        threads = str(self._job_threads(record))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
-               "GOMP_SPINCOUNT": "0",  # never spin beside the server, even if it was told to (bench/omp_ab.py)
-               "SOFTPROMPT_STORE": self.store}
-        log = open(folder / "worker.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.jobs.worker", str(folder)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=env,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        log.close()
-        logger.info("job %s: worker pid %d started (log %s)", record.id, proc.pid, folder / "worker.log")
-        return proc
+        return launch_worker(self.files.folder(record.id), threads=self._threads_per_process(record), store=self.store,
+                             processes=record.processes)
 
     def _evaluate(self, job_id: str, handle: InProcessJob) -> None:
         """Run an evaluation job on this thread through `eval_runner`, folding its events like a worker's."""
@@ -313,11 +305,7 @@ class JobManager:
 
     def _follow(self, job_id: str, proc: subprocess.Popen) -> None:
         final = None
-        for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
+        for event in read_events(proc.stdout):
             final = self._apply(job_id, event) or final
         self._ended(job_id, final, code=proc.wait())
 
@@ -341,18 +329,8 @@ class JobManager:
         kind = event.pop("event", None)
         with self._changed:
             record = self._records[job_id]
-            if kind == "started":
-                record.num_train_examples = event["num_train_examples"]
-                record.num_eval_examples = event["num_eval_examples"]
-                self._touch(record, persist=True)
-            elif kind == "progress":
-                for key in ("step", "total", "loss", "eta_seconds", "elapsed_seconds"):
-                    setattr(record, key, event.get(key))
-                if event.get("val_metric") is not None:  # keep the latest evaluation between evaluations
-                    record.val_metric = event["val_metric"]
-                if record.kind == "train":  # an evaluation's steps are chunks: no curve to draw
-                    record.history.append({k: event.get(k) for k in ("step", "loss", "val_metric", "elapsed_seconds")})
-                self._touch(record)
+            if fold_progress(record, kind, event):
+                self._touch(record, persist=kind == "started")
             elif kind == "succeeded":
                 record.version, record.metrics = event.get("version"), event.get("metrics", {})
                 self._finish(record, JobState.succeeded)

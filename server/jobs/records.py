@@ -44,6 +44,9 @@ class JobRecord(BaseModel):
     config: dict = Field(default_factory=dict, description="the training settings")
     num_train_examples: int = 0
     num_eval_examples: int = 0
+    worker: str | None = Field(None, description="with a database store: the worker holding the running job's lease")
+    attempts: int = Field(0, description="with a database store: times a worker took the job")
+    processes: int = Field(1, description="training: processes (torchrun ranks) the job runs on")
     created_at: str = Field(default_factory=now)
     started_at: str | None = None
     finished_at: str | None = None
@@ -51,3 +54,10 @@ class JobRecord(BaseModel):
     revision: int = Field(0, description="increases on every change (for event streams)")
     idempotency_key: str | None = Field(None, description="the Idempotency-Key the job was submitted with")
     request_sha256: str | None = Field(None, description="what the key answered: name, settings and data, hashed")
+
+
+def training_request(record: JobRecord, *, model: str, device: str | None, threads: int, fingerprint: dict | None) -> dict:
+    """What a training worker reads besides the data (request.json). Not the store: a database
+    URL carries a password, so the worker gets it through its environment."""
+    return {"name": record.name, "config": {**record.config, "threads": threads}, "model": model, "device": device,
+            "fingerprint": fingerprint}

@@ -12,6 +12,8 @@ from trainer.data import DataError, Example, parse_examples, split_examples
 
 from .errors import UploadTooLargeError
 
+MAX_PROCESSES = 64  # ranks one job may ask for (each loads the model)
+
 # Form/JSON field -> TrainConfig field. Anything else in TrainConfig can be given in `config`.
 FIELD_TO_CONFIG = {"init": "init_text", "steps": "steps", "lr": "lr", "min_cosine": "min_cosine", "eval_fraction": "eval_fraction",
                    "task": "task", "max_new_tokens": "max_new_tokens"}
@@ -25,10 +27,12 @@ class Submission:
     eval_data: bytes | None
     num_train: int
     num_eval: int
+    processes: int = 1
 
     def sha256(self) -> str:
-        """What makes two submissions the same request: name, settings and both files' bytes."""
-        digest = hashlib.sha256(json.dumps([self.name, self.config.to_dict()], sort_keys=True).encode())
+        """What makes two submissions the same request: name, settings, processes and both files' bytes."""
+        identity = [self.name, self.config.to_dict()] + ([self.processes] if self.processes != 1 else [])
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
         for data in (self.train_data, self.eval_data or b""):
             digest.update(b"\0" + hashlib.sha256(data).digest())
         return digest.hexdigest()
@@ -77,12 +81,29 @@ def build_submission(
         if fields.get(field) not in (None, ""):
             settings[target] = fields[field]
     config = TrainConfig.from_dict(_typed(settings))
+    processes = _processes(fields.get("processes"), config)
     train = parse_examples(_text_lines(train_data, source), source=source)
     if eval_data is not None:
         val: list[Example] = parse_examples(_text_lines(eval_data, "eval_file"), source="eval_file")
     else:
         train, val = split_examples(train, config.eval_fraction, config.seed)
-    return Submission(name, config, train_data, eval_data, len(train), len(val))
+    return Submission(name, config, train_data, eval_data, len(train), len(val), processes)
+
+
+def _processes(value, config: TrainConfig) -> int:
+    """How many processes (torchrun ranks) share the job's batches: 1 to MAX_PROCESSES, at most the batch size."""
+    if value in (None, ""):
+        return 1
+    try:
+        processes = int(value)
+    except (TypeError, ValueError):
+        raise TrainConfigError("processes", f"must be a whole number from 1 to {MAX_PROCESSES}, got {value!r}") from None
+    if isinstance(value, (bool, float)) or not 1 <= processes <= MAX_PROCESSES:
+        raise TrainConfigError("processes", f"must be a whole number from 1 to {MAX_PROCESSES}, got {value!r}")
+    if processes > config.batch_size:
+        raise TrainConfigError("processes", f"{processes} processes cannot share batches of {config.batch_size} "
+                               "examples; use at most batch_size processes")
+    return processes
 
 
 def _text_lines(data: bytes, source: str) -> list[str]:

@@ -1,36 +1,48 @@
 """The training worker: one job, in its own process, so a crash or OOM cannot take the server down.
 
-    python -m server.jobs.worker <job folder>
+    python -m server.jobs.worker <job folder> [--processes N]
 
 Reads request.json and the uploaded JSONL from the job folder, runs the trainer's loop with
-its progress callback, publishes the result and writes curves. It reports to the server as
-JSON lines on stdout: {"event": "progress" | "succeeded" | "failed" | "cancelled", ...}.
+its progress callback, publishes the result and writes curves. It reports to its parent as
+JSON lines on stdout: {"event": "started" | "progress" | "succeeded" | "failed" | "cancelled", ...}.
 A file named `cancel` in the job folder stops it after the current step; nothing is published.
+
+With `--processes N` (N > 1) this process launches N ranks of itself through torchrun
+(trainer/distributed.py: each rank trains on its shard of every batch); rank 0 alone reports,
+writes the curves and publishes. Every process here dies with its parent (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import json
 import logging
+import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
-# The server starts this process with OMP_NUM_THREADS (the job's threads) and a wait policy that
-# never spins beside the serving engine (manager.py); the trainer's loop sets the same count.
+# The parent starts this process with OMP_NUM_THREADS (the job's threads) and a wait policy that
+# never spins beside the serving engine (launch.py); the trainer's loop sets the same count.
 
 from prompt_store import open_store
 from prompt_store.settings import CommonSettings
 from trainer.config import TrainConfig
 from trainer.curves import write_curves
 from trainer.data import load_examples, split_examples
+from trainer.distributed import init_from_environment, shutdown
 from trainer.loop import TrainingCancelled, TrainProgress, train_prompt
 from trainer.modeling import load_frozen_model
 from trainer.publish import publish_result
 
 from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, TRAIN_DATA
+from .launch import PARENT_PID
 
 logger = logging.getLogger("server.jobs.worker")
+
+PR_SET_PDEATHSIG = 1
 
 
 def emit(event: str, **fields) -> None:
@@ -38,7 +50,26 @@ def emit(event: str, **fields) -> None:
     sys.stdout.flush()
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the thread that started it ends (Linux), and
+    exit now if that already happened: an orphaned trainer must never go on to publish."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    expected = os.environ.get(PARENT_PID)
+    if expected and os.getppid() != int(expected):
+        raise SystemExit(f"the process that started this worker ({expected}) is gone; not running the job")
+
+
 def run_job(folder: Path) -> int:
+    ranks = init_from_environment()  # under torchrun: this rank; otherwise rank 0 of 1
+    report = emit if ranks.is_main else (lambda event, **fields: None)
+    try:
+        return _train(folder, ranks, report)
+    finally:
+        shutdown()
+
+
+def _train(folder: Path, ranks, report) -> int:
     request = json.loads((folder / REQUEST).read_text())
     config = TrainConfig.from_dict(request["config"])
     examples = load_examples(folder / TRAIN_DATA)
@@ -46,44 +77,69 @@ def run_job(folder: Path) -> int:
         train, val = examples, load_examples(folder / EVAL_DATA)
     else:
         train, val = split_examples(examples, config.eval_fraction, config.seed)
-    frozen = load_frozen_model(request["model"], device=request.get("device"))
-    emit("started", num_train_examples=len(train), num_eval_examples=len(val))
+    device = ranks.device if ranks.device.type == "cuda" else request.get("device")
+    frozen = load_frozen_model(request["model"], device=device)
+    _check_model(frozen, request.get("fingerprint"))
+    report("started", num_train_examples=len(train), num_eval_examples=len(val))
 
     def on_progress(progress: TrainProgress) -> None:
-        emit(
-            "progress",
-            step=progress.step,
-            total=progress.total,
-            loss=progress.loss,
-            val_metric=progress.val_metric,
-            eta_seconds=progress.eta_seconds,
-            elapsed_seconds=progress.elapsed_seconds,
-        )
+        report("progress", step=progress.step, total=progress.total, loss=progress.loss, val_metric=progress.val_metric,
+               eta_seconds=progress.eta_seconds, elapsed_seconds=progress.elapsed_seconds)
 
     try:
         result = train_prompt(
             frozen, train, val, config, callback=on_progress, should_stop=(folder / CANCEL_FLAG).exists
         )
     except TrainingCancelled:
-        emit("cancelled")
+        report("cancelled")
+        return 0
+    if not ranks.is_main:
         return 0
     write_curves(result.history, folder)
-    with open_store(request.get("store") or CommonSettings().store) as store:  # the server passes SOFTPROMPT_STORE
+    with open_store(request.get("store") or CommonSettings().store) as store:  # the parent passes SOFTPROMPT_STORE
         version = publish_result(store, request["name"], frozen, result)
-    emit("succeeded", version=str(version.id), metrics=_jsonable(result.metrics))
+    report("succeeded", version=str(version.id), metrics=_jsonable(result.metrics))
     return 0
+
+
+def _check_model(frozen, wanted: dict | None) -> None:
+    """A job records the model of the server it was submitted to; a worker holding another model
+    would publish a prompt that server cannot serve."""
+    if wanted and frozen.fingerprint.to_dict() != wanted:
+        raise RuntimeError(f"this worker's model ({frozen.base_model}, {frozen.fingerprint.to_dict()}) is not the model the "
+                           f"job was submitted for ({wanted}); start the worker with the servers' SOFTPROMPT_MODEL")
 
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def _launch_ranks(folder: Path, processes: int) -> int:
+    """Run the job on `processes` ranks through torchrun, in this process (which its ranks die with)."""
+    from torch.distributed.run import main as torchrun
+
+    os.environ[PARENT_PID] = str(os.getpid())
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={processes}", "-m", "server.jobs.worker", str(folder)])
+    except Exception as exc:  # a rank failed: torchrun raises ChildFailedError after stopping the others
+        logger.error("the job's ranks failed: %s", exc)
+        emit("failed", error=f"one of the job's {processes} processes failed (see worker.log): {type(exc).__name__}")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    folder = Path((argv or sys.argv[1:])[0])
+    parser = argparse.ArgumentParser(prog="python -m server.jobs.worker")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--processes", type=int, default=1)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    if args.processes > 1:
+        return _launch_ranks(args.folder, args.processes)
     try:
-        return run_job(folder)
-    except Exception as exc:  # report every failure to the server, then exit non-zero
+        return run_job(args.folder)
+    except Exception as exc:  # report every failure to the parent, then exit non-zero
         traceback.print_exc()
         emit("failed", error=f"{type(exc).__name__}: {exc}")
         return 1

@@ -25,7 +25,7 @@ from .job_stream import job_event_stream
 
 router = APIRouter(prefix="/train", tags=["training"])
 
-FORM_FIELDS = ("init", "steps", "lr", "min_cosine", "eval_fraction", "task", "max_new_tokens")
+FORM_FIELDS = ("init", "steps", "lr", "min_cosine", "eval_fraction", "task", "max_new_tokens", "processes")
 
 
 def public(record: JobRecord, *, history: bool = False) -> dict:
@@ -45,7 +45,8 @@ def public(record: JobRecord, *, history: bool = False) -> dict:
 async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> dict:
     """Start a training job from a multipart upload (`file` = JSONL, form fields `name`, `init`,
     optional `steps`, `lr`, `min_cosine`, `eval_fraction`, `task` (auto, classification or
-    generation), `max_new_tokens`, optional `eval_file`) or a JSON body
+    generation), `max_new_tokens`, `processes` (ranks sharing each batch, through torchrun), optional
+    `eval_file`) or a JSON body
     (`{"name", "init", "examples": [{"input", "output"}], ...}`). Everything is validated before
     the job is queued; the answer is 202 with the job's id."""
     limit = settings.max_upload_bytes
@@ -88,6 +89,7 @@ async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempo
         submission.eval_data,
         num_train_examples=submission.num_train,
         num_eval_examples=submission.num_eval,
+        processes=submission.processes,
         idempotency=(idempotency_key, submission.sha256()) if idempotency_key else None,
     )
     return public(record)

@@ -1,0 +1,72 @@
+"""`softprompt worker`: run training jobs from the shared database on this machine.
+
+    SOFTPROMPT_STORE=postgresql://... SOFTPROMPT_MODEL=default softprompt worker --concurrency 1 --threads 4
+
+Jobs submitted to any server of a PostgreSQL store wait in its database; this process claims
+them (each exactly once, under a lease it renews), trains each in its own process (through
+torchrun when the job asks for several) and publishes the result into the same store, where
+every server picks it up. It needs nothing but the database URL and the servers' model. On
+SIGTERM or Ctrl-C it stops its jobs and hands them back (queued again while
+SOFTPROMPT_JOB_MAX_ATTEMPTS allows, else failed); killed outright, its leases expire and any
+live server or worker ends its jobs within a lease and a heartbeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+logger = logging.getLogger("softprompt.worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=None, help="the store's postgresql:// URL (overrides SOFTPROMPT_STORE)")
+    parser.add_argument("--model", default=None, help="model spec, the servers' (overrides SOFTPROMPT_MODEL)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (overrides SOFTPROMPT_DEVICE)")
+    parser.add_argument("--concurrency", type=int, default=None, help="jobs run at once (overrides SOFTPROMPT_TRAIN_CONCURRENCY)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per training process "
+                        "(overrides SOFTPROMPT_TRAIN_THREADS)")
+    parser.add_argument("--jobs-dir", default=None, help="local folder for job logs and curves "
+                        "(overrides SOFTPROMPT_JOBS_DIR; default ./softprompt-jobs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from server.jobs.job_table import JobTable
+    from server.jobs.queue_worker import QueueWorker
+    from server.settings import Settings
+
+    given = {"store": args.store, "model": args.model, "device": args.device, "train_concurrency": args.concurrency,
+             "train_threads": args.threads, "jobs_dir": args.jobs_dir}
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"softprompt worker: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return 2
+    if not settings.store_is_database:
+        print("softprompt worker: jobs are shared through a PostgreSQL store; set SOFTPROMPT_STORE (or --store) to its "
+              "postgresql:// URL. With a folder store the server runs its own jobs.", file=sys.stderr)
+        return 2
+    table = JobTable(settings.store)
+    worker = QueueWorker(table, store=settings.store, model_spec=settings.model, device=settings.device,
+                         threads=settings.train_threads, concurrency=settings.train_concurrency, kinds=["train"],
+                         scratch_dir=settings.jobs_folder, lease_seconds=settings.job_lease_seconds,
+                         heartbeat_seconds=settings.job_heartbeat_seconds)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    table.start_listening()
+    worker.start()
+    logger.info("worker %s: training jobs from %s with model %s", worker.id, table.location, settings.model)
+    try:
+        stop.wait()
+    finally:
+        logger.info("worker %s stopping: handing back its jobs", worker.id)
+        worker.stop()
+        table.close()
+    return 0

@@ -1,0 +1,271 @@
+"""Jobs in the shared PostgreSQL database: workers on other processes, leases, several replicas.
+
+Real PostgreSQL (started by the suite), real `softprompt worker` processes, the tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from prompt_store import open_store
+from server.app import create_app
+from server.jobs import JobState
+from server.jobs.job_table import JobTable
+from server.jobs.manager import new_job_id
+from server.jobs.records import JobRecord
+from server.jobs.shared_manager import SharedJobManager
+from server.settings import Settings
+from tests.jobs_helpers import SENTIMENT, jsonl, save_tiny_model, wait_until
+from tests.local_servers import start_worker
+from trainer.config import TrainConfig
+
+LEASE, HEARTBEAT = 4.0, 1.0
+FAST_LEASES = {"SOFTPROMPT_JOB_LEASE_SECONDS": str(LEASE), "SOFTPROMPT_JOB_HEARTBEAT_SECONDS": str(HEARTBEAT)}
+
+
+@pytest.fixture(scope="module")
+def model_folder(frozen, tmp_path_factory):
+    return save_tiny_model(frozen, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def serving_only(database_url, tmp_path, model_folder):
+    """A replica's job manager with no embedded worker: it submits, follows and reaps."""
+    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "replica-jobs", model_spec=model_folder, worker_kinds=[],
+                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE)
+    manager.start()
+    yield manager
+    manager.stop()
+
+
+@pytest.fixture
+def workers(database_url, model_folder, tmp_path):
+    """Starts `softprompt worker` processes; kills whatever is left at the end."""
+    started: list = []
+
+    def start(name: str, **env):
+        process = start_worker(database_url, tmp_path / name, model=model_folder, env={**FAST_LEASES, **env})
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except Exception:
+                process.kill()
+
+
+def submit(manager, name: str, steps: int, **kwargs):
+    config = TrainConfig(init_text="Classify the sentiment.", steps=steps, batch_size=2, eval_every=2, warmup_steps=1)
+    return manager.submit(name, config, jsonl(SENTIMENT), None, num_train_examples=5, num_eval_examples=1, **kwargs)
+
+
+def finished(manager, job_id):
+    record = manager.get(job_id)
+    return record if record.state.finished else None
+
+
+def claims_in(log: Path) -> list[str]:
+    return [line.split("job ", 1)[1].split()[0] for line in log.read_text().splitlines() if " claimed by worker " in line]
+
+
+def test_concurrent_claims_take_each_job_exactly_once(database_url):
+    tables = [JobTable(database_url) for _ in range(4)]
+    try:
+        ids = [tables[0].insert(JobRecord(id=new_job_id(), name=f"job{i}"), {}, train_data=b"", eval_data=None,
+                                max_attempts=1).id for i in range(24)]
+        taken: list[tuple[str, str]] = []
+        start = threading.Barrier(len(tables))
+
+        def take(table: JobTable, worker: str) -> None:
+            start.wait()
+            while (claimed := table.claim(worker, ["train"], 30)) is not None:
+                taken.append((claimed.record.id, worker))
+
+        threads = [threading.Thread(target=take, args=(table, f"w{i}")) for i, table in enumerate(tables)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert Counter(job for job, _ in taken) == Counter(ids)  # every job once, none twice
+        records = {r.id: r for r in tables[0].list()}
+        assert all(records[job].state == JobState.running and records[job].worker == worker and records[job].attempts == 1
+                   for job, worker in taken)
+        assert tables[0].claim("late", ["train"], 30) is None
+    finally:
+        for table in tables:
+            table.close()
+
+
+def test_two_workers_run_six_jobs_each_exactly_once(serving_only, workers, database_url, tmp_path):
+    workers("worker-a")
+    workers("worker-b")
+    jobs = [submit(serving_only, f"job{i}", steps=3) for i in range(6)]
+    done = [wait_until(lambda job=job: finished(serving_only, job.id), timeout=300) for job in jobs]
+    assert [r.state for r in done] == [JobState.succeeded] * 6, [r.error for r in done]
+    assert [r.version for r in done] == [f"job{i}-v1" for i in range(6)]
+    assert all(r.attempts == 1 and r.worker is None and r.step == 3 for r in done)
+    claims = claims_in(tmp_path / "worker-a" / "worker.log") + claims_in(tmp_path / "worker-b" / "worker.log")
+    assert Counter(claims) == Counter(job.id for job in jobs)  # each job claimed once, by one worker
+    assert claims_in(tmp_path / "worker-a" / "worker.log") and claims_in(tmp_path / "worker-b" / "worker.log")
+    with open_store(database_url) as store:
+        assert store.names() == [f"job{i}" for i in range(6)]
+        assert all([v.id.version for v in store.versions(f"job{i}")] == [1] for i in range(6))
+
+
+def _children(pid: int) -> list[int]:
+    """Processes started by any thread of `pid` (Linux lists them per thread)."""
+    return [int(child) for path in Path(f"/proc/{pid}/task").glob("*/children") for child in path.read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    """Exited (reaped, or a zombie waiting for a parent that is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_workers_job_fails_within_lease_and_heartbeat(serving_only, workers, database_url):
+    worker = workers("worker-a")
+    job = submit(serving_only, "doomed", steps=100_000)
+    wait_until(lambda: serving_only.get(job.id).step >= 1, timeout=120)
+    trainers = _children(worker.pid)
+    assert trainers, "the worker runs its training job in a child process"
+    killed_at = time.monotonic()
+    worker.send_signal(signal.SIGKILL)
+    record = wait_until(lambda: finished(serving_only, job.id), timeout=LEASE + HEARTBEAT + 10, interval=0.05)
+    ended_after = time.monotonic() - killed_at
+    assert record.state == JobState.failed and "stopped renewing its lease" in record.error, record
+    assert ended_after <= LEASE + HEARTBEAT + 1.0, f"ended {ended_after:.1f} s after the kill"
+    wait_until(lambda: all(_gone(pid) for pid in trainers), timeout=10)  # the trainer died with its worker
+    with open_store(database_url) as store:
+        assert store.names() == []  # nothing published, nothing partial
+
+
+def test_a_killed_workers_job_runs_again_elsewhere_when_attempts_remain(database_url, tmp_path, model_folder, workers):
+    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "replica-jobs", model_spec=model_folder, worker_kinds=[],
+                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE, max_attempts=2)
+    manager.start()
+    try:
+        processes = {process.pid: process for process in (workers("worker-a"), workers("worker-b"))}
+        job = submit(manager, "retried", steps=600)  # the tiny model trains ~80 steps a second
+        running = wait_until(lambda: (r := manager.get(job.id)).step >= 2 and r, timeout=120)
+        holder = int(running.worker.split(":")[1])  # host:pid:nonce
+        processes[holder].send_signal(signal.SIGKILL)
+        requeued = wait_until(lambda: (r := manager.get(job.id)).attempts == 2 and r, timeout=LEASE + HEARTBEAT + 10)
+        assert requeued.worker != running.worker
+        record = wait_until(lambda: finished(manager, job.id), timeout=300)
+        assert record.state == JobState.succeeded and record.attempts == 2 and record.version == "retried-v1", record.error
+        assert record.history[0]["step"] == 1 and record.step == 600  # the curve is the second attempt's, from step 1
+        with open_store(database_url) as store:
+            assert [v.id.version for v in store.versions("retried")] == [1]
+    finally:
+        manager.stop()
+
+
+def test_a_job_can_run_on_two_processes(database_url, tmp_path, model_folder):
+    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "jobs", model_spec=model_folder, worker_kinds=["train"],
+                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE)
+    manager.start()
+    try:
+        job = submit(manager, "ranks", steps=3, processes=2)
+        assert manager.threads_in_use() in (0, 2)
+        record = wait_until(lambda: finished(manager, job.id), timeout=300)
+        assert record.state == JobState.succeeded and record.version == "ranks-v1", record.error
+        assert [h["step"] for h in record.history] == [1, 2, 3]  # rank 0 alone reports
+        log = (tmp_path / "jobs" / job.id / "worker.log").read_text()
+        assert "rank 0 of 2 (gloo)" in log and "rank 1 of 2 (gloo)" in log
+    finally:
+        manager.stop()
+
+
+# ----------------------------------------------------------------- two replicas over HTTP
+def replica(frozen, model_folder, database_url, folder: Path, worker_jobs: str) -> TestClient:
+    settings = Settings(model=model_folder, store=database_url, jobs_dir=folder, worker_jobs=worker_jobs,
+                        job_lease_seconds=LEASE, job_heartbeat_seconds=HEARTBEAT)
+    return TestClient(create_app(settings, frozen=frozen))
+
+
+def train_body(name: str, steps: int) -> dict:
+    return {"name": name, "init": "Classify the sentiment.", "steps": steps, "examples": SENTIMENT[:5],
+            "eval_examples": SENTIMENT[5:], "config": {"batch_size": 2, "eval_every": 2, "warmup_steps": 1}}
+
+
+def job_state(client: TestClient, job_id: str, kind: str = "train") -> dict:
+    answer = client.get(f"/{kind}/{job_id}")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def sse_events(client: TestClient, path: str, count: int) -> list[tuple[str, dict]]:
+    """The first `count` events of a stream (fewer if it ends)."""
+    events, name = [], None
+    with client.stream("GET", path) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line.split(":", 1)[1])))
+                if len(events) == count or name == "end":
+                    break
+    return events
+
+
+def test_a_job_submitted_on_a_is_followed_and_cancelled_on_b(frozen, model_folder, database_url, tmp_path):
+    with replica(frozen, model_folder, database_url, tmp_path / "a", "train,eval") as a, \
+            replica(frozen, model_folder, database_url, tmp_path / "b", "none") as b:
+        submitted = a.post("/train", json=train_body("followed", steps=100_000))
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        assert [j["id"] for j in b.get("/train").json()["jobs"]] == [job_id]
+        wait_until(lambda: job_state(b, job_id)["step"] >= 2)
+        events = sse_events(b, f"/train/{job_id}/events", count=3)
+        steps = [data["step"] for _, data in events]
+        assert [name for name, _ in events] == ["progress"] * 3 and steps == sorted(steps) and steps[-1] > steps[0]
+        assert len(b.get(f"/train/{job_id}/curve").json()["history"]) >= 2
+        assert b.get(f"/train/{job_id}/curve.png").content.startswith(b"\x89PNG")
+
+        cancelled = b.post(f"/train/{job_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        end = sse_events(b, f"/train/{job_id}/events", count=1000)[-1]
+        assert end[0] == "end" and end[1]["state"] == "cancelled"
+        assert job_state(a, job_id)["state"] == "cancelled"
+        assert b.post(f"/train/{job_id}/cancel").status_code == 409
+        with open_store(database_url) as store:
+            assert store.names() == []  # a cancelled job publishes nothing
+
+        # an evaluation asked of the serving-only replica runs on A's embedded worker, through A's engine
+        asked = b.post("/eval", json={"examples": SENTIMENT, "bare": True})
+        assert asked.status_code == 202, asked.text
+        evaluated = wait_until(lambda: (body := job_state(b, asked.json()["id"], "eval"))["state"] in ("succeeded", "failed") and body)
+        assert evaluated["state"] == "succeeded", evaluated["error"]
+        assert evaluated["table"]["results"][0]["n"] == len(SENTIMENT)
+
+
+def test_restarting_b_leaves_the_job_on_as_worker_running(frozen, model_folder, database_url, tmp_path):
+    with replica(frozen, model_folder, database_url, tmp_path / "a", "train,eval") as a:
+        job_id = a.post("/train", json=train_body("steady", steps=800)).json()["id"]  # ~10 s on the tiny model
+        running = wait_until(lambda: (body := job_state(a, job_id))["step"] >= 2 and body)
+        for _ in range(2):  # B (with a worker of its own) starts and stops twice while A's worker trains
+            with replica(frozen, model_folder, database_url, tmp_path / "b", "train,eval") as b:
+                during = job_state(b, job_id)
+                assert during["state"] == "running" and during["worker"] == running["worker"]
+        after = job_state(a, job_id)
+        assert after["state"] == "running" and after["worker"] == running["worker"] and after["attempts"] == 1
+        done = wait_until(lambda: (body := job_state(a, job_id))["state"] != "running" and body, timeout=300)
+        assert done["state"] == "succeeded" and done["attempts"] == 1 and done["version"] == "steady-v1", done["error"]
+        assert done["step"] == 800
