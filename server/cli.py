@@ -4,7 +4,7 @@
     softprompt train --data train.jsonl --init "..." --name sentiment
     softprompt eval --data test.jsonl --prompt math-v2 --prompt math-v3 [--text "..."] [--bare]
     softprompt prompts list|show|alias|import|export|delete
-    softprompt worker                                  run training jobs from a PostgreSQL store's queue
+    softprompt worker                                  run jobs from a PostgreSQL store's queue
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts_cli.build_parser(sub.add_parser("prompts", help="manage the prompt store"), can_fingerprint=True)
     from server import worker_cli
 
-    worker_cli.add_arguments(sub.add_parser("worker", help="run training jobs from a PostgreSQL store's queue",
+    worker_cli.add_arguments(sub.add_parser("worker", help="run training and evaluation jobs from a PostgreSQL store's queue",
                                             description=worker_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 

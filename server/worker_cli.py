@@ -1,4 +1,4 @@
-"""`softprompt worker`: run training jobs from the shared database on this machine.
+"""`softprompt worker`: run training and evaluation jobs from the shared database on this machine.
 
     SOFTPROMPT_STORE=postgresql://... SOFTPROMPT_MODEL=default softprompt worker --concurrency 1 --threads 4
 
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="jobs run at once (overrides SOFTPROMPT_TRAIN_CONCURRENCY)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per training process "
                         "(overrides SOFTPROMPT_TRAIN_THREADS)")
+    parser.add_argument("--jobs", default="train,eval", help="the kinds of job to take: train, eval or train,eval "
+                        "(default; an evaluation loads the model in its own process, like `softprompt eval`)")
     parser.add_argument("--jobs-dir", default=None, help="local folder for job logs and curves "
                         "(overrides SOFTPROMPT_JOBS_DIR; default ./softprompt-jobs)")
 
@@ -41,12 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from server.settings import Settings
 
     given = {"store": args.store, "model": args.model, "device": args.device, "train_concurrency": args.concurrency,
-             "train_threads": args.threads, "jobs_dir": args.jobs_dir}
+             "train_threads": args.threads, "jobs_dir": args.jobs_dir, "worker_jobs": args.jobs}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         for error in exc.errors():
             print(f"softprompt worker: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return 2
+    if not settings.worker_kinds:
+        print("softprompt worker: --jobs names no kind of job to take; use train, eval or train,eval", file=sys.stderr)
         return 2
     if not settings.store_is_database:
         print("softprompt worker: jobs are shared through a PostgreSQL store; set SOFTPROMPT_STORE (or --store) to its "
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     table = JobTable(settings.store)
     worker = QueueWorker(table, store=settings.store, model_spec=settings.model, device=settings.device,
-                         threads=settings.train_threads, concurrency=settings.train_concurrency, kinds=["train"],
+                         threads=settings.train_threads, concurrency=settings.train_concurrency, kinds=settings.worker_kinds,
                          scratch_dir=settings.jobs_folder, lease_seconds=settings.job_lease_seconds,
                          heartbeat_seconds=settings.job_heartbeat_seconds)
     stop = threading.Event()
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     table.start_listening()
     worker.start()
-    logger.info("worker %s: training jobs from %s with model %s", worker.id, table.location, settings.model)
+    logger.info("worker %s: %s jobs from %s with model %s", worker.id, "/".join(worker.kinds), table.location, settings.model)
     try:
         stop.wait()
     finally:

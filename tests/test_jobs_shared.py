@@ -5,21 +5,19 @@ Real PostgreSQL (started by the suite), real `softprompt worker` processes, the 
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import json
-
 import pytest
 from fastapi.testclient import TestClient
 
-from prompt_store import open_store
+from prompt_store import IdempotencyKeyReusedError, open_store
 from server.app import create_app
-from server.jobs import JobState
+from server.jobs import JobNotFoundError, JobState, JobStateError
 from server.jobs.job_table import JobTable
 from server.jobs.manager import new_job_id
 from server.jobs.records import JobRecord
@@ -110,6 +108,50 @@ def test_concurrent_claims_take_each_job_exactly_once(database_url):
             table.close()
 
 
+def test_an_idempotency_key_finds_the_job_through_any_replica(database_url, tmp_path, model_folder):
+    replicas = [SharedJobManager(database_url, jobs_dir=tmp_path / name, model_spec=model_folder, worker_kinds=[])
+                for name in ("a", "b")]
+    try:
+        first = submit(replicas[0], "once", steps=3, idempotency=("key-1", "sha-of-request"))
+        again = submit(replicas[1], "once", steps=3, idempotency=("key-1", "sha-of-request"))
+        assert again.id == first.id and [r.id for r in replicas[1].list()] == [first.id]
+        with pytest.raises(IdempotencyKeyReusedError):
+            submit(replicas[1], "other", steps=3, idempotency=("key-1", "sha-of-another-request"))
+        assert replicas[1].cancel(first.id).state == JobState.cancelled  # queued: cancelled at once
+        with pytest.raises(JobStateError):
+            replicas[0].cancel(first.id)
+        with pytest.raises(JobNotFoundError):
+            replicas[0].get("nope")
+    finally:
+        for replica in replicas:
+            replica.table.close()
+
+
+def test_a_worker_that_lost_its_lease_stops_the_job_and_publishes_nothing(database_url, tmp_path, model_folder):
+    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "jobs", model_spec=model_folder, worker_kinds=["train"],
+                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE)
+    manager.start()
+    other = JobTable(database_url)
+    try:
+        job = submit(manager, "fenced", steps=100_000)
+        wait_until(lambda: manager.get(job.id).step >= 1, timeout=120)
+        trainer = manager.worker._running[job.id].proc
+        # as if this worker had been cut off for longer than its lease: another process reaps the job
+        with other._db.connection() as conn:
+            conn.execute("UPDATE softprompt_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (job.id,))
+        assert other.reap() == [(job.id, "failed")]
+        trainer.wait(timeout=2 * HEARTBEAT + 5)  # killed at the worker's next renewal
+        record = manager.get(job.id)
+        assert record.state == JobState.failed and "stopped renewing its lease" in record.error
+        time.sleep(HEARTBEAT)
+        assert manager.get(job.id).revision == record.revision  # the worker wrote nothing after losing it
+        with open_store(database_url) as store:
+            assert store.names() == []
+    finally:
+        other.close()
+        manager.stop()
+
+
 def test_two_workers_run_six_jobs_each_exactly_once(serving_only, workers, database_url, tmp_path):
     workers("worker-a")
     workers("worker-b")
@@ -117,13 +159,40 @@ def test_two_workers_run_six_jobs_each_exactly_once(serving_only, workers, datab
     done = [wait_until(lambda job=job: finished(serving_only, job.id), timeout=300) for job in jobs]
     assert [r.state for r in done] == [JobState.succeeded] * 6, [r.error for r in done]
     assert [r.version for r in done] == [f"job{i}-v1" for i in range(6)]
-    assert all(r.attempts == 1 and r.worker is None and r.step == 3 for r in done)
+    assert all(r.attempts == 1 and r.step == 3 for r in done)
     claims = claims_in(tmp_path / "worker-a" / "worker.log") + claims_in(tmp_path / "worker-b" / "worker.log")
     assert Counter(claims) == Counter(job.id for job in jobs)  # each job claimed once, by one worker
-    assert claims_in(tmp_path / "worker-a" / "worker.log") and claims_in(tmp_path / "worker-b" / "worker.log")
+    for name in ("worker-a", "worker-b"):  # both took jobs, and each record names the worker that ran it
+        log = tmp_path / name / "worker.log"
+        ran = {r.id: r.worker for r in done if r.id in claims_in(log)}
+        assert ran and all(f"claimed by worker {worker} " in log.read_text() for worker in ran.values())
     with open_store(database_url) as store:
         assert store.names() == [f"job{i}" for i in range(6)]
         assert all([v.id.version for v in store.versions(f"job{i}")] == [1] for i in range(6))
+
+
+def test_a_worker_without_an_engine_runs_evaluations_in_a_process_of_its_own(serving_only, workers, frozen):
+    from trainer.batches import Encoder
+    from trainer.compare import choose_task, data_identity, load_references, model_scorer, reference_specs, run_comparison
+    from trainer.data import parse_examples
+
+    workers("worker-a")
+    data = jsonl(SENTIMENT)
+    specs = reference_specs(texts=["Classify the sentiment."], bare=True)
+    request = {"references": [{"kind": s.kind, "value": s.value} for s in specs], "task": "classification",
+               "max_new_tokens": None, "data": data_identity(data, "sentiment.jsonl", len(SENTIMENT))}
+    job = serving_only.submit_eval(request, data, num_examples=len(SENTIMENT))
+    record = wait_until(lambda: finished(serving_only, job.id), timeout=120)
+    assert record.state == JobState.succeeded, record.error
+    table = serving_only.result(job.id)
+    assert record.metrics["results"] == table["results"] and len(table["examples"]) == len(SENTIMENT)
+
+    examples = parse_examples(data.decode().splitlines())  # the same comparison in this process, on the same model
+    task = choose_task([], examples, "classification")
+    here = run_comparison(model_scorer(frozen, Encoder(frozen), task, max_new_tokens=16), load_references(frozen, None, specs),
+                          examples, task, data=request["data"], max_new_tokens=16)
+    assert [(r["reference"], r["correct"], r["n"]) for r in table["results"]] == \
+        [(r["reference"], r["correct"], r["n"]) for r in here["results"]]
 
 
 def _children(pid: int) -> list[int]:

@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "softprompt_jobs"
 # The record as the API shows it: the columns are the truth for state, revision and lease holder.
-RECORD = ("record || jsonb_build_object('state', state, 'revision', revision, 'worker', worker, 'attempts', attempts)")
+# After the job ends the record keeps the worker that ran it last.
+RECORD = ("record || jsonb_build_object('state', state, 'revision', revision, 'attempts', attempts, "
+          "'worker', coalesce(worker, record->>'worker'))")
 LEASE_EXPIRED = ("worker %s stopped renewing its lease (killed, or cut off from the database); attempt %s ended "
                  "and nothing was published")
 PROGRESS_RESET = {"step": 0, "loss": None, "val_metric": None, "eta_seconds": None, "elapsed_seconds": None,
@@ -224,7 +226,8 @@ class JobTable:
                 "UPDATE softprompt_jobs SET state = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END, "
                 "worker = NULL, lease_expires_at = NULL, revision = revision + 1, "
                 "record = record || jsonb_build_object('error', %s::text, 'finished_at', "
-                "     CASE WHEN attempts < max_attempts THEN NULL ELSE %s::text END) "
+                "     CASE WHEN attempts < max_attempts THEN NULL ELSE %s::text END, "
+                "     'worker', CASE WHEN attempts < max_attempts THEN NULL ELSE worker END) "
                 "WHERE id = %s AND worker = %s AND state = 'running' RETURNING state",
                 (reason, now(), job_id, worker)).fetchone()
             if row is not None:
@@ -245,7 +248,9 @@ class JobTable:
                 "  record = job.record || jsonb_build_object("
                 "    'error', format(%s, expired.worker, job.attempts), "
                 "    'finished_at', CASE WHEN job.attempts < job.max_attempts AND NOT job.cancel_requested THEN NULL "
-                "                   ELSE %s::text END) "
+                "                   ELSE %s::text END, "
+                "    'worker', CASE WHEN job.attempts < job.max_attempts AND NOT job.cancel_requested THEN NULL "
+                "              ELSE expired.worker END) "
                 "FROM expired WHERE job.id = expired.id RETURNING job.id, job.state", (LEASE_EXPIRED, now())).fetchall()
             for job_id, _ in rows:
                 self._notify(conn, job_id)

@@ -30,7 +30,7 @@ from pathlib import Path
 from prompt_store import StoreUnavailableError
 
 from .events import fold_progress, read_events
-from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, TRAIN_DATA
+from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, RESULT, TRAIN_DATA
 from .job_table import ClaimedJob, JobTable
 from .launch import launch_worker
 from .records import JobRecord, JobState
@@ -115,14 +115,16 @@ class QueueWorker:
     def stop(self) -> None:
         """Stop every job this worker runs and hand them back (queued again while attempts remain, else failed)."""
         self._stopping.set()
+        with self.table.changed:
+            self.table.changed.notify_all()
+        if self._loop is not None:  # first: it claims nothing more
+            self._loop.join(30)
         with self._lock:
             running = list(self._running.values())
         for job in running:
             job.kill()
         for thread in list(self._job_threads):
             thread.join(30)
-        if self._loop is not None:
-            self._loop.join(10)
 
     # ----------------------------------------------------------------- the loop
     def _run_loop(self) -> None:
@@ -200,12 +202,15 @@ class QueueWorker:
         for name, data in ((TRAIN_DATA, claimed.train_data), (EVAL_DATA, claimed.eval_data)):
             if data is not None:
                 (folder / name).write_bytes(data)
-        request = dict(claimed.request)
+        # this machine's model, device and threads; the fingerprint in the request is the one the model must have
+        request = {**claimed.request, "kind": record.kind, "model": self.model_spec, "device": self.device}
         if record.kind == "train":
             request["config"] = {**request["config"], "threads": self.threads}
-            request["model"], request["device"] = self.model_spec, self.device  # this machine's model
+        else:
+            request["threads"] = self.threads
         (folder / REQUEST).write_text(json.dumps(request, indent=2))
-        threads = self.threads * record.processes if record.kind == "train" else 0
+        in_process = record.kind == "eval" and self.eval_runner is not None  # through this server's engine
+        threads = 0 if in_process else self.threads * record.processes
         job = RunningJob(record, folder, threads, lease_deadline=time.monotonic() + self.lease_seconds - self.heartbeat_seconds)
         with self._lock:
             self._running[record.id] = job
@@ -219,7 +224,9 @@ class QueueWorker:
     def _run(self, job: RunningJob) -> None:
         code = 0
         try:
-            if job.record.kind == "train":
+            if job.record.kind == "eval" and self.eval_runner is not None:
+                self._evaluate(job)
+            else:  # training, or an evaluation on a worker with no serving engine
                 # Started from this thread, which lives as long as the process: the process dies with it.
                 job.proc = launch_worker(job.folder, threads=self.threads, store=self.store, processes=job.record.processes)
                 if self._stopping.is_set():
@@ -227,8 +234,8 @@ class QueueWorker:
                 for event in read_events(job.proc.stdout):
                     self._on_event(job, event)
                 code = job.proc.wait()
-            else:
-                self._evaluate(job)
+                if job.record.kind == "eval" and job.final and job.final[0] == JobState.succeeded:
+                    self._keep_result(job)
         except Exception as exc:  # every failure ends the job with its reason; the worker goes on
             logger.exception("job %s failed in worker %s", job.record.id, self.id)
             job.final = job.final or (JobState.failed, f"{type(exc).__name__}: {exc}")
@@ -244,9 +251,13 @@ class QueueWorker:
             with self.table.changed:
                 self.table.changed.notify_all()  # a place is free: claim the next job now
 
+    def _keep_result(self, job: RunningJob) -> None:
+        try:
+            self.table.save_result(job.record.id, json.loads((job.folder / RESULT).read_text()))
+        except Exception as exc:
+            job.final = (JobState.failed, f"the evaluation's table could not be kept: {type(exc).__name__}: {exc}")
+
     def _evaluate(self, job: RunningJob) -> None:
-        if self.eval_runner is None:
-            raise RuntimeError("this worker cannot run evaluations (it holds no serving engine)")
         self.eval_runner(job.folder, lambda event, **fields: self._on_event(job, {"event": event, **fields}),
                          lambda: job.stop_requested.is_set() or (job.folder / CANCEL_FLAG).exists())
 

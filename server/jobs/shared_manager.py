@@ -142,11 +142,15 @@ class SharedJobManager:
 
     def wait_for_change(self, job_id: str, revision: int, timeout: float) -> JobRecord:
         """Block until the job's revision passes `revision` (or timeout); return the record."""
-        deadline = time.monotonic() + timeout
+        deadline, record = time.monotonic() + timeout, None
         while True:
-            record = self.table.get(job_id)
+            try:
+                record = self.table.get(job_id)
+            except StoreUnavailableError:  # followers wait the database out; no record at all is an error
+                if record is None and time.monotonic() >= deadline:
+                    raise
             left = deadline - time.monotonic()
-            if record.revision > revision or left <= 0:
+            if record is not None and (record.revision > revision or left <= 0):
                 return record
             with self.table.changed:
-                self.table.changed.wait(min(left, 1.0))
+                self.table.changed.wait(max(0.0, min(left, 1.0)))

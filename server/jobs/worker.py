@@ -61,16 +61,18 @@ def die_with_parent() -> None:
 
 
 def run_job(folder: Path) -> int:
+    request = json.loads((folder / REQUEST).read_text())
+    if request.get("kind") == "eval":
+        return _evaluate(folder, request)
     ranks = init_from_environment()  # under torchrun: this rank; otherwise rank 0 of 1
     report = emit if ranks.is_main else (lambda event, **fields: None)
     try:
-        return _train(folder, ranks, report)
+        return _train(folder, request, ranks, report)
     finally:
         shutdown()
 
 
-def _train(folder: Path, ranks, report) -> int:
-    request = json.loads((folder / REQUEST).read_text())
+def _train(folder: Path, request: dict, ranks, report) -> int:
     config = TrainConfig.from_dict(request["config"])
     examples = load_examples(folder / TRAIN_DATA)
     if (folder / EVAL_DATA).exists():
@@ -99,6 +101,52 @@ def _train(folder: Path, ranks, report) -> int:
     with open_store(request.get("store") or CommonSettings().store) as store:  # the parent passes SOFTPROMPT_STORE
         version = publish_result(store, request["name"], frozen, result)
     report("succeeded", version=str(version.id), metrics=_jsonable(result.metrics))
+    return 0
+
+
+def _evaluate(folder: Path, request: dict) -> int:
+    """An evaluation job on a worker with no serving engine: the same comparison `softprompt eval`
+    runs (trainer/compare.py), its table written to result.json for the parent to keep."""
+    import torch
+
+    from server.evaluation import CHUNK_SIZE, MAX_EVAL_NEW_TOKENS, summary
+    from trainer.batches import Encoder
+    from trainer.compare import (ComparisonCancelled, ReferenceSpec, choose_max_new_tokens, choose_task, load_references,
+                                 model_scorer, record_results, run_comparison)
+    from trainer.data import parse_examples
+
+    from .job_files import RESULT
+
+    if request.get("threads"):
+        torch.set_num_threads(request["threads"])
+    examples = parse_examples((folder / EVAL_DATA).read_text(encoding="utf-8").splitlines(), source=request["data"]["name"])
+    frozen = load_frozen_model(request["model"], device=request.get("device"))
+    _check_model(frozen, request.get("fingerprint"))
+    with open_store(CommonSettings().store) as store:
+        references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
+        hints = [r.hint for r in references]
+        task = choose_task(hints, examples, request["task"])
+        max_new_tokens = choose_max_new_tokens(hints, request["max_new_tokens"], limit=MAX_EVAL_NEW_TOKENS)
+        score = model_scorer(frozen, Encoder(frozen), task, max_new_tokens=max_new_tokens, batch_size=CHUNK_SIZE)
+        emit("started", num_train_examples=0, num_eval_examples=len(examples))
+
+        def progress(p):
+            emit("progress", step=p.done, total=p.total, loss=None, val_metric=None, eta_seconds=p.eta_seconds,
+                 elapsed_seconds=p.elapsed_seconds)
+
+        stop = (folder / CANCEL_FLAG).exists
+        try:
+            table = run_comparison(score, references, examples, task, data=request["data"], max_new_tokens=max_new_tokens,
+                                   chunk_size=CHUNK_SIZE, on_progress=progress, should_stop=stop)
+        except ComparisonCancelled:
+            emit("cancelled")
+            return 0
+        if stop():
+            emit("cancelled")
+            return 0
+        (folder / RESULT).write_text(json.dumps(table))
+        record_results(store, table, source=f"eval job {folder.name}")
+    emit("succeeded", metrics=summary(table))
     return 0
 
 
