@@ -85,6 +85,9 @@ def test_events_stream_progress_until_the_end(client):
         (SENTIMENT, {"min_cosine": "1.5"}, 422, "min_cosine"),
         (SENTIMENT, {"name": "../evil"}, 422, "Invalid prompt name"),
         (SENTIMENT, {"init": ""}, 422, "init"),
+        (SENTIMENT, {"processes": "0"}, 422, "processes"),
+        (SENTIMENT, {"processes": "two"}, 422, "processes"),
+        (SENTIMENT, {"processes": "9", "config": '{"batch_size": 8}'}, 422, "at most batch_size"),
         (SENTIMENT * 40, {}, 413, "limit"),
     ],
 )

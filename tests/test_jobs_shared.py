@@ -338,3 +338,15 @@ def test_restarting_b_leaves_the_job_on_as_worker_running(frozen, model_folder, 
         done = wait_until(lambda: (body := job_state(a, job_id))["state"] != "running" and body, timeout=300)
         assert done["state"] == "succeeded" and done["attempts"] == 1 and done["version"] == "steady-v1", done["error"]
         assert done["step"] == 800
+
+
+@pytest.mark.parametrize(("arguments", "needle"), [
+    (["--store", "./some-folder"], "postgresql:// URL"),
+    (["--store", "postgresql://nobody@127.0.0.1:1/x", "--jobs", "bake"], "unknown job kind 'bake'"),
+    (["--store", "postgresql://nobody@127.0.0.1:1/x", "--jobs", "none"], "names no kind of job"),
+])
+def test_softprompt_worker_refuses_what_it_cannot_run(arguments, needle, capsys):
+    from server.cli import main
+
+    assert main(["worker", *arguments]) == 2
+    assert needle in capsys.readouterr().err
