@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         # Training jobs need no model in this process: workers load their own. Evaluations score
         # through this process's engine.
         app.state.jobs = job_manager(settings)
-        app.state.jobs.eval_runner = ResidentEvalRunner(state, app.state.jobs)  # evaluations use this process's model
+        app.state.jobs.eval_runner = ResidentEvalRunner(state)  # evaluations use this process's model
         app.state.jobs.fingerprint = lambda: state.frozen.fingerprint.to_dict() if state.frozen is not None else None
         app.state.jobs.start()
         state.reserved_threads = app.state.jobs.threads_in_use  # the engine leaves them free

@@ -72,6 +72,8 @@ def build_eval_request(*, data: bytes, data_name: str, prompts: list, texts: lis
     if task not in TASKS:
         raise InvalidEvalRequestError(f"'task' must be one of {', '.join(TASKS)}, got {task!r}.")
     max_new_tokens = _max_new_tokens(max_new_tokens)
+    if any("\x00" in text for text in texts if isinstance(text, str)):
+        raise InvalidEvalRequestError("A 'text' prompt holds a NUL character (\\u0000); send plain text.")
     try:
         specs = reference_specs(prompts, texts, bare)
     except ValueError as error:
@@ -183,9 +185,8 @@ def _resolve(future: Future) -> Callable[[Event], None]:
 class ResidentEvalRunner:
     """The JobManager's `eval_runner`: scores a job's data through the app's engine."""
 
-    def __init__(self, state: AppState, results, *, chunk_size: int = CHUNK_SIZE, ready_timeout_s: float = 600.0):
-        """`results.save_result(job_id, table)` keeps the whole table (the job manager: a file or the job's row)."""
-        self.state, self.results, self.chunk_size, self.ready_timeout_s = state, results, chunk_size, ready_timeout_s
+    def __init__(self, state: AppState, *, chunk_size: int = CHUNK_SIZE, ready_timeout_s: float = 600.0):
+        self.state, self.chunk_size, self.ready_timeout_s = state, chunk_size, ready_timeout_s
 
     def __call__(self, folder: Path, emit, should_stop) -> None:
         try:
@@ -218,12 +219,11 @@ class ResidentEvalRunner:
         if should_stop():  # a cancel that came with the last batch: nothing is kept
             emit("cancelled")
             return
-        job_id = folder.name
-        self.results.save_result(job_id, table)
+        job_id = request.get("job_id", folder.name)
         recorded = record_results(store, table, source=f"eval job {job_id}")
         logger.info("eval job %s: %s; recorded with %s", job_id,
                     ", ".join(f"{r['reference']} {r['score']:.3f}" for r in table["results"]), ", ".join(recorded) or "no version")
-        emit("succeeded", metrics=summary(table))
+        emit("succeeded", metrics=summary(table), table=table)  # the job manager keeps the table with the job's end
 
 
     def _wait_for_model(self, should_stop) -> None:

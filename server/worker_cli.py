@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from prompt_store import PromptStoreError
     from server.jobs.job_table import JobTable
     from server.jobs.queue_worker import QueueWorker
     from server.settings import Settings
@@ -57,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         print("softprompt worker: jobs are shared through a PostgreSQL store; set SOFTPROMPT_STORE (or --store) to its "
               "postgresql:// URL. With a folder store the server runs its own jobs.", file=sys.stderr)
         return 2
-    table = JobTable(settings.store)
+    try:
+        table = JobTable(settings.store)
+    except PromptStoreError as error:  # the database cannot be reached, or its schema is newer than this release
+        print(f"softprompt worker: {error}", file=sys.stderr)
+        return 1
     worker = QueueWorker(table, store=settings.store, model_spec=settings.model, device=settings.device,
                          threads=settings.train_threads, concurrency=settings.train_concurrency, kinds=settings.worker_kinds,
                          scratch_dir=settings.jobs_folder, lease_seconds=settings.job_lease_seconds,

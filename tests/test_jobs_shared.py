@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from prompt_store import IdempotencyKeyReusedError, open_store
 from server.app import create_app
 from server.jobs import JobNotFoundError, JobState, JobStateError
-from server.jobs.job_table import JobTable
+from server.jobs.job_table import JobTable, lease_held
 from server.jobs.manager import new_job_id
 from server.jobs.records import JobRecord
 from server.jobs.shared_manager import SharedJobManager
@@ -108,6 +108,58 @@ def test_concurrent_claims_take_each_job_exactly_once(database_url):
             table.close()
 
 
+def _expire(table: JobTable, job_id: str) -> None:
+    with table._db.connection() as conn:
+        conn.execute("UPDATE softprompt_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (job_id,))
+
+
+def test_an_attempt_that_lost_its_lease_changes_nothing_even_for_the_same_worker(database_url):
+    table = JobTable(database_url)
+    try:
+        queued = table.insert(JobRecord(id=new_job_id(), name="twice"), {}, train_data=b"", eval_data=None, max_attempts=2)
+        first = table.claim("w1", ["train"], 30)
+        assert lease_held(database_url, queued.id, "w1", 1, margin_seconds=5)
+        _expire(table, queued.id)
+        assert not lease_held(database_url, queued.id, "w1", 1, margin_seconds=0)  # the publish check says no
+        assert table.reap() == [(queued.id, "queued")]
+        second = table.claim("w1", ["train"], 30)  # the same worker takes the job again: attempt 2
+        assert second.record.attempts == 2
+        stale = first.record.model_copy(update={"step": 99})
+        assert not table.update("w1", stale) and not table.finish("w1", stale, JobState.succeeded)
+        assert table.renew("w1", [(queued.id, 1)], 30) == {} and table.renew("w1", [(queued.id, 2)], 30) == {queued.id: False}
+        now = table.get(queued.id)
+        assert now.state == JobState.running and now.attempts == 2 and now.step == 0
+        assert table.finish("w1", second.record, JobState.succeeded)
+    finally:
+        table.close()
+
+
+def test_a_cancel_wins_over_a_stopping_workers_hand_back(database_url):
+    table = JobTable(database_url)
+    try:
+        queued = table.insert(JobRecord(id=new_job_id(), name="c"), {}, train_data=b"", eval_data=None, max_attempts=3)
+        claimed = table.claim("w1", ["train"], 30)
+        assert table.cancel(queued.id).state == JobState.running  # running: flagged for its worker
+        table.release("w1", claimed.record, "interrupted: worker w1 stopped")
+        assert table.get(queued.id).state == JobState.cancelled and table.claim("w2", ["train"], 30) is None
+    finally:
+        table.close()
+
+
+def test_hostile_job_ids_and_texts_get_4xx_from_a_database_replica(frozen, model_folder, database_url, tmp_path):
+    with replica(frozen, model_folder, database_url, tmp_path / "a", "none") as client:
+        assert client.get("/train/abc%00def").status_code == 404
+        assert client.post("/train/abc%00def/cancel").status_code == 404
+        assert client.get("/eval/abc%00def").status_code == 404
+        bad_init = client.post("/train", json={**train_body("nul", 3), "init": "Classify\u0000 it."})
+        assert bad_init.status_code == 422 and "NUL" in bad_init.json()["error"]["message"]
+        bad_text = client.post("/eval", json={"examples": SENTIMENT, "texts": ["a\u0000b"]})
+        assert bad_text.status_code == 422 and "NUL" in bad_text.json()["error"]["message"]
+        odd_name = client.post("/eval", json={"examples": SENTIMENT, "bare": True, "data_name": "x\u0000y"})
+        assert odd_name.status_code == 202, odd_name.text  # a label only: kept with U+FFFD in the NUL's place
+        assert client.get(f"/eval/{odd_name.json()['id']}").json()["config"]["data"]["name"] == "x\ufffdy"
+
+
 def test_an_idempotency_key_finds_the_job_through_any_replica(database_url, tmp_path, model_folder):
     replicas = [SharedJobManager(database_url, jobs_dir=tmp_path / name, model_spec=model_folder, worker_kinds=[])
                 for name in ("a", "b")]
@@ -135,7 +187,7 @@ def test_a_worker_that_lost_its_lease_stops_the_job_and_publishes_nothing(databa
     try:
         job = submit(manager, "fenced", steps=100_000)
         wait_until(lambda: manager.get(job.id).step >= 1, timeout=120)
-        trainer = manager.worker._running[job.id].proc
+        trainer = manager.worker._running[job.id, 1].proc
         # as if this worker had been cut off for longer than its lease: another process reaps the job
         with other._db.connection() as conn:
             conn.execute("UPDATE softprompt_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (job.id,))
@@ -350,3 +402,11 @@ def test_softprompt_worker_refuses_what_it_cannot_run(arguments, needle, capsys)
 
     assert main(["worker", *arguments]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_softprompt_worker_says_when_the_database_is_away(capsys):
+    from server.cli import main
+    from tests.postgres_cluster import free_port
+
+    assert main(["worker", "--store", f"postgresql://nobody@127.0.0.1:{free_port()}/none"]) == 1
+    assert "cannot be reached" in capsys.readouterr().err

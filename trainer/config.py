@@ -51,6 +51,8 @@ class TrainConfig:
             raise TrainConfigError("init_text", "must be a non-empty text (its token embeddings start the prompt)")
         if not is_text(self.init_text):
             raise TrainConfigError("init_text", "is not valid Unicode text (it holds a lone surrogate escape like \\ud800)")
+        if "\x00" in self.init_text:
+            raise TrainConfigError("init_text", "holds a NUL character (\\u0000); send plain text")
         _positive_int(self, "steps", "batch_size", "grad_accum", "eval_every", "max_new_tokens", "max_input_tokens", "eval_batch_size")
         _non_negative_int(self, "warmup_steps", "seed")
         if self.seed > MAX_SEED:

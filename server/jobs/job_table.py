@@ -13,7 +13,9 @@ transaction each:
   claiming; the same statement marks it running under the caller's lease (database time,
   so the machines' clocks do not matter).
 - renew: the holder extends its leases; a lease it no longer holds (reaped) comes back
-  missing, and the holder stops that job.
+  missing, and the holder stops that job. Every write of a holder names the attempt it
+  claimed (a fencing token): an attempt that lost its lease changes nothing, even when the
+  same worker has claimed the job again since.
 - reap: any server or worker turns running jobs whose lease expired into failed (or queued
   again, while attempts remain), with an error that names the silent worker.
 - every write bumps `revision` and NOTIFYs `softprompt_jobs`, which followers wait on.
@@ -30,7 +32,7 @@ from psycopg.types.json import Jsonb
 
 from prompt_store import IdempotencyKeyReusedError
 from prompt_store.base import json_safe
-from prompt_store.pg_database import Database
+from prompt_store.pg_database import SESSION, Database
 from prompt_store.schema import migrate
 
 from .errors import JobNotFoundError, JobStateError
@@ -100,7 +102,7 @@ class JobTable:
                 "INSERT INTO softprompt_jobs (id, kind, state, record, request, train_data, eval_data, idempotency_key, "
                 "processes, max_attempts) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-                (record.id, record.kind, Jsonb(_record_json(record)), Jsonb(request), train_data, eval_data,
+                (record.id, record.kind, Jsonb(_record_json(record)), Jsonb(json_safe(request)), train_data, eval_data,
                  record.idempotency_key, record.processes, max_attempts)).fetchone()
             if inserted is not None:
                 self._notify(conn, record.id)
@@ -113,6 +115,8 @@ class JobTable:
         return self.get(record.id)
 
     def get(self, job_id: str, kind: str | None = None) -> JobRecord:
+        if "\x00" in job_id:  # a text column cannot hold it, so no job has it
+            raise JobNotFoundError(job_id, kind or "train")
         found = self._records("WHERE id = %s AND (%s::text IS NULL OR kind = %s)", (job_id, kind, kind))
         if not found:
             raise JobNotFoundError(job_id, kind or "train")
@@ -131,12 +135,13 @@ class JobTable:
         """Newest first, without the per-step history (listings do not show it)."""
         return self._records("WHERE (%s::text IS NULL OR kind = %s) ORDER BY id DESC", (kind, kind), history=False)
 
-    def counts_by_state(self, kind: str | None = None) -> dict[str, int]:
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Jobs by kind, then state."""
         with self._db.connection() as conn:
-            rows = conn.execute("SELECT state, count(*) FROM softprompt_jobs WHERE (%s::text IS NULL OR kind = %s) "
-                                "GROUP BY state", (kind, kind)).fetchall()
-        counts = {state.value: 0 for state in JobState}
-        counts.update(dict(rows))
+            rows = conn.execute("SELECT kind, state, count(*) FROM softprompt_jobs GROUP BY kind, state").fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for kind, state, number in rows:
+            counts.setdefault(kind, {})[state] = number
         return counts
 
     def result(self, job_id: str) -> dict | None:
@@ -146,6 +151,8 @@ class JobTable:
 
     def cancel(self, job_id: str, kind: str | None = None) -> JobRecord:
         """A queued job ends cancelled at once; a running one is flagged, and its worker stops it."""
+        if "\x00" in job_id:
+            raise JobNotFoundError(job_id, kind or "train")
         with self._db.transaction() as conn:
             row = conn.execute(
                 "UPDATE softprompt_jobs SET cancel_requested = true, revision = revision + 1, "
@@ -162,6 +169,10 @@ class JobTable:
         return record
 
     # ----------------------------------------------------------------- workers
+    # A worker's writes name the job, the worker and the attempt it claimed (the fencing token):
+    # a write from an attempt that lost its lease, even by the same worker, changes nothing.
+    HELD = "id = %s AND worker = %s AND attempts = %s AND state = 'running'"
+
     def claim(self, worker: str, kinds: list[str], lease_seconds: float) -> ClaimedJob | None:
         """Take the oldest queued job of `kinds` under a lease, or None; never the same job twice."""
         with self._db.transaction() as conn:
@@ -170,7 +181,7 @@ class JobTable:
                 f"lease_expires_at = now() + make_interval(secs => %s), "
                 f"record = record || %s || jsonb_build_object('started_at', %s::text) "
                 f"WHERE id = (SELECT id FROM softprompt_jobs WHERE state = 'queued' AND kind = ANY(%s) "
-                f"            ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) "
+                f"            AND NOT cancel_requested ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) "
                 f"RETURNING {RECORD}, request, train_data, eval_data",
                 (worker, lease_seconds, Jsonb(PROGRESS_RESET), now(), kinds)).fetchone()
             if row is not None:
@@ -180,37 +191,49 @@ class JobTable:
         record, request, train_data, eval_data = row
         return ClaimedJob(JobRecord.model_validate(record), request, train_data, eval_data)
 
-    def renew(self, worker: str, job_ids: list[str], lease_seconds: float) -> dict[str, bool]:
-        """Extend the leases `worker` still holds: {job id: cancel requested}; a job missing from the
-        answer is no longer this worker's (its lease expired and it was reaped)."""
-        if not job_ids:
+    def renew(self, worker: str, held: list[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:
+        """Extend the leases of `held` (job id, attempt) that `worker` still holds: {job id: cancel
+        requested}; a job missing from the answer is no longer this attempt's (it was reaped)."""
+        if not held:
             return {}
+        ids, attempts = [job_id for job_id, _ in held], [attempt for _, attempt in held]
         with self._db.connection() as conn:
             rows = conn.execute(
                 "UPDATE softprompt_jobs SET lease_expires_at = now() + make_interval(secs => %s) "
-                "WHERE id = ANY(%s) AND worker = %s AND state = 'running' RETURNING id, cancel_requested",
-                (lease_seconds, job_ids, worker)).fetchall()
+                "WHERE (id, attempts) IN (SELECT * FROM unnest(%s::text[], %s::integer[])) AND worker = %s "
+                "AND state = 'running' RETURNING id, cancel_requested",
+                (lease_seconds, ids, attempts, worker)).fetchall()
         return dict(rows)
 
+    def cancels_requested(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs a client asked to cancel (a read, for the moments between heartbeats)."""
+        if not job_ids:
+            return set()
+        with self._db.connection() as conn:
+            rows = conn.execute("SELECT id FROM softprompt_jobs WHERE id = ANY(%s) AND cancel_requested", (job_ids,)).fetchall()
+        return {job_id for (job_id,) in rows}
+
     def update(self, worker: str, record: JobRecord) -> bool:
-        """Write a running job's progress; False if `worker` no longer holds it."""
+        """Write a running job's progress; False if this attempt no longer holds it."""
         with self._db.transaction() as conn:
             row = conn.execute(
-                "UPDATE softprompt_jobs SET record = %s, revision = revision + 1 "
-                "WHERE id = %s AND worker = %s AND state = 'running' RETURNING id",
-                (Jsonb(_record_json(record)), record.id, worker)).fetchone()
+                f"UPDATE softprompt_jobs SET record = %s, revision = revision + 1 WHERE {self.HELD} RETURNING id",
+                (Jsonb(_record_json(record)), record.id, worker, record.attempts)).fetchone()
             if row is not None:
                 self._notify(conn, record.id)
         return row is not None
 
-    def finish(self, worker: str, record: JobRecord, state: JobState, error: str | None = None) -> bool:
-        """End a job `worker` holds: succeeded, failed or cancelled. False if it no longer holds it."""
+    def finish(self, worker: str, record: JobRecord, state: JobState, error: str | None = None, *,
+               result: dict | None = None) -> bool:
+        """End a job this attempt holds: succeeded (with an evaluation's table), failed or cancelled.
+        False if it no longer holds it."""
         record.state, record.error, record.finished_at, record.eta_seconds = state, error, now(), None
         with self._db.transaction() as conn:
             row = conn.execute(
-                "UPDATE softprompt_jobs SET state = %s, record = %s, worker = NULL, lease_expires_at = NULL, "
-                "revision = revision + 1 WHERE id = %s AND worker = %s AND state = 'running' RETURNING id",
-                (state.value, Jsonb(_record_json(record)), record.id, worker)).fetchone()
+                f"UPDATE softprompt_jobs SET state = %s, record = %s, result = coalesce(%s, result), worker = NULL, "
+                f"lease_expires_at = NULL, revision = revision + 1 WHERE {self.HELD} RETURNING id",
+                (state.value, Jsonb(_record_json(record)), Jsonb(json_safe(result)) if result is not None else None,
+                 record.id, worker, record.attempts)).fetchone()
             if row is not None:
                 self._notify(conn, record.id)
         if row is None:
@@ -219,21 +242,24 @@ class JobTable:
             logger.info("job %s %s%s", record.id, state.value, f": {error}" if error else f" ({record.version})" if record.version else "")
         return row is not None
 
-    def release(self, worker: str, job_id: str, reason: str) -> None:
-        """A worker stopping lets go of a job it held: queued again while attempts remain, else failed."""
+    def release(self, worker: str, record: JobRecord, reason: str) -> None:
+        """A worker stopping lets go of a job it held: cancelled if a client asked, else queued
+        again while attempts remain, else failed with `reason`."""
         with self._db.transaction() as conn:
             row = conn.execute(
-                "UPDATE softprompt_jobs SET state = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END, "
+                "UPDATE softprompt_jobs SET "
+                "state = CASE WHEN cancel_requested THEN 'cancelled' WHEN attempts < max_attempts THEN 'queued' "
+                "        ELSE 'failed' END, "
                 "worker = NULL, lease_expires_at = NULL, revision = revision + 1, "
-                "record = record || jsonb_build_object('error', %s::text, 'finished_at', "
-                "     CASE WHEN attempts < max_attempts THEN NULL ELSE %s::text END, "
-                "     'worker', CASE WHEN attempts < max_attempts THEN NULL ELSE worker END) "
-                "WHERE id = %s AND worker = %s AND state = 'running' RETURNING state",
-                (reason, now(), job_id, worker)).fetchone()
+                "record = record || CASE WHEN cancel_requested THEN jsonb_build_object('finished_at', %s::text) "
+                "                        WHEN attempts < max_attempts THEN jsonb_build_object('worker', NULL) "
+                "                        ELSE jsonb_build_object('error', %s::text, 'finished_at', %s::text) END "
+                f"WHERE {self.HELD} RETURNING state",
+                (now(), reason, now(), record.id, worker, record.attempts)).fetchone()
             if row is not None:
-                self._notify(conn, job_id)
+                self._notify(conn, record.id)
         if row is not None:
-            logger.info("job %s released by worker %s: %s (now %s)", job_id, worker, reason, row[0])
+            logger.info("job %s released by worker %s: %s (now %s)", record.id, worker, reason, row[0])
 
     def reap(self) -> list[tuple[str, str]]:
         """Jobs whose lease expired: failed (or queued again while attempts remain). Returns (id, new state)."""
@@ -246,7 +272,7 @@ class JobTable:
                 "          ELSE 'failed' END, "
                 "  worker = NULL, lease_expires_at = NULL, revision = job.revision + 1, "
                 "  record = job.record || jsonb_build_object("
-                "    'error', format(%s, expired.worker, job.attempts), "
+                "    'error', CASE WHEN job.cancel_requested THEN NULL ELSE format(%s, expired.worker, job.attempts) END, "
                 "    'finished_at', CASE WHEN job.attempts < job.max_attempts AND NOT job.cancel_requested THEN NULL "
                 "                   ELSE %s::text END, "
                 "    'worker', CASE WHEN job.attempts < job.max_attempts AND NOT job.cancel_requested THEN NULL "
@@ -258,10 +284,14 @@ class JobTable:
             logger.warning("job %s: its worker's lease expired; now %s", job_id, state)
         return [tuple(row) for row in rows]
 
-    def save_result(self, job_id: str, table: dict) -> None:
-        """An evaluation's whole table (written before the job is marked succeeded)."""
-        with self._db.connection() as conn:
-            conn.execute("UPDATE softprompt_jobs SET result = %s WHERE id = %s", (Jsonb(json_safe(table)), job_id))
+
+def lease_held(url: str, job_id: str, worker: str, attempt: int, *, margin_seconds: float) -> bool:
+    """Whether this attempt still holds its job's lease with `margin_seconds` to spare: what a training
+    process asks just before it publishes (a job that may be running elsewhere by then must not)."""
+    with psycopg.connect(url, **SESSION) as conn:
+        return conn.execute(f"SELECT 1 FROM softprompt_jobs WHERE {JobTable.HELD} "
+                            "AND lease_expires_at > now() + make_interval(secs => %s)",
+                            (job_id, worker, attempt, margin_seconds)).fetchone() is not None
 
 
 def _record_json(record: JobRecord) -> dict:

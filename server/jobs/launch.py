@@ -30,7 +30,9 @@ def launch_worker(folder: Path, *, threads: int, store: str, processes: int = 1)
     if processes > 1:
         command += ["--processes", str(processes)]
     with open(folder / "worker.log", "ab") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, cwd=PROJECT_ROOT)
+        # a session of its own: a Ctrl-C meant for the parent reaches the job only through the parent,
+        # which then records it as interrupted rather than failed
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     logger.info("job %s: worker pid %d started on %d process(es) (log %s)", folder.name, proc.pid, processes,
                 folder / "worker.log")
     return proc

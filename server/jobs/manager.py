@@ -205,9 +205,6 @@ class JobManager:
         """An evaluation's whole table (per-example rows included), once it succeeded."""
         return self.files.load_result(job_id)
 
-    def save_result(self, job_id: str, table: dict) -> None:
-        self.files.save_result(job_id, table)
-
     def counts_by_state(self, kind: str | None = None) -> dict[str, int]:
         """How many jobs (of `kind`, or all) are in each state (every state listed, zeros included)."""
         with self._changed:
@@ -332,6 +329,8 @@ class JobManager:
             if fold_progress(record, kind, event):
                 self._touch(record, persist=kind == "started")
             elif kind == "succeeded":
+                if event.get("table") is not None:  # an evaluation's whole table, kept beside its record
+                    self.files.save_result(job_id, event["table"])
                 record.version, record.metrics = event.get("version"), event.get("metrics", {})
                 self._finish(record, JobState.succeeded)
                 return kind

@@ -8,9 +8,11 @@ job's row, where every replica reads it.
 
 Leases (job_table.py): every heartbeat the worker renews the leases of the jobs it runs and
 reaps expired ones, so a dead worker's job ends within lease + one heartbeat on any live
-server or worker. A job whose lease the worker lost (reaped) or could not renew before it
-would expire (the database unreachable) is killed at once: it may be running elsewhere by
-then, and it must not publish. A killed worker takes its trainers with it (launch.py).
+server or worker. A job whose lease the worker lost (reaped), or could not renew in time
+(the database unreachable or slow: a watchdog thread checks every deadline, whatever the
+loop is waiting on), is killed at once: it may be running elsewhere by then, and it must
+not publish. A training process also checks the lease right before it publishes, and a
+killed worker takes its trainers with it (launch.py).
 """
 
 from __future__ import annotations
@@ -48,19 +50,24 @@ def worker_id() -> str:
 
 @dataclass
 class RunningJob:
-    record: JobRecord
+    record: JobRecord  # record.attempts is this attempt's fencing token
     folder: Path
     threads: int
     lease_deadline: float  # monotonic; past it without a renewal the job is stopped (its lease may be gone)
     proc: subprocess.Popen | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
     final: tuple[JobState, str | None] | None = None
+    table: dict | None = None  # an evaluation's result, kept with the job's end
     cancel_requested: bool = False
     kill_at: float | None = None  # a cancelled job that has not stopped by then is killed
     lost: bool = False  # the lease is gone: write nothing more for this job
     ended: bool = False  # its process is gone; the end is being recorded
     dirty: bool = False
     last_write: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.record.id, self.record.attempts
 
     def kill(self) -> None:
         self.stop_requested.set()
@@ -93,11 +100,11 @@ class QueueWorker:
         self.lease_seconds, self.heartbeat_seconds, self.cancel_grace_seconds = lease_seconds, heartbeat_seconds, cancel_grace_seconds
         self.eval_runner = eval_runner
         self.id = worker_id()
-        self._running: dict[str, RunningJob] = {}
+        self._running: dict[tuple[str, int], RunningJob] = {}  # by (job id, attempt)
         self._lock = threading.Lock()
         self._threads_held = 0
         self._stopping = threading.Event()
-        self._loop: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._job_threads: list[threading.Thread] = []
 
     @property
@@ -107,24 +114,29 @@ class QueueWorker:
 
     def start(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self._loop = threading.Thread(target=self._run_loop, name="job-worker", daemon=True)
-        self._loop.start()
+        self._threads = [threading.Thread(target=self._run_loop, name="job-worker", daemon=True),
+                         threading.Thread(target=self._watch_deadlines, name="job-lease-watchdog", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         logger.info("job worker %s started: %s jobs, %d at once, lease %.0f s, heartbeat %.0f s", self.id,
                     "/".join(self.kinds), self.concurrency, self.lease_seconds, self.heartbeat_seconds)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         """Stop every job this worker runs and hand them back (queued again while attempts remain, else failed)."""
         self._stopping.set()
         with self.table.changed:
             self.table.changed.notify_all()
-        if self._loop is not None:  # first: it claims nothing more
-            self._loop.join(30)
-        with self._lock:
-            running = list(self._running.values())
-        for job in running:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:  # the loop first: it claims nothing more
+            thread.join(max(0.1, deadline - time.monotonic()))
+        for job in self._jobs():
             job.kill()
         for thread in list(self._job_threads):
-            thread.join(30)
+            thread.join(max(0.1, deadline - time.monotonic()))
+
+    def _jobs(self) -> list[RunningJob]:
+        with self._lock:
+            return list(self._running.values())
 
     # ----------------------------------------------------------------- the loop
     def _run_loop(self) -> None:
@@ -134,76 +146,94 @@ class QueueWorker:
             try:
                 if moment >= next_beat:
                     next_beat = moment + self.heartbeat_seconds
-                    self._beat(reap=True)
+                    self._beat()
                 elif self._running:  # a notice may be a cancel
-                    self._beat(reap=False)
+                    self._apply_cancels(self.table.cancels_requested([job.record.id for job in self._jobs()]))
                 self._claim_while_free()
             except StoreUnavailableError as exc:
                 logger.warning("job worker %s: %s", self.id, exc)
-                self._fence()
             except Exception:  # the loop must outlive any single failure
                 logger.exception("job worker %s: unexpected error; going on", self.id)
             with self.table.changed:
                 self.table.changed.wait(max(0.05, min(self.heartbeat_seconds, next_beat - time.monotonic())))
 
-    def _beat(self, *, reap: bool) -> None:
-        if reap:
-            self.table.reap()
-        with self._lock:
-            jobs = [job for job in self._running.values() if not job.lost]
-        answer = self.table.renew(self.id, [job.record.id for job in jobs], self.lease_seconds)
-        moment = time.monotonic()
+    def _beat(self) -> None:
+        """Renew this worker's leases (first: its own jobs must not look expired to its own reaper),
+        then reap everyone's expired ones, and write progress that was held back."""
+        jobs = [job for job in self._jobs() if not job.lost]
+        asked = time.monotonic()  # the database counts the lease from about now, whatever the call then waits
+        answer = self.table.renew(self.id, [job.key for job in jobs], self.lease_seconds)
         for job in jobs:
             if job.record.id not in answer:
-                job.lost = True
-                if not job.ended:
-                    logger.error("job %s: this worker's lease was lost (reaped); stopping it, nothing will be published",
-                                 job.record.id)
-                    job.kill()
-                continue
-            job.lease_deadline = moment + self.lease_seconds - self.heartbeat_seconds
-            if answer[job.record.id] and not job.cancel_requested:
+                self._lose(job, "this worker's lease was lost (reaped)")
+            else:
+                job.lease_deadline = asked + self.lease_seconds - self.heartbeat_seconds
+        self._apply_cancels({job_id for job_id, cancel in answer.items() if cancel})
+        self.table.reap()
+        for job in jobs:
+            if job.dirty and not job.lost:
+                self._write_progress(job)
+
+    def _apply_cancels(self, cancelled: set[str]) -> None:
+        moment = time.monotonic()
+        for job in self._jobs():
+            if job.record.id in cancelled and not job.cancel_requested:
                 job.cancel_requested = True
                 (job.folder / CANCEL_FLAG).touch()
                 job.stop_requested.set()
                 job.kill_at = moment + self.cancel_grace_seconds
                 logger.info("job %s: cancel requested", job.record.id)
-            if job.kill_at is not None and moment > job.kill_at and not job.ended:
-                logger.warning("job %s: did not stop within %.0f s of cancel; killing it", job.record.id, self.cancel_grace_seconds)
-                job.kill()
-            if job.dirty and reap:
-                self._write_progress(job)
 
-    def _fence(self) -> None:
-        """The database cannot be reached: a job whose lease may have expired meanwhile is stopped."""
-        moment = time.monotonic()
-        with self._lock:
-            jobs = list(self._running.values())
-        for job in jobs:
-            if not job.ended and not job.lost and moment > job.lease_deadline:
-                logger.error("job %s: could not renew its lease before it expires; stopping it", job.record.id)
-                job.lost = True
-                job.kill()
+    def _watch_deadlines(self) -> None:
+        """Stop a job whose lease may have expired (its renewal failed or is stuck), and a cancelled
+        job that outlived its grace period. Runs on its own so a database call cannot hold it up."""
+        while not self._stopping.wait(0.25):
+            moment = time.monotonic()
+            for job in self._jobs():
+                if job.ended or job.lost:
+                    continue
+                if moment > job.lease_deadline:
+                    self._lose(job, "its lease could not be renewed in time")
+                elif job.kill_at is not None and moment > job.kill_at:
+                    logger.warning("job %s: did not stop within %.0f s of cancel; killing it", job.record.id,
+                                   self.cancel_grace_seconds)
+                    job.kill()
+
+    def _lose(self, job: RunningJob, why: str) -> None:
+        if job.lost:
+            return
+        job.lost = True
+        if not job.ended:
+            logger.error("job %s: %s; stopping it, nothing will be published", job.record.id, why)
+            job.kill()
 
     def _claim_while_free(self) -> None:
         while not self._stopping.is_set() and len(self._running) < self.concurrency:
             claimed = self.table.claim(self.id, self.kinds, self.lease_seconds)
             if claimed is None:
                 return
-            self._start(claimed)
+            try:
+                self._start(claimed)
+            except Exception as exc:  # e.g. the local disk is full: the job ends now, not at its lease's expiry
+                logger.exception("job %s: could not be started", claimed.record.id)
+                with self._lock:
+                    self._running.pop((claimed.record.id, claimed.record.attempts), None)
+                self.table.finish(self.id, claimed.record, JobState.failed,
+                                  f"worker {self.id} could not start it: {type(exc).__name__}: {exc}")
 
     # ----------------------------------------------------------------- one job
     def _start(self, claimed: ClaimedJob) -> None:
         record = claimed.record
-        folder = self.scratch / record.id
+        folder = self.scratch / (record.id if record.attempts == 1 else f"{record.id}.{record.attempts}")
         folder.mkdir(parents=True, exist_ok=True)
-        for name in (CANCEL_FLAG, TRAIN_DATA, EVAL_DATA):  # a previous attempt's, on this machine
-            (folder / name).unlink(missing_ok=True)
         for name, data in ((TRAIN_DATA, claimed.train_data), (EVAL_DATA, claimed.eval_data)):
             if data is not None:
                 (folder / name).write_bytes(data)
-        # this machine's model, device and threads; the fingerprint in the request is the one the model must have
-        request = {**claimed.request, "kind": record.kind, "model": self.model_spec, "device": self.device}
+        # this machine's model, device and threads; the fingerprint in the request is the one the model must have;
+        # the lease (job, worker, attempt) is what the training process checks before it publishes
+        request = {**claimed.request, "kind": record.kind, "job_id": record.id, "model": self.model_spec,
+                   "device": self.device, "lease": {"worker": self.id, "attempt": record.attempts,
+                                                    "margin_seconds": self.heartbeat_seconds}}
         if record.kind == "train":
             request["config"] = {**request["config"], "threads": self.threads}
         else:
@@ -213,7 +243,7 @@ class QueueWorker:
         threads = 0 if in_process else self.threads * record.processes
         job = RunningJob(record, folder, threads, lease_deadline=time.monotonic() + self.lease_seconds - self.heartbeat_seconds)
         with self._lock:
-            self._running[record.id] = job
+            self._running[job.key] = job
             self._threads_held += threads
         logger.info("job %s claimed by worker %s (attempt %d): %s", record.id, self.id, record.attempts,
                     f"train {record.name}" if record.kind == "train" else "evaluate")
@@ -229,33 +259,32 @@ class QueueWorker:
             else:  # training, or an evaluation on a worker with no serving engine
                 # Started from this thread, which lives as long as the process: the process dies with it.
                 job.proc = launch_worker(job.folder, threads=self.threads, store=self.store, processes=job.record.processes)
-                if self._stopping.is_set():
+                if self._stopping.is_set() or job.lost:
                     job.kill()
                 for event in read_events(job.proc.stdout):
                     self._on_event(job, event)
                 code = job.proc.wait()
                 if job.record.kind == "eval" and job.final and job.final[0] == JobState.succeeded:
-                    self._keep_result(job)
+                    job.table = json.loads((job.folder / RESULT).read_text())
         except Exception as exc:  # every failure ends the job with its reason; the worker goes on
             logger.exception("job %s failed in worker %s", job.record.id, self.id)
-            job.final = job.final or (JobState.failed, f"{type(exc).__name__}: {exc}")
+            job.kill()  # nothing of it may run on once it is recorded as ended
+            if job.proc is not None:
+                job.proc.wait()
+            job.final = (JobState.failed, f"{type(exc).__name__}: {exc}")
         finally:
             job.ended = True
             with self._lock:
                 self._threads_held -= job.threads
-            self._record_end(job, code)
-            with self._lock:
-                self._running.pop(job.record.id, None)
-            for name in (TRAIN_DATA, EVAL_DATA):  # the upload lives in the database; logs and curves stay
-                (job.folder / name).unlink(missing_ok=True)
-            with self.table.changed:
-                self.table.changed.notify_all()  # a place is free: claim the next job now
-
-    def _keep_result(self, job: RunningJob) -> None:
-        try:
-            self.table.save_result(job.record.id, json.loads((job.folder / RESULT).read_text()))
-        except Exception as exc:
-            job.final = (JobState.failed, f"the evaluation's table could not be kept: {type(exc).__name__}: {exc}")
+            try:
+                self._record_end(job, code)
+            finally:
+                with self._lock:
+                    self._running.pop(job.key, None)
+                for name in (TRAIN_DATA, EVAL_DATA):  # the upload lives in the database; logs and curves stay
+                    (job.folder / name).unlink(missing_ok=True)
+                with self.table.changed:
+                    self.table.changed.notify_all()  # a place is free: claim the next job now
 
     def _evaluate(self, job: RunningJob) -> None:
         self.eval_runner(job.folder, lambda event, **fields: self._on_event(job, {"event": event, **fields}),
@@ -270,6 +299,7 @@ class QueueWorker:
                 self._write_progress(job)
         elif kind == "succeeded":
             record.version, record.metrics = event.get("version"), event.get("metrics", {})
+            job.table = event.get("table")  # an in-process evaluation's result
             job.final = (JobState.succeeded, None)
         elif kind == "failed":
             job.final = (JobState.failed, event.get("error"))
@@ -282,13 +312,12 @@ class QueueWorker:
         job.dirty, job.last_write = False, time.monotonic()
         try:
             if not self.table.update(self.id, job.record.model_copy(deep=True)):
-                job.lost = True
-                job.kill()
+                self._lose(job, "its lease is no longer this attempt's")
         except StoreUnavailableError:
             job.dirty = True  # written at a later heartbeat
 
     def _record_end(self, job: RunningJob, code: int) -> None:
-        """Write how the job ended, retrying while the database is away (the lease is renewed meanwhile)."""
+        """Write how the job ended, retrying while the database is away (the loop renews the lease meanwhile)."""
         while not job.lost:
             try:
                 self._write_end(job, code)
@@ -297,20 +326,25 @@ class QueueWorker:
                 logger.warning("job %s: cannot record its end yet (%s); retrying", job.record.id, exc)
                 if self._stopping.wait(FINISH_RETRY_SECONDS) and time.monotonic() > job.lease_deadline:
                     return  # stopping, and the lease is about to expire: the reaper records the end
+            except Exception:
+                logger.exception("job %s: recording its end failed; its lease will expire and the reaper ends it",
+                                 job.record.id)
+                return
         logger.warning("job %s: its lease was lost; its end is recorded by the reaper", job.record.id)
 
     def _write_end(self, job: RunningJob, code: int) -> None:
         record = job.record
+        interrupted = f"interrupted: worker {self.id} stopped while this job ran"
         if job.final is not None:
             state, error = job.final
             if state == JobState.cancelled and not job.cancel_requested:  # stopped by this worker stopping
-                self.table.release(self.id, record.id, f"interrupted: worker {self.id} stopped while this job ran")
+                self.table.release(self.id, record, interrupted)
                 return
-            self.table.finish(self.id, record, state, error)
+            self.table.finish(self.id, record, state, error, result=job.table if state == JobState.succeeded else None)
         elif job.cancel_requested:
             self.table.finish(self.id, record, JobState.cancelled, "killed after cancel; nothing was published")
         elif self._stopping.is_set():
-            self.table.release(self.id, record.id, f"interrupted: worker {self.id} stopped while this job ran")
+            self.table.release(self.id, record, interrupted)
         else:
             self.table.finish(self.id, record, JobState.failed, f"worker exited with code {code} before finishing; "
                               "nothing was published")

@@ -21,7 +21,7 @@ from trainer.config import TrainConfig
 from .job_table import JobTable
 from .manager import EvalRunner, new_job_id
 from .queue_worker import QueueWorker
-from .records import JobRecord, training_request
+from .records import JobRecord, JobState, training_request
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ class SharedJobManager:
                                   cancel_grace_seconds=cancel_grace_seconds) if worker_kinds else None
         self.fingerprint: Callable[[], dict | None] = lambda: None  # the served model's, once loaded (set by the app)
         self.heartbeat_seconds = heartbeat_seconds
-        self._counts: dict[str | None, dict[str, int]] = {}
+        self._counts: dict[str, dict[str, int]] = {}  # kind -> state -> jobs, as of the last heartbeat
         self._stop = threading.Event()
-        self._reaper: threading.Thread | None = None
+        self._background: threading.Thread | None = None
 
     @property
     def eval_runner(self) -> EvalRunner | None:
@@ -70,24 +70,32 @@ class SharedJobManager:
             self.worker.start()  # it reaps expired leases at every heartbeat
         else:
             logger.info("no embedded job worker: jobs submitted here run on other servers or `softprompt worker` processes")
-            self._reaper = threading.Thread(target=self._reap, name="job-reaper", daemon=True)
-            self._reaper.start()
+        self._background = threading.Thread(target=self._keep_up, name="job-counts", daemon=True)
+        self._background.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self.worker is not None:
             self.worker.stop()
-        if self._reaper is not None:
-            self._reaper.join(5)
+        if self._background is not None:
+            self._background.join(5)
         self.table.close()
 
-    def _reap(self) -> None:
-        """A serving-only replica still ends the jobs of workers that died (the last worker may be gone)."""
-        while not self._stop.wait(self.heartbeat_seconds):
+    def _keep_up(self) -> None:
+        """Every heartbeat: count jobs by kind and state (metrics read the counts without a query),
+        and, with no worker here, reap expired leases: a serving-only replica still ends the jobs
+        of workers that died (the last worker may be gone)."""
+        while True:
             try:
-                self.table.reap()
+                if self.worker is None:
+                    self.table.reap()
+                self._counts = self.table.counts()
             except StoreUnavailableError:
-                pass
+                pass  # the counts stay as they were; the next heartbeat tries again
+            except Exception:
+                logger.exception("job counts or reaping failed; trying again at the next heartbeat")
+            if self._stop.wait(self.heartbeat_seconds):
+                return
 
     # ----------------------------------------------------------------- the JobManager interface
     def submit(self, name: str, config: TrainConfig, train_data: bytes, eval_data: bytes | None, *,
@@ -123,19 +131,17 @@ class SharedJobManager:
     def result(self, job_id: str) -> dict | None:
         return self.table.result(job_id)
 
-    def save_result(self, job_id: str, table: dict) -> None:
-        self.table.save_result(job_id, table)
-
     def cancel(self, job_id: str, kind: str | None = None) -> JobRecord:
         return self.table.cancel(job_id, kind)
 
     def counts_by_state(self, kind: str | None = None) -> dict[str, int]:
-        """From the database; while it is away, the last counts read (a metrics scrape never fails on it)."""
-        try:
-            self._counts[kind] = self.table.counts_by_state(kind)
-        except StoreUnavailableError:
-            pass
-        return self._counts.get(kind) or {}
+        """As of the last heartbeat (a metrics scrape never waits on the database, or fails with it)."""
+        counts = {state.value: 0 for state in JobState}
+        for each, by_state in self._counts.items():
+            if kind in (None, each):
+                for state, number in by_state.items():
+                    counts[state] += number
+        return counts
 
     def threads_in_use(self) -> int:
         return self.worker.threads_held if self.worker is not None else 0

@@ -98,7 +98,9 @@ def _train(folder: Path, request: dict, ranks, report) -> int:
     if not ranks.is_main:
         return 0
     write_curves(result.history, folder)
-    with open_store(request.get("store") or CommonSettings().store) as store:  # the parent passes SOFTPROMPT_STORE
+    url = CommonSettings().store  # the parent passes SOFTPROMPT_STORE
+    _check_lease(url, request)
+    with open_store(url) as store:
         version = publish_result(store, request["name"], frozen, result)
     report("succeeded", version=str(version.id), metrics=_jsonable(result.metrics))
     return 0
@@ -145,9 +147,22 @@ def _evaluate(folder: Path, request: dict) -> int:
             emit("cancelled")
             return 0
         (folder / RESULT).write_text(json.dumps(table))
-        record_results(store, table, source=f"eval job {folder.name}")
+        record_results(store, table, source=f"eval job {request.get('job_id', folder.name)}")
     emit("succeeded", metrics=summary(table))
     return 0
+
+
+def _check_lease(url: str, request: dict) -> None:
+    """A job from the shared database publishes only while its worker still holds the lease (with a
+    heartbeat to spare): once the lease is gone the job may be running elsewhere."""
+    lease = request.get("lease")
+    if lease is None:  # a job of a folder store: its server alone runs it
+        return
+    from .job_table import lease_held
+
+    if not lease_held(url, request["job_id"], lease["worker"], lease["attempt"], margin_seconds=lease["margin_seconds"]):
+        raise RuntimeError("the job's lease was lost before publishing (its worker stopped renewing it); nothing was "
+                           "published")
 
 
 def _check_model(frozen, wanted: dict | None) -> None:

@@ -87,14 +87,14 @@ async def submit_eval(request: Request, jobs: Jobs, state: State, settings: Sett
 # Reads need the admin key too: a table holds the uploaded examples and the predictions.
 @router.get("", dependencies=[AdminAuth], responses=error_responses(401, 403))
 async def list_evals(jobs: Jobs) -> dict:
-    return {"jobs": [public(r) for r in jobs.list("eval")]}
+    return {"jobs": [public(r) for r in await run_in_threadpool(jobs.list, "eval")]}
 
 
 @router.get("/{job_id}", dependencies=[AdminAuth], responses=error_responses(401, 403, 404, 422))
 async def get_eval(job_id: str, jobs: Jobs,
                    examples: bool = Query(True, description="include every example's predictions and outcomes")) -> dict:
     """The job, and once it succeeded, its `table`: scores with 95 % intervals and the paired tests."""
-    record = jobs.get(job_id, "eval")
+    record = await run_in_threadpool(jobs.get, job_id, "eval")
     answer = public(record)
     table = await run_in_threadpool(jobs.result, job_id) if record.state.value == "succeeded" else None
     if table is not None and not examples:
@@ -105,14 +105,14 @@ async def get_eval(job_id: str, jobs: Jobs,
 
 @router.post("/{job_id}/cancel", dependencies=[AdminAuth], responses=error_responses(401, 403, 404, 409, 422))
 async def cancel_eval(job_id: str, jobs: Jobs) -> dict:
-    return public(jobs.cancel(job_id, "eval"))
+    return public(await run_in_threadpool(jobs.cancel, job_id, "eval"))
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, dependencies=[AdminAuth],
             responses={**event_stream("`progress` events, then `end`", "progress", "end"), **error_responses(401, 403, 404, 422)})
 async def eval_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceResponse:
     """Server-Sent Events: one `progress` event per change, then a final `end` event."""
-    return job_event_stream(jobs, jobs.get(job_id, "eval"), request, public)
+    return job_event_stream(jobs, await run_in_threadpool(jobs.get, job_id, "eval"), request, public)
 
 
 def _flag(value) -> bool:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 
+from prompt_store import StoreUnavailableError
+
 from ..jobs import JobManager
 from ..jobs.records import JobRecord
 
@@ -22,7 +24,11 @@ def job_event_stream(jobs: JobManager, record: JobRecord, request: Request, rend
         while not current.state.finished:
             if await request.is_disconnected():
                 return
-            newer = await asyncio.to_thread(jobs.wait_for_change, record.id, current.revision, 10.0)
+            try:
+                newer = await asyncio.to_thread(jobs.wait_for_change, record.id, current.revision, 10.0)
+            except StoreUnavailableError:  # the jobs' database is away: keep the stream, try again
+                await asyncio.sleep(1.0)
+                continue
             if newer.revision != current.revision:
                 current = newer
                 yield {"event": "progress", "data": json.dumps(render(current))}

@@ -97,29 +97,29 @@ async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempo
 
 @router.get("")
 async def list_jobs(jobs: Jobs) -> dict:
-    return {"jobs": [public(r) for r in jobs.list("train")]}
+    return {"jobs": [public(r) for r in await run_in_threadpool(jobs.list, "train")]}
 
 
 @router.get("/{job_id}", responses=error_responses(404, 422))
 async def get_job(job_id: str, jobs: Jobs) -> dict:
-    return public(jobs.get(job_id, "train"))
+    return public(await run_in_threadpool(jobs.get, job_id, "train"))
 
 
 @router.post("/{job_id}/cancel", dependencies=[AdminAuth], responses=error_responses(401, 403, 404, 409, 422))
 async def cancel_job(job_id: str, jobs: Jobs) -> dict:
-    return public(jobs.cancel(job_id, "train"))
+    return public(await run_in_threadpool(jobs.cancel, job_id, "train"))
 
 
 @router.get("/{job_id}/curve", responses=error_responses(404, 422))
 async def job_curve(job_id: str, jobs: Jobs) -> dict:
     """The training curve as JSON: step, loss and validation metric per step."""
-    record = jobs.get(job_id, "train")
+    record = await run_in_threadpool(jobs.get, job_id, "train")
     return {"id": record.id, "history": record.history}
 
 
 @router.get("/{job_id}/curve.png", response_class=Response, responses={**PNG, **error_responses(404, 422)})
 async def job_curve_png(job_id: str, jobs: Jobs) -> Response:
-    record = jobs.get(job_id, "train")
+    record = await run_in_threadpool(jobs.get, job_id, "train")
     png = await run_in_threadpool(_curve_png, record.history)
     return Response(png, media_type="image/png")
 
@@ -128,7 +128,7 @@ async def job_curve_png(job_id: str, jobs: Jobs) -> Response:
             responses={**event_stream("`progress` events, then `end`", "progress", "end"), **error_responses(404, 422)})
 async def job_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceResponse:
     """Server-Sent Events: one `progress` event per change, then a final `end` event."""
-    return job_event_stream(jobs, jobs.get(job_id, "train"), request, public)
+    return job_event_stream(jobs, await run_in_threadpool(jobs.get, job_id, "train"), request, public)
 
 
 def _curve_png(history: list[dict]) -> bytes:
