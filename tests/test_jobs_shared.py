@@ -126,7 +126,8 @@ def test_an_attempt_that_lost_its_lease_changes_nothing_even_for_the_same_worker
         assert second.record.attempts == 2
         stale = first.record.model_copy(update={"step": 99})
         assert not table.update("w1", stale) and not table.finish("w1", stale, JobState.succeeded)
-        assert table.renew("w1", [(queued.id, 1)], 30) == {} and table.renew("w1", [(queued.id, 2)], 30) == {queued.id: False}
+        assert table.renew("w1", [(queued.id, 1)], 30) == {}
+        assert table.renew("w1", [(queued.id, 1), (queued.id, 2)], 30) == {(queued.id, 2): False}
         now = table.get(queued.id)
         assert now.state == JobState.running and now.attempts == 2 and now.step == 0
         assert table.finish("w1", second.record, JobState.succeeded)

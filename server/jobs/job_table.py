@@ -191,9 +191,9 @@ class JobTable:
         record, request, train_data, eval_data = row
         return ClaimedJob(JobRecord.model_validate(record), request, train_data, eval_data)
 
-    def renew(self, worker: str, held: list[tuple[str, int]], lease_seconds: float) -> dict[str, bool]:
-        """Extend the leases of `held` (job id, attempt) that `worker` still holds: {job id: cancel
-        requested}; a job missing from the answer is no longer this attempt's (it was reaped)."""
+    def renew(self, worker: str, held: list[tuple[str, int]], lease_seconds: float) -> dict[tuple[str, int], bool]:
+        """Extend the leases of `held` (job id, attempt) that `worker` still holds: {(job id, attempt):
+        cancel requested}; one missing from the answer is no longer this attempt's (it was reaped)."""
         if not held:
             return {}
         ids, attempts = [job_id for job_id, _ in held], [attempt for _, attempt in held]
@@ -201,9 +201,9 @@ class JobTable:
             rows = conn.execute(
                 "UPDATE softprompt_jobs SET lease_expires_at = now() + make_interval(secs => %s) "
                 "WHERE (id, attempts) IN (SELECT * FROM unnest(%s::text[], %s::integer[])) AND worker = %s "
-                "AND state = 'running' RETURNING id, cancel_requested",
+                "AND state = 'running' RETURNING id, attempts, cancel_requested",
                 (lease_seconds, ids, attempts, worker)).fetchall()
-        return dict(rows)
+        return {(job_id, attempt): cancel for job_id, attempt, cancel in rows}
 
     def cancels_requested(self, job_ids: list[str]) -> set[str]:
         """Which of these jobs a client asked to cancel (a read, for the moments between heartbeats)."""

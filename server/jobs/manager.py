@@ -288,6 +288,8 @@ class JobManager:
 
         def emit(event: str, **fields) -> None:
             nonlocal final
+            if event == "succeeded" and fields.get("table") is not None:  # the whole table, kept beside the record
+                self.files.save_result(job_id, fields.pop("table"))
             final = self._apply(job_id, {"event": event, **fields}) or final
 
         try:
@@ -329,8 +331,6 @@ class JobManager:
             if fold_progress(record, kind, event):
                 self._touch(record, persist=kind == "started")
             elif kind == "succeeded":
-                if event.get("table") is not None:  # an evaluation's whole table, kept beside its record
-                    self.files.save_result(job_id, event["table"])
                 record.version, record.metrics = event.get("version"), event.get("metrics", {})
                 self._finish(record, JobState.succeeded)
                 return kind

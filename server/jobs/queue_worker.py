@@ -164,11 +164,11 @@ class QueueWorker:
         asked = time.monotonic()  # the database counts the lease from about now, whatever the call then waits
         answer = self.table.renew(self.id, [job.key for job in jobs], self.lease_seconds)
         for job in jobs:
-            if job.record.id not in answer:
+            if job.key not in answer:
                 self._lose(job, "this worker's lease was lost (reaped)")
             else:
                 job.lease_deadline = asked + self.lease_seconds - self.heartbeat_seconds
-        self._apply_cancels({job_id for job_id, cancel in answer.items() if cancel})
+        self._apply_cancels({job_id for (job_id, _), cancel in answer.items() if cancel})
         self.table.reap()
         for job in jobs:
             if job.dirty and not job.lost:
@@ -197,6 +197,7 @@ class QueueWorker:
                 elif job.kill_at is not None and moment > job.kill_at:
                     logger.warning("job %s: did not stop within %.0f s of cancel; killing it", job.record.id,
                                    self.cancel_grace_seconds)
+                    job.kill_at = None
                     job.kill()
 
     def _lose(self, job: RunningJob, why: str) -> None:
@@ -209,11 +210,12 @@ class QueueWorker:
 
     def _claim_while_free(self) -> None:
         while not self._stopping.is_set() and len(self._running) < self.concurrency:
+            asked = time.monotonic()  # the database's lease counts from about now
             claimed = self.table.claim(self.id, self.kinds, self.lease_seconds)
             if claimed is None:
                 return
             try:
-                self._start(claimed)
+                self._start(claimed, lease_deadline=asked + self.lease_seconds - self.heartbeat_seconds)
             except Exception as exc:  # e.g. the local disk is full: the job ends now, not at its lease's expiry
                 logger.exception("job %s: could not be started", claimed.record.id)
                 with self._lock:
@@ -222,7 +224,7 @@ class QueueWorker:
                                   f"worker {self.id} could not start it: {type(exc).__name__}: {exc}")
 
     # ----------------------------------------------------------------- one job
-    def _start(self, claimed: ClaimedJob) -> None:
+    def _start(self, claimed: ClaimedJob, *, lease_deadline: float) -> None:
         record = claimed.record
         folder = self.scratch / (record.id if record.attempts == 1 else f"{record.id}.{record.attempts}")
         folder.mkdir(parents=True, exist_ok=True)
@@ -241,7 +243,7 @@ class QueueWorker:
         (folder / REQUEST).write_text(json.dumps(request, indent=2))
         in_process = record.kind == "eval" and self.eval_runner is not None  # through this server's engine
         threads = 0 if in_process else self.threads * record.processes
-        job = RunningJob(record, folder, threads, lease_deadline=time.monotonic() + self.lease_seconds - self.heartbeat_seconds)
+        job = RunningJob(record, folder, threads, lease_deadline=lease_deadline)
         with self._lock:
             self._running[job.key] = job
             self._threads_held += threads
@@ -324,13 +326,18 @@ class QueueWorker:
                 return
             except StoreUnavailableError as exc:
                 logger.warning("job %s: cannot record its end yet (%s); retrying", job.record.id, exc)
-                if self._stopping.wait(FINISH_RETRY_SECONDS) and time.monotonic() > job.lease_deadline:
+                if self._stopping.is_set() and time.monotonic() > job.lease_deadline:
                     return  # stopping, and the lease is about to expire: the reaper records the end
+                time.sleep(FINISH_RETRY_SECONDS)
             except Exception:
                 logger.exception("job %s: recording its end failed; its lease will expire and the reaper ends it",
                                  job.record.id)
                 return
-        logger.warning("job %s: its lease was lost; its end is recorded by the reaper", job.record.id)
+        try:  # if the lease is in fact still this attempt's (a renewal that came too late), hand the job back now
+            self.table.release(self.id, job.record, f"worker {self.id} could not renew its lease in time and stopped the "
+                               "job; nothing was published")
+        except Exception as exc:
+            logger.warning("job %s: its lease was lost (%s); the reaper records its end", job.record.id, exc)
 
     def _write_end(self, job: RunningJob, code: int) -> None:
         record = job.record

@@ -124,7 +124,8 @@ def _evaluate(folder: Path, request: dict) -> int:
     examples = parse_examples((folder / EVAL_DATA).read_text(encoding="utf-8").splitlines(), source=request["data"]["name"])
     frozen = load_frozen_model(request["model"], device=request.get("device"))
     _check_model(frozen, request.get("fingerprint"))
-    with open_store(CommonSettings().store) as store:
+    url = CommonSettings().store  # the parent passes SOFTPROMPT_STORE
+    with open_store(url) as store:
         references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
         hints = [r.hint for r in references]
         task = choose_task(hints, examples, request["task"])
@@ -146,6 +147,7 @@ def _evaluate(folder: Path, request: dict) -> int:
         if stop():
             emit("cancelled")
             return 0
+        _check_lease(url, request)  # an attempt that lost its lease records nothing
         (folder / RESULT).write_text(json.dumps(table))
         record_results(store, table, source=f"eval job {request.get('job_id', folder.name)}")
     emit("succeeded", metrics=summary(table))
