@@ -37,8 +37,8 @@ from safetensors.torch import save
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from tests.local_servers import start_server  # noqa: E402
-from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir, free_port  # noqa: E402
+from tests.local_servers import start_database, start_server, stop_at_exit  # noqa: E402
+from tests.postgres_cluster import free_port  # noqa: E402
 
 
 def safetensors_bytes(hidden: int, seed: int) -> bytes:
@@ -106,23 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-seconds", type=float, default=1.0, help="both stores' fallback/poll interval")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    bindir = find_bindir()
-    if bindir is None:
-        raise SystemExit(INSTALL_HINT)
-
     results = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        cluster = PostgresCluster(bindir).init()
-        stack.callback(cluster.destroy)
-        cluster.start()
-        stores = {"postgresql": cluster.create_database(), "folder": str(Path(tmp) / "store")}
+        _, url = start_database(stack)
+        stores = {"postgresql": url, "folder": str(Path(tmp) / "store")}
         for backend, store in stores.items():
             servers = []
             for name in ("a", "b"):
                 port = free_port()
-                process = start_server(store, Path(tmp) / backend / name, port, model=args.model, poll_seconds=args.poll_seconds)
-                stack.callback(process.wait, 30)
-                stack.callback(process.terminate)
+                process = stop_at_exit(stack, start_server(store, Path(tmp) / backend / name, port, model=args.model,
+                                                           poll_seconds=args.poll_seconds))
                 servers.append((process, f"http://127.0.0.1:{port}"))
             (_, a), (_, b) = servers
             hidden = httpx.get(f"{a}/stats").json()["model"]["hidden_size"]

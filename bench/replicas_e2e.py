@@ -24,34 +24,24 @@ from safetensors.torch import save
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from tests.local_servers import start_nginx, start_server  # noqa: E402
-from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir, free_port  # noqa: E402
+from tests.local_servers import start_database, start_nginx, start_server, stop_at_exit  # noqa: E402
+from tests.postgres_cluster import free_port  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     args = parser.parse_args(argv)
-    bindir = find_bindir()
-    if bindir is None:
-        raise SystemExit(INSTALL_HINT)
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        cluster = PostgresCluster(bindir).init()
-        stack.callback(cluster.destroy)
-        cluster.start()
-        url = cluster.create_database()
-        print(f"PostgreSQL {bindir.parent.name} on 127.0.0.1:{cluster.port}, store {url}")
+        cluster, url = start_database(stack)
+        print(f"PostgreSQL {cluster.bindir.parent.name} on 127.0.0.1:{cluster.port}, store {url}")
         ports = {}
         for name in ("a", "b"):
             ports[name] = free_port()
-            process = start_server(url, Path(tmp) / name, ports[name], model=args.model)
-            stack.callback(process.wait, 30)
-            stack.callback(process.terminate)
+            stop_at_exit(stack, start_server(url, Path(tmp) / name, ports[name], model=args.model))
             print(f"replica {name} ready on 127.0.0.1:{ports[name]}")
         lb_port = free_port()
-        nginx = start_nginx(list(ports.values()), lb_port, Path(tmp) / "nginx")
-        stack.callback(nginx.wait, 10)
-        stack.callback(nginx.terminate)
+        stop_at_exit(stack, start_nginx(list(ports.values()), lb_port, Path(tmp) / "nginx"), timeout=10)
         lb = f"http://127.0.0.1:{lb_port}"
         print(f"nginx on {lb} -> {', '.join(f'127.0.0.1:{p}' for p in ports.values())}")
         replica_of = {f"127.0.0.1:{p}": name for name, p in ports.items()}

@@ -25,8 +25,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from tests.local_servers import start_server, start_worker  # noqa: E402
-from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir, free_port  # noqa: E402
+from tests.local_servers import start_database, start_server, start_worker, stop_at_exit  # noqa: E402
+from tests.postgres_cluster import free_port  # noqa: E402
 
 DATA = REPO / "examples" / "data" / "sentiment.train.jsonl"
 INIT = "Classify the sentiment of this review as positive or negative."
@@ -55,27 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="training steps (a few: this shows the plumbing)")
     parser.add_argument("--examples", type=int, default=64, help="training examples sent")
     args = parser.parse_args(argv)
-    bindir = find_bindir()
-    if bindir is None:
-        raise SystemExit(INSTALL_HINT)
     rows = DATA.read_text().splitlines()[: args.examples]
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        cluster = PostgresCluster(bindir).init()
-        stack.callback(cluster.destroy)
-        cluster.start()
-        url = cluster.create_database()
+        cluster, url = start_database(stack)
         print(f"PostgreSQL on 127.0.0.1:{cluster.port}: store and job queue {url}")
         bases = {}
         for name in ("a", "b"):
             port = free_port()
-            process = start_server(url, Path(tmp) / name, port, model=args.model, env={"SOFTPROMPT_WORKER_JOBS": "none"})
-            stack.callback(process.wait, 30)
-            stack.callback(process.terminate)
+            stop_at_exit(stack, start_server(url, Path(tmp) / name, port, model=args.model,
+                                             env={"SOFTPROMPT_WORKER_JOBS": "none"}))
             bases[name] = f"http://127.0.0.1:{port}"
             print(f"replica {name} serving on {bases[name]} (embedded worker off)")
-        worker = start_worker(url, Path(tmp) / "worker", model=args.model, threads=1)
-        stack.callback(worker.wait, 60)
-        stack.callback(worker.terminate)
+        worker = stop_at_exit(stack, start_worker(url, Path(tmp) / "worker", model=args.model, threads=1), timeout=60)
         print(f"worker pid {worker.pid} waiting for jobs (log {Path(tmp) / 'worker' / 'worker.log'})")
 
         with httpx.Client(timeout=120) as client:

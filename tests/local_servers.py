@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+
+from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +45,25 @@ http {{
     }}
 }}
 """
+
+
+def start_database(stack: ExitStack) -> tuple[PostgresCluster, str]:
+    """A throwaway PostgreSQL server from the machine's binaries and a fresh database on it (its URL),
+    both removed when `stack` closes."""
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit(INSTALL_HINT)
+    cluster = PostgresCluster(bindir).init()
+    stack.callback(cluster.destroy)
+    cluster.start()
+    return cluster, cluster.create_database()
+
+
+def stop_at_exit(stack: ExitStack, process: subprocess.Popen, timeout: float = 30) -> subprocess.Popen:
+    """Terminate `process` and wait for it when `stack` closes."""
+    stack.callback(process.wait, timeout)
+    stack.callback(process.terminate)
+    return process
 
 
 def start_server(store: str, workdir: Path, port: int, *, model: str = "default", poll_seconds: float = 1.0,
