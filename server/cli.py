@@ -48,18 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
 
     from server.app import create_app
-    from server.settings import Settings
+    from server.settings import settings_from
 
-    given = {"model": args.model, "store": args.store, "host": args.host, "port": args.port}
-    try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(map(str, error["loc"]))
-            print(f"softprompt serve: {'SOFTPROMPT_' + field.upper() + ': ' if field else ''}{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+    settings = settings_from("serve", {"model": args.model, "store": args.store, "host": args.host, "port": args.port})
+    if settings is None:
         return 2
     app = create_app(settings)
     # Requests still running this long after SIGTERM are cut off: a shutdown always finishes.

@@ -194,37 +194,14 @@ class ResidentEvalRunner:
         except ComparisonCancelled:
             emit("cancelled")
             return
-        frozen, engine, store = self.state.frozen, self.state.engine, self.state.store
-        request = json.loads((folder / REQUEST).read_text())
-        examples = parse_examples((folder / EVAL_DATA).read_text(encoding="utf-8").splitlines(), source=request["data"]["name"])
-        references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
-        hints = [r.hint for r in references]
-        task = choose_task(hints, examples, request["task"])
+        frozen, engine = self.state.frozen, self.state.engine
         limit = min(MAX_EVAL_NEW_TOKENS, self.state.settings.max_new_tokens_limit)
-        max_new_tokens = choose_max_new_tokens(hints, request["max_new_tokens"], limit=limit)
-        score = EngineScorer(frozen, engine, task, max_new_tokens=max_new_tokens, chunk_size=self.chunk_size,
-                             should_stop=should_stop)
-        emit("started", num_train_examples=0, num_eval_examples=len(examples))
-
-        def progress(p):
-            emit("progress", step=p.done, total=p.total, loss=None, val_metric=None,
-                 eta_seconds=p.eta_seconds, elapsed_seconds=p.elapsed_seconds)
-
-        try:
-            table = run_comparison(score, references, examples, task, data=request["data"], max_new_tokens=max_new_tokens,
-                                   chunk_size=self.chunk_size, on_progress=progress, should_stop=should_stop)
-        except ComparisonCancelled:
-            emit("cancelled")
-            return
-        if should_stop():  # a cancel that came with the last batch: nothing is kept
-            emit("cancelled")
-            return
-        job_id = request.get("job_id", folder.name)
-        recorded = record_results(store, table, source=f"eval job {job_id}")
-        logger.info("eval job %s: %s; recorded with %s", job_id,
-                    ", ".join(f"{r['reference']} {r['score']:.3f}" for r in table["results"]), ", ".join(recorded) or "no version")
-        emit("succeeded", metrics=summary(table), table=table)  # the job manager keeps the table with the job's end
-
+        table = score_eval_job(
+            folder, frozen, self.state.store, emit, should_stop, limit=limit, chunk_size=self.chunk_size,
+            scorer=lambda task, max_new_tokens: EngineScorer(frozen, engine, task, max_new_tokens=max_new_tokens,
+                                                             chunk_size=self.chunk_size, should_stop=should_stop))
+        if table is not None:
+            emit("succeeded", metrics=summary(table), table=table)  # the job manager keeps the table with the job's end
 
     def _wait_for_model(self, should_stop) -> None:
         """Until the model is loaded; a failed load, a cancel or a shutdown ends the wait at once."""
@@ -236,6 +213,43 @@ class ResidentEvalRunner:
                 raise ComparisonCancelled("evaluation cancelled before the model was loaded")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the model was still loading after {self.ready_timeout_s:.0f} s; nothing was scored")
+
+
+def score_eval_job(folder: Path, frozen: FrozenModel, store: PromptStore, emit, should_stop, *, limit: int, chunk_size: int,
+                   scorer: Callable[[Task, int], Callable], before_recording: Callable[[dict], None] = lambda table: None,
+                   ) -> dict | None:
+    """An evaluation job's comparison, wherever it runs: read request.json and the data in `folder`,
+    score every reference with `scorer(task, max_new_tokens)`, reporting `started` and `progress`
+    through `emit`; `before_recording(table)` runs before the scores are recorded with their
+    versions. Returns the table, or None when the job was cancelled (`cancelled` emitted)."""
+    request = json.loads((folder / REQUEST).read_text())
+    examples = parse_examples((folder / EVAL_DATA).read_text(encoding="utf-8").splitlines(), source=request["data"]["name"])
+    references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
+    hints = [r.hint for r in references]
+    task = choose_task(hints, examples, request["task"])
+    max_new_tokens = choose_max_new_tokens(hints, request["max_new_tokens"], limit=limit)
+    score = scorer(task, max_new_tokens)
+    emit("started", num_train_examples=0, num_eval_examples=len(examples))
+
+    def progress(p):
+        emit("progress", step=p.done, total=p.total, loss=None, val_metric=None,
+             eta_seconds=p.eta_seconds, elapsed_seconds=p.elapsed_seconds)
+
+    try:
+        table = run_comparison(score, references, examples, task, data=request["data"], max_new_tokens=max_new_tokens,
+                               chunk_size=chunk_size, on_progress=progress, should_stop=should_stop)
+    except ComparisonCancelled:
+        emit("cancelled")
+        return None
+    if should_stop():  # a cancel that came with the last batch: nothing is kept
+        emit("cancelled")
+        return None
+    before_recording(table)
+    job_id = request.get("job_id", folder.name)
+    recorded = record_results(store, table, source=f"eval job {job_id}")
+    logger.info("eval job %s: %s; recorded with %s", job_id,
+                ", ".join(f"{r['reference']} {r['score']:.3f}" for r in table["results"]), ", ".join(recorded) or "no version")
+    return table
 
 
 def summary(table: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sys
 
 from pydantic import Field, field_validator, model_validator
 
@@ -131,3 +132,19 @@ class Settings(CommonSettings):
             if old in os.environ:
                 logger.warning("%s is no longer read; see %s", old, new)
         return self
+
+
+def settings_from(command: str, given: dict) -> Settings | None:
+    """The settings of `softprompt <command>`: the environment's, with the command line's values on
+    top (None: not given). An invalid value prints each problem as `softprompt <command>:
+    SOFTPROMPT_<FIELD>: message` on stderr and returns None."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{key: value for key, value in given.items() if value is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(map(str, error["loc"]))
+            where = f"SOFTPROMPT_{field.upper()}: " if field else ""
+            print(f"softprompt {command}: {where}{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return None

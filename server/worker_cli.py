@@ -36,20 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from prompt_store import PromptStoreError
     from server.jobs.job_table import JobTable
     from server.jobs.queue_worker import QueueWorker
-    from server.settings import Settings
+    from server.settings import settings_from
 
-    given = {"store": args.store, "model": args.model, "device": args.device, "train_concurrency": args.concurrency,
-             "train_threads": args.threads, "jobs_dir": args.jobs_dir, "worker_jobs": args.jobs}
-    try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        for error in exc.errors():
-            print(f"softprompt worker: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+    settings = settings_from("worker", {"store": args.store, "model": args.model, "device": args.device,
+                                        "train_concurrency": args.concurrency, "train_threads": args.threads,
+                                        "jobs_dir": args.jobs_dir, "worker_jobs": args.jobs})
+    if settings is None:
         return 2
     if not settings.worker_kinds:
         print("softprompt worker: --jobs names no kind of job to take; use train, eval or train,eval", file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 
-from .records import JobRecord
+from .records import JobRecord, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,19 @@ def fold_progress(record: JobRecord, kind: str | None, event: dict) -> bool:
             record.history.append({k: event.get(k) for k in ("step", "loss", "val_metric", "elapsed_seconds")})
         return True
     return False
+
+
+def fold_end(record: JobRecord, kind: str | None, event: dict) -> tuple[JobState, str | None] | None:
+    """For an event that ends the job (`succeeded` sets the version and metrics): the state and
+    error it ends with; None for any other event."""
+    if kind == "succeeded":
+        record.version, record.metrics = event.get("version"), event.get("metrics", {})
+        return JobState.succeeded, None
+    if kind == "failed":
+        return JobState.failed, event.get("error")
+    if kind == "cancelled":
+        return JobState.cancelled, None
+    return None
 
 
 def read_events(lines: Iterable[bytes | str]) -> Iterator[dict]:

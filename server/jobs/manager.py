@@ -22,7 +22,7 @@ from prompt_store import IdempotencyKeyReusedError
 from trainer.config import TrainConfig
 
 from .errors import JobNotFoundError, JobStateError
-from .events import fold_progress, read_events
+from .events import fold_end, fold_progress, read_events
 from .job_files import CANCEL_FLAG, EVAL_DATA, TRAIN_DATA, JobFiles
 from .launch import launch_worker
 from .records import JobRecord, JobState, now, training_request
@@ -330,20 +330,15 @@ class JobManager:
             record = self._records[job_id]
             if fold_progress(record, kind, event):
                 self._touch(record, persist=kind == "started")
-            elif kind == "succeeded":
-                record.version, record.metrics = event.get("version"), event.get("metrics", {})
-                self._finish(record, JobState.succeeded)
-                return kind
-            elif kind == "cancelled":
-                if self._stopping and not (self.files.folder(job_id) / CANCEL_FLAG).exists():  # stopped by shutdown
-                    self._finish(record, JobState.failed, error="interrupted: the server stopped while this job ran")
-                else:
-                    self._finish(record, JobState.cancelled)
-                return kind
-            elif kind == "failed":
-                self._finish(record, JobState.failed, error=event.get("error"))
-                return kind
-        return None
+                return None
+            end = fold_end(record, kind, event)
+            if end is None:
+                return None
+            state, error = end
+            if state == JobState.cancelled and self._stopping and not (self.files.folder(job_id) / CANCEL_FLAG).exists():
+                state, error = JobState.failed, "interrupted: the server stopped while this job ran"  # stopped by shutdown
+            self._finish(record, state, error=error)
+            return kind
 
     def _finish(self, record: JobRecord, state: JobState, error: str | None = None) -> None:
         record.state, record.error, record.finished_at = state, error, now()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from prompt_store import StoreUnavailableError
 
-from .events import fold_progress, read_events
+from .events import fold_end, fold_progress, read_events
 from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, RESULT, TRAIN_DATA
 from .job_table import ClaimedJob, JobTable
 from .launch import launch_worker
@@ -299,14 +299,9 @@ class QueueWorker:
             job.dirty = True
             if kind == "started" or time.monotonic() - job.last_write >= PROGRESS_WRITE_SECONDS:
                 self._write_progress(job)
-        elif kind == "succeeded":
-            record.version, record.metrics = event.get("version"), event.get("metrics", {})
-            job.table = event.get("table")  # an in-process evaluation's result
-            job.final = (JobState.succeeded, None)
-        elif kind == "failed":
-            job.final = (JobState.failed, event.get("error"))
-        elif kind == "cancelled":
-            job.final = (JobState.cancelled, None)
+        elif (end := fold_end(record, kind, event)) is not None:
+            job.final = end
+            job.table = event.get("table")  # an in-process evaluation's result, with its success
 
     def _write_progress(self, job: RunningJob) -> None:
         if job.lost:

@@ -107,50 +107,33 @@ def _train(folder: Path, request: dict, ranks, report) -> int:
 
 
 def _evaluate(folder: Path, request: dict) -> int:
-    """An evaluation job on a worker with no serving engine: the same comparison `softprompt eval`
-    runs (trainer/compare.py), its table written to result.json for the parent to keep."""
+    """An evaluation job on a worker with no serving engine: the server's comparison, scored like
+    `softprompt eval` (trainer/compare.py), its table written to result.json for the parent to keep."""
     import torch
 
-    from server.evaluation import CHUNK_SIZE, MAX_EVAL_NEW_TOKENS, summary
+    from server.evaluation import CHUNK_SIZE, MAX_EVAL_NEW_TOKENS, score_eval_job, summary
     from trainer.batches import Encoder
-    from trainer.compare import (ComparisonCancelled, ReferenceSpec, choose_max_new_tokens, choose_task, load_references,
-                                 model_scorer, record_results, run_comparison)
-    from trainer.data import parse_examples
+    from trainer.compare import model_scorer
 
     from .job_files import RESULT
 
     if request.get("threads"):
         torch.set_num_threads(request["threads"])
-    examples = parse_examples((folder / EVAL_DATA).read_text(encoding="utf-8").splitlines(), source=request["data"]["name"])
     frozen = load_frozen_model(request["model"], device=request.get("device"))
     _check_model(frozen, request.get("fingerprint"))
     url = CommonSettings().store  # the parent passes SOFTPROMPT_STORE
-    with open_store(url) as store:
-        references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
-        hints = [r.hint for r in references]
-        task = choose_task(hints, examples, request["task"])
-        max_new_tokens = choose_max_new_tokens(hints, request["max_new_tokens"], limit=MAX_EVAL_NEW_TOKENS)
-        score = model_scorer(frozen, Encoder(frozen), task, max_new_tokens=max_new_tokens, batch_size=CHUNK_SIZE)
-        emit("started", num_train_examples=0, num_eval_examples=len(examples))
 
-        def progress(p):
-            emit("progress", step=p.done, total=p.total, loss=None, val_metric=None, eta_seconds=p.eta_seconds,
-                 elapsed_seconds=p.elapsed_seconds)
-
-        stop = (folder / CANCEL_FLAG).exists
-        try:
-            table = run_comparison(score, references, examples, task, data=request["data"], max_new_tokens=max_new_tokens,
-                                   chunk_size=CHUNK_SIZE, on_progress=progress, should_stop=stop)
-        except ComparisonCancelled:
-            emit("cancelled")
-            return 0
-        if stop():
-            emit("cancelled")
-            return 0
-        _check_lease(url, request)  # an attempt that lost its lease records nothing
+    def keep(table: dict) -> None:  # an attempt that lost its lease records and keeps nothing
+        _check_lease(url, request)
         (folder / RESULT).write_text(json.dumps(table))
-        record_results(store, table, source=f"eval job {request.get('job_id', folder.name)}")
-    emit("succeeded", metrics=summary(table))
+
+    with open_store(url) as store:
+        table = score_eval_job(
+            folder, frozen, store, emit, (folder / CANCEL_FLAG).exists, limit=MAX_EVAL_NEW_TOKENS, chunk_size=CHUNK_SIZE,
+            scorer=lambda task, max_new_tokens: model_scorer(frozen, Encoder(frozen), task, max_new_tokens=max_new_tokens,
+                                                             batch_size=CHUNK_SIZE), before_recording=keep)
+    if table is not None:
+        emit("succeeded", metrics=summary(table))
     return 0
 
 
