@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import Instrumentator, metrics
 
 from trainer.modeling import FrozenModel
 
@@ -24,7 +24,7 @@ from .body_limit import BodySizeLimit
 from .errors import register_error_handlers
 from .jobs import JobManager
 from .jobs.shared_manager import SharedJobManager
-from .metrics import RequestMetrics, StateCollector
+from .metrics import RequestMetrics, StateCollector, served_methods_only
 from .openapi_responses import openai_routes_answer_400
 from .evaluation import ResidentEvalRunner
 from .routes import eval as eval_routes
@@ -75,7 +75,9 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     app.add_middleware(QueueGate, paths=GENERATION_PATHS)  # before routing: a refusal costs nothing else
     # outermost: per-route request counts, sizes and latencies (softprompt_http_*), the gate's and
     # the body limit's refusals included; /metrics itself is not counted
-    Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app, metric_namespace="softprompt")
+    http_metrics = metrics.default(metric_namespace="softprompt", registry=registry)
+    Instrumentator(registry=registry, excluded_handlers=["/metrics"]).add(
+        served_methods_only(http_metrics, app.openapi)).instrument(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(prompts.router)
@@ -90,11 +92,12 @@ def job_manager(settings: Settings) -> JobManager | SharedJobManager:
     """Jobs beside a folder store run on this server; with a database store they live in the
     database, for every replica and worker (the embedded worker takes SOFTPROMPT_WORKER_JOBS)."""
     if settings.store_is_database:
-        return SharedJobManager(settings.store, jobs_dir=settings.jobs_folder, model_spec=settings.model,
+        return SharedJobManager(settings.store, jobs_dir=settings.jobs_dir, model_spec=settings.model,
                                 device=settings.device, threads=settings.train_threads, max_running=settings.train_concurrency,
                                 worker_kinds=settings.worker_kinds, lease_seconds=settings.job_lease_seconds,
-                                heartbeat_seconds=settings.job_heartbeat_seconds, max_attempts=settings.job_max_attempts)
-    return JobManager(settings.store, jobs_dir=settings.jobs_folder, model_spec=settings.model, device=settings.device,
+                                heartbeat_seconds=settings.job_heartbeat_seconds, max_attempts=settings.job_max_attempts,
+                                max_processes=settings.max_train_processes)
+    return JobManager(settings.store, jobs_dir=settings.jobs_dir, model_spec=settings.model, device=settings.device,
                       threads=settings.train_threads, max_running=settings.train_concurrency)
 
 

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from prompt_store.atomic import replace_json_atomically
+from prompt_store.settings import absolute
 
 from .records import JobRecord
 
@@ -24,7 +25,7 @@ CANCEL_FLAG = "cancel"
 
 class JobFiles:
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(absolute(root))
         self.root.mkdir(parents=True, exist_ok=True)
 
     def folder(self, job_id: str) -> Path:

@@ -19,12 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prompt_store import IdempotencyKeyReusedError
+from prompt_store.settings import absolute_model_spec
 from trainer.config import TrainConfig
 
 from .errors import JobNotFoundError, JobStateError
 from .events import fold_end, fold_progress, read_events
 from .job_files import CANCEL_FLAG, EVAL_DATA, TRAIN_DATA, JobFiles
-from .launch import launch_worker
+from .launch import absolute_store, launch_worker
 from .records import JobRecord, JobState, now, training_request
 
 logger = logging.getLogger(__name__)
@@ -71,9 +72,9 @@ class JobManager:
         max_running: int = 1,
         cancel_grace_seconds: float = 30.0,
     ):
-        self.store = str(store)  # a folder or a database URL: what the training worker publishes to
-        self.files = JobFiles(jobs_dir if jobs_dir is not None else Path(store) / "jobs")
-        self.model_spec = model_spec
+        self.store = absolute_store(str(store))  # a folder or a database URL: what the training worker publishes to
+        self.files = JobFiles(jobs_dir if jobs_dir is not None else Path(self.store) / "jobs")
+        self.model_spec = absolute_model_spec(model_spec)
         self.device = device
         self.threads = threads
         self.max_running = max_running
