@@ -21,6 +21,7 @@ from .errors import (
     PromptStoreError,
     SchemaVersionError,
     StoreUnavailableError,
+    UnstorableValueError,
 )
 from .fingerprint import ModelFingerprint
 from .names import VersionId, parse_ref, validate_name
@@ -48,6 +49,7 @@ __all__ = [
     "PromptVersion",
     "SchemaVersionError",
     "StoreUnavailableError",
+    "UnstorableValueError",
     "VersionId",
     "open_store",
     "parse_ref",

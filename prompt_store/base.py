@@ -77,15 +77,17 @@ class PromptStore(ABC):
     @abstractmethod
     def _write_version(self, name: str, weights: bytes, config: dict, meta: dict,
                        idempotency: tuple[str, str] | None) -> PromptVersion:
-        """Under the name's lock: return the version published earlier with `idempotency`'s key,
-        or take the next number (tombstones included) and write the whole version atomically."""
+        """Under the name's lock (and the key's, with `idempotency`): return the live version of
+        any name published earlier with `idempotency`'s key, refuse a name that is an alias, or
+        take the next number (tombstones included) and write the whole version atomically."""
 
     @abstractmethod
     def _write_alias(self, alias: str, target: VersionId) -> None:
-        """Point `alias` at `target` (checked to exist, and `alias` to be no prompt name)."""
+        """Point `alias` at `target`, checking under the locks that delete and publish take that
+        `target` is live and that `alias` is no prompt name."""
 
     @abstractmethod
-    def remove_alias(self, alias: str) -> None:
+    def _remove_alias(self, alias: str) -> None:
         """Remove `alias`; PromptNotFoundError when there is no such alias."""
 
     @abstractmethod
@@ -137,9 +139,22 @@ class PromptStore(ABC):
 
     # ----------------------------------------------------------------- reading
     def versions(self, name: str) -> list[PromptVersion]:
-        """All published versions of `name`, oldest first."""
+        """All published versions of `name`, oldest first (one deleted meanwhile is left out)."""
         validate_name(name)
-        return [self._read_version(VersionId(name, n)) for n in self._version_numbers(name)]
+        found = []
+        for number in self._version_numbers(name):
+            try:
+                found.append(self._read_version(VersionId(name, number)))
+            except PromptNotFoundError:  # deleted between listing and reading
+                continue
+        return found
+
+    def catalog(self) -> tuple[dict[str, list[PromptVersion]], dict[str, str]]:
+        """Every name's live versions (oldest first) and the aliases, for listings. A name whose
+        last version is deleted while this reads is left out, never an error."""
+        aliases = self.aliases()
+        by_name = {name: self.versions(name) for name in self.names()}
+        return {name: versions for name, versions in by_name.items() if versions}, aliases
 
     def resolve(self, ref: str) -> PromptVersion:
         """Find the version a reference names: `math-v2`, `math`/`math-latest` (newest), or an alias."""
@@ -208,8 +223,6 @@ class PromptStore(ABC):
         The key is kept in the version's metadata, written in the same atomic step, so the
         check and the publish are one step under the name's lock."""
         validate_name(name)
-        if name in self.aliases():
-            raise NameConflictError(f"{name!r} is an alias; choose another prompt name or remove the alias.")
         tensor = peft_format.validate_tensor(embeddings, where=f"prompt {name!r}")
         if tensor.shape[1] != fingerprint.hidden_size:
             raise IncompatibleModelError(
@@ -289,26 +302,29 @@ class PromptStore(ABC):
         logger.info("exported %s to %s", version.id, destination)
         return destination
 
+    def remove_alias(self, alias: str) -> None:
+        """Remove `alias` (InvalidNameError for a name no alias can have, PromptNotFoundError when there is none)."""
+        self._remove_alias(validate_name(alias, kind="alias"))
+
     def set_alias(self, alias: str, ref: str) -> VersionId:
         """Point `alias` at the version `ref` resolves to now (a fixed version, not a moving name)."""
         validate_name(alias, kind="alias")
-        if self._version_numbers(alias):
-            raise NameConflictError(f"{alias!r} is a prompt name; an alias must have a name of its own.")
         target = self.resolve(ref).id
         self._write_alias(alias, target)
         logger.info("alias %s -> %s", alias, target)
         return target
 
     # ----------------------------------------------------------------- helpers for backends
-    def _published_with(self, name: str, key: str, request_sha256: str) -> PromptVersion | None:
-        """The version of `name` published under Idempotency-Key `key`, if any (call under the name's lock)."""
-        for number in self._version_numbers(name):
-            version = self._read_version(VersionId(name, number))
-            if version.meta.get("idempotency_key") == key:
-                if version.meta.get("request_sha256") != request_sha256:
-                    raise IdempotencyKeyReusedError(key, f"it published {version.id}")
-                return version
-        return None
+    @staticmethod
+    def _earlier_answer(version: PromptVersion | None, key: str, request_sha256: str) -> PromptVersion | None:
+        """The live version published under Idempotency-Key `key` (found by the backend under the
+        key's lock), if it answered this same request; the key with another request is refused."""
+        if version is None:
+            return None
+        if version.meta.get("request_sha256") != request_sha256:
+            raise IdempotencyKeyReusedError(key, f"it published {version.id}")
+        logger.info("%s was already published with this Idempotency-Key", version.id)
+        return version
 
     def _not_found(self, ref: str) -> PromptNotFoundError:
         names = self.names()

@@ -76,9 +76,8 @@ def run(args: argparse.Namespace, fingerprinter: Fingerprinter | None = None) ->
 def _run(store, args: argparse.Namespace, fingerprinter: Fingerprinter | None) -> int:
     try:
         if args.command == "list":
-            aliases = store.aliases()
-            for name in store.names():
-                versions = store.versions(name)
+            by_name, aliases = store.catalog()
+            for name, versions in by_name.items():
                 listed = ", ".join(f"v{v.id.version}" for v in versions)
                 print(f"{name}: {listed} (latest {versions[-1].id})")
             for alias, target in sorted(aliases.items()):

@@ -86,6 +86,13 @@ class IdempotencyKeyReusedError(PromptStoreError, ValueError):
                          "use a new key for a new request.")
 
 
+class UnstorableValueError(PromptStoreError, ValueError):
+    """A value the store cannot hold (a NUL character in a text, a number out of range): the
+    request is refused, nothing is written."""
+
+    code = "invalid_value"
+
+
 class StoreUnavailableError(PromptStoreError):
     """The store cannot be reached now (its database is down or unreachable): retry later."""
 

@@ -8,7 +8,9 @@ Layout under the root::
     prompts/<name>/v<N>.deleted                    tombstone: version numbers are never reused
     aliases.json                                   {"math-prod": "math-v2", ...}
     evaluations/<name>/v<N>.json                   scores measured later (mutable, outside the version)
-    .locks/                                        file locks (one per name, one for aliases)
+    .locks/                                        file locks (one per name, one for aliases, one for
+                                                   Idempotency-Keys), always taken in that order:
+                                                   aliases or key, then name
     .tmp/<pid>-<uuid>/                             versions being written
 
 A version is written completely under `.tmp/`, fsync'd, then renamed into place, so a crash
@@ -24,6 +26,7 @@ import shutil
 import stat
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 from filelock import FileLock
@@ -32,6 +35,7 @@ from . import peft_format
 from .atomic import fsync_dir, pid_alive, replace_json_atomically, write_bytes_durably
 from .base import MAX_EVALUATIONS, META_FILE, PromptStore, json_safe
 from .errors import AliasInUseError, NameConflictError
+from .settings import absolute
 from .names import VersionId, parse_ref
 from .version import PromptVersion
 
@@ -44,7 +48,7 @@ class FolderStore(PromptStore):
     """The store in a folder on one machine (the embedded default)."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(absolute(root))
         self.location = str(self.root)
         self._prompts = self.root / "prompts"
         self._locks = self.root / ".locks"
@@ -117,12 +121,15 @@ class FolderStore(PromptStore):
         staging = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            with FileLock(self._locks / f"{name}.lock"):
-                earlier = self._published_with(name, *idempotency) if idempotency is not None else None
+            # a key answers one upload across every name: its look-up and the publish are one step
+            with (FileLock(self._locks / "_idempotency.lock") if idempotency else nullcontext()), \
+                    FileLock(self._locks / f"{name}.lock"):
+                earlier = self._earlier_answer(self._published_with_key(idempotency[0]), *idempotency) if idempotency else None
                 if earlier is not None:
                     shutil.rmtree(staging, ignore_errors=True)
-                    logger.info("%s was already published with this Idempotency-Key", earlier.id)
                     return earlier
+                if name in self.aliases():  # an alias is written under this name's lock too (_write_alias)
+                    raise NameConflictError(f"{name!r} is an alias; choose another prompt name or remove the alias.")
                 number = max(self._version_numbers(name, include_deleted=True), default=0) + 1
                 version_id = VersionId(name, number)
                 meta["name"], meta["version"], meta["id"] = name, number, str(version_id)
@@ -143,13 +150,27 @@ class FolderStore(PromptStore):
         logger.info("published %s (%d vectors) to %s", version_id, meta["num_virtual_tokens"], name_dir / f"v{number}")
         return self._read_version(version_id)
 
+    def _published_with_key(self, key: str) -> PromptVersion | None:
+        """The live version of any name whose metadata holds Idempotency-Key `key` (under the key's lock)."""
+        for name in self.names():
+            for version in self.versions(name):
+                if version.meta.get("idempotency_key") == key:
+                    return version
+        return None
+
     def _write_alias(self, alias: str, target: VersionId) -> None:
-        with FileLock(self._locks / "_aliases.lock"):
+        """Under the aliases lock, which delete holds while it deletes, and the alias name's lock,
+        which publish holds: the target is live and the alias is no prompt name when it is written."""
+        with FileLock(self._locks / "_aliases.lock"), FileLock(self._locks / f"{alias}.lock"):
+            if self._version_numbers(alias):
+                raise NameConflictError(f"{alias!r} is a prompt name; an alias must have a name of its own.")
+            if target.version not in self._version_numbers(target.name):  # deleted since it was resolved
+                raise self._not_found(str(target))
             aliases = self.aliases()
             aliases[alias] = str(target)
             replace_json_atomically(self._aliases_path, aliases)
 
-    def remove_alias(self, alias: str) -> None:
+    def _remove_alias(self, alias: str) -> None:
         with FileLock(self._locks / "_aliases.lock"):
             aliases = self.aliases()
             if alias not in aliases:
@@ -164,30 +185,31 @@ class FolderStore(PromptStore):
         those aliases. Version numbers are never reused.
         """
         parsed = parse_ref(ref)
-        if parsed.version is None and parsed.name in self.aliases():
-            raise NameConflictError(f"{ref!r} is an alias; remove it with the alias command, not delete.")
-        numbers = self._version_numbers(parsed.name)
-        targets = [VersionId(parsed.name, n) for n in numbers if parsed.version in (None, n)]
-        if not targets:
-            raise self._not_found(ref)
-        with FileLock(self._locks / "_aliases.lock"):
+        # What to delete is read under both locks: a delete racing this one, or an alias moving
+        # onto one of these versions, is either wholly before or wholly after it.
+        with FileLock(self._locks / "_aliases.lock"), FileLock(self._locks / f"{parsed.name}.lock"):
             aliases = self.aliases()
+            if parsed.version is None and parsed.name in aliases:
+                raise NameConflictError(f"{ref!r} is an alias; remove it with the alias command, not delete.")
+            numbers = self._version_numbers(parsed.name)
+            targets = [VersionId(parsed.name, n) for n in numbers if parsed.version in (None, n)]
+            if not targets:
+                raise self._not_found(ref)
             pointing = {a: t for a, t in aliases.items() if t in {str(v) for v in targets}}
             if pointing and not force:
                 raise AliasInUseError(
                     f"Aliases point at {ref}: {', '.join(f'{a} -> {t}' for a, t in sorted(pointing.items()))}. "
                     "Move them first or delete with force."
                 )
-            with FileLock(self._locks / f"{parsed.name}.lock"):
-                for version_id in targets:
-                    folder = self._prompts / version_id.name / f"v{version_id.version}"
-                    tombstone = folder.with_name(f"v{version_id.version}.deleted")
-                    write_bytes_durably(tombstone, b"")
-                    trash = self._tmp / f"{os.getpid()}-deleted-{uuid.uuid4().hex}"
-                    os.rename(folder, trash)
-                    fsync_dir(folder.parent)
-                    shutil.rmtree(trash)
-                    self._evaluations_path(version_id).unlink(missing_ok=True)
+            for version_id in targets:
+                folder = self._prompts / version_id.name / f"v{version_id.version}"
+                tombstone = folder.with_name(f"v{version_id.version}.deleted")
+                write_bytes_durably(tombstone, b"")
+                trash = self._tmp / f"{os.getpid()}-deleted-{uuid.uuid4().hex}"
+                os.rename(folder, trash)
+                fsync_dir(folder.parent)
+                shutil.rmtree(trash)
+                self._evaluations_path(version_id).unlink(missing_ok=True)
             if pointing:
                 replace_json_atomically(self._aliases_path, {a: t for a, t in aliases.items() if a not in pointing})
         logger.info("deleted %s", ", ".join(map(str, targets)))

@@ -19,13 +19,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import StoreUnavailableError
+from .errors import StoreUnavailableError, UnstorableValueError
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "softprompt_store"
 CONNECT_TIMEOUT_S = 3  # a database that does not answer is reported, not waited on
 POOL_TIMEOUT_S = 5.0  # the longest a call waits for a pooled connection while the database is up
+QUICK_WAIT_S = 0.25  # a call that waits this long for a connection checks whether the database is there at all
 PROBE_INTERVAL_S = 1.0  # while it is away: one caller a second checks whether it is back
 RECONNECT_TIMEOUT_S = 2.0  # the pool's own reconnection gives up soon, so a probe can grow it again at once
 # Every session: a lock or statement that waits this long fails (503, retry) instead of holding a
@@ -94,9 +95,9 @@ class Database:
             try:
                 if probing:  # a direct connection answers at once; the pool may be backing off
                     self._connect_directly()
-                with self._pool.connection(timeout=POOL_TIMEOUT_S) as conn:
+                with self._pooled() as conn:
                     yield conn
-            except PoolTimeout as exc:
+            except PoolTimeout as exc:  # _pooled found the database away, or it stayed busy for the whole timeout
                 if probing or not self._reachable():
                     self._mark_away(exc)
                 raise self._unavailable(_first_line(exc), busy=self._away is None) from exc
@@ -105,6 +106,9 @@ class Database:
                     self._mark_away(exc)
                     raise self._unavailable(self._away) from exc
                 raise self._unavailable(_first_line(exc), busy=True) from exc
+            except psycopg.DataError as exc:  # a value from outside that the database cannot hold: the caller's error
+                raise UnstorableValueError(f"The store cannot hold a value of this request: {_first_line(exc)}. "
+                                           "Send plain text without NUL characters and numbers in range.") from exc
         finally:
             if probing:
                 self._next_probe = time.monotonic() + PROBE_INTERVAL_S
@@ -112,6 +116,21 @@ class Database:
         if self._away is not None:
             logger.info("the store's database %s answers again", self.location)
             self._away = None
+
+    @contextmanager
+    def _pooled(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection. A database that just went away shows as a pool that hands out
+        nothing: after a short wait one direct connection tells that apart from a busy pool, so
+        the first caller to meet the outage fails in a fraction of a second, not the whole timeout."""
+        try:
+            with self._pool.connection(timeout=QUICK_WAIT_S) as conn:
+                yield conn
+                return
+        except PoolTimeout:
+            if not self._reachable():
+                raise
+        with self._pool.connection(timeout=POOL_TIMEOUT_S - QUICK_WAIT_S) as conn:  # up, but every connection is busy
+            yield conn
 
     def _connect_directly(self) -> None:
         """Open and close one connection outside the pool (raises what connecting raises)."""

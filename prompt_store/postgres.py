@@ -27,7 +27,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from .base import MAX_EVALUATIONS, PromptStore, json_safe
-from .errors import AliasInUseError, IdempotencyKeyReusedError, NameConflictError
+from .errors import AliasInUseError, NameConflictError
 from .names import VersionId, parse_ref, validate_name
 from .pg_database import CHANNEL, Database
 from .schema import migrate
@@ -92,6 +92,18 @@ class PostgresStore(PromptStore):
                                 "ORDER BY version", (name,)).fetchall()
         return [PromptVersion(id=VersionId(name, version), path=None, meta=meta) for version, meta in rows]
 
+    def catalog(self) -> tuple[dict[str, list[PromptVersion]], dict[str, str]]:
+        """Every live version and the aliases from one snapshot of the database (two queries, one transaction)."""
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = conn.execute("SELECT name, version, meta FROM prompt_versions WHERE deleted_at IS NULL "
+                                "ORDER BY name COLLATE \"C\", version").fetchall()
+            alias_rows = conn.execute("SELECT alias, name, version FROM prompt_aliases ORDER BY alias COLLATE \"C\"").fetchall()
+        by_name: dict[str, list[PromptVersion]] = {}
+        for name, version, meta in rows:
+            by_name.setdefault(name, []).append(PromptVersion(id=VersionId(name, version), path=None, meta=meta))
+        return by_name, {alias: str(VersionId(name, version)) for alias, name, version in alias_rows}
+
     def _version_numbers(self, name: str, *, include_deleted: bool = False) -> list[int]:
         live = "" if include_deleted else " AND deleted_at IS NULL"
         with self._connection() as conn:
@@ -146,19 +158,19 @@ class PostgresStore(PromptStore):
     # ----------------------------------------------------------------- writing
     def _write_version(self, name: str, weights: bytes, config: dict, meta: dict,
                        idempotency: tuple[str, str] | None) -> PromptVersion:
-        """One transaction: the name's lock, the idempotency check, the next number, the row."""
-        with self._transaction((ALIASES_LOCK, True), (_name_lock(name), False)) as conn:
+        """One transaction: the locks (the key's too: it answers one upload across every name), the
+        idempotency check, the next number, the row."""
+        locks = [(ALIASES_LOCK, True)] + ([(_key_lock(idempotency[0]), False)] if idempotency else []) + [(_name_lock(name), False)]
+        with self._transaction(*locks) as conn:
+            if idempotency is not None:
+                earlier = conn.execute("SELECT name, version, meta FROM prompt_versions WHERE deleted_at IS NULL "
+                                       "AND meta->>'idempotency_key' = %s AND meta ? 'idempotency_key'",
+                                       (idempotency[0],)).fetchone()
+                if earlier is not None:
+                    version = PromptVersion(id=VersionId(earlier[0], earlier[1]), path=None, meta=earlier[2])
+                    return self._earlier_answer(version, *idempotency)
             if conn.execute("SELECT 1 FROM prompt_aliases WHERE alias = %s", (name,)).fetchone() is not None:
                 raise NameConflictError(f"{name!r} is an alias; choose another prompt name or remove the alias.")
-            if idempotency is not None:
-                earlier = conn.execute("SELECT version, meta FROM prompt_versions WHERE name = %s AND deleted_at IS NULL "
-                                       "AND meta->>'idempotency_key' = %s", (name, idempotency[0])).fetchone()
-                if earlier is not None:
-                    version = PromptVersion(id=VersionId(name, earlier[0]), path=None, meta=earlier[1])
-                    if version.meta.get("request_sha256") != idempotency[1]:
-                        raise IdempotencyKeyReusedError(idempotency[0], f"it published {version.id}")
-                    logger.info("%s was already published with this Idempotency-Key", version.id)
-                    return version
             number = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM prompt_versions WHERE name = %s", (name,)).fetchone()[0]
             version_id = VersionId(name, number)
             meta["name"], meta["version"], meta["id"] = name, number, str(version_id)
@@ -183,7 +195,7 @@ class PostgresStore(PromptStore):
         if live is None:  # deleted between resolving and locking
             raise self._not_found(str(target))
 
-    def remove_alias(self, alias: str) -> None:
+    def _remove_alias(self, alias: str) -> None:
         with self._transaction((ALIASES_LOCK, False)) as conn:
             removed = conn.execute("DELETE FROM prompt_aliases WHERE alias = %s RETURNING alias", (alias,)).fetchone()
             if removed is not None:
@@ -248,6 +260,10 @@ class PostgresStore(PromptStore):
 
 def _name_lock(name: str) -> str:
     return f"softprompt:name:{name}"
+
+
+def _key_lock(key: str) -> str:
+    return f"softprompt:idempotency:{key}"
 
 
 @dataclass

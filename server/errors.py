@@ -25,6 +25,7 @@ from prompt_store import (
     PromptNotFoundError,
     PromptStoreError,
     StoreUnavailableError,
+    UnstorableValueError,
 )
 
 from trainer.config import TrainConfigError
@@ -94,6 +95,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (NameConflictError, 409),
     (AliasInUseError, 409),
     (InvalidNameError, 422),
+    (UnstorableValueError, 422),
     (InvalidPromptError, 422),
     (IdempotencyKeyReusedError, 422),
     (InputTooLongError, 422),

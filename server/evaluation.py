@@ -65,13 +65,14 @@ class EvalRequest:
 
 
 def build_eval_request(*, data: bytes, data_name: str, prompts: list, texts: list, bare: bool, task: str | None,
-                       max_new_tokens, size_limit: int, store: PromptStore, frozen: FrozenModel | None) -> EvalRequest:
+                       max_new_tokens, size_limit: int, store: PromptStore, frozen: FrozenModel | None,
+                       max_new_tokens_limit: int = MAX_EVAL_NEW_TOKENS) -> EvalRequest:
     """Check the data (every line), the references (each prompt resolves and fits the model) and the settings."""
     check_size(data, size_limit)
     task = task or "auto"
     if task not in TASKS:
         raise InvalidEvalRequestError(f"'task' must be one of {', '.join(TASKS)}, got {task!r}.")
-    max_new_tokens = _max_new_tokens(max_new_tokens)
+    max_new_tokens = _max_new_tokens(max_new_tokens, min(MAX_EVAL_NEW_TOKENS, max_new_tokens_limit))
     if any("\x00" in text for text in texts if isinstance(text, str)):
         raise InvalidEvalRequestError("A 'text' prompt holds a NUL character (\\u0000); send plain text.")
     try:
@@ -100,14 +101,14 @@ def build_eval_request(*, data: bytes, data_name: str, prompts: list, texts: lis
     return EvalRequest(request, data, len(examples))
 
 
-def _max_new_tokens(value) -> int | None:
-    """A form's digits or a JSON integer in 1..MAX_EVAL_NEW_TOKENS; None when not given."""
+def _max_new_tokens(value, limit: int) -> int | None:
+    """A form's digits or a JSON integer in 1..`limit`; None when not given."""
     if value in ("", None):
         return None
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_EVAL_NEW_TOKENS:
-        raise InvalidEvalRequestError(f"'max_new_tokens' must be an integer from 1 to {MAX_EVAL_NEW_TOKENS}, got {value!r}.")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise InvalidEvalRequestError(f"'max_new_tokens' must be an integer from 1 to {limit} on this server, got {value!r}.")
     return value
 
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from prompt_store import LoadedPrompt
 from trainer.layout import ChatLayout, PromptLayout
 from trainer.modeling import FrozenModel
 
@@ -27,6 +28,8 @@ from .engine import (
 )
 from .metrics import RequestMetrics
 from .prompt_cache import PromptCache
+
+RESOLVER_THREADS = 4  # prompt references resolved at once (each may wait on the store's database)
 
 
 class RequestHandle:
@@ -91,13 +94,17 @@ class GenerationService:
         self.frozen, self.engine, self.prompts, self.metrics = frozen, engine, prompts, metrics
         self.max_new_tokens_limit = max_new_tokens_limit
         self.layout = ChatLayout(frozen.tokenizer)
-        # Building a request (chat template, tokenizer, prompt load) is Python that holds the GIL:
-        # one thread does it, so under a burst the event loop competes with one builder, not with
-        # the forty of the shared thread pool (bench/overload_bench.py: slow 503s otherwise).
+        # Building a request (chat template, tokenizer) is Python that holds the GIL: one thread
+        # does it, so under a burst the event loop competes with one builder, not with the forty
+        # of the shared thread pool (bench/overload_bench.py: slow 503s otherwise). Resolving a
+        # prompt asks the store, which may wait on a database: that happens on threads of its
+        # own, so a request that needs no store never waits behind one that does.
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-builder")
+        self._resolver = ThreadPoolExecutor(max_workers=RESOLVER_THREADS, thread_name_prefix="prompt-resolver")
 
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
     @property
     def default_head(self) -> tuple[int, ...]:
@@ -112,12 +119,11 @@ class GenerationService:
         except ValueError as exc:
             raise InvalidGenerationRequestError(str(exc)) from exc
 
-    def _build(self, prompt_ref: str | None, request: GenerationInput, handle: RequestHandle) -> None:
+    def _build(self, loaded: LoadedPrompt | None, request: GenerationInput, handle: RequestHandle) -> None:
         if request.params.max_new_tokens > self.max_new_tokens_limit:
             raise InvalidGenerationRequestError(
                 f"max_new_tokens {request.params.max_new_tokens} is above this server's limit {self.max_new_tokens_limit}."
             )
-        loaded = self.prompts.get(prompt_ref) if prompt_ref else None
         layout = self._layout(request)
         engine_request = GenerationRequest(
             prompt_key=loaded.cache_key if loaded else None,
@@ -134,9 +140,9 @@ class GenerationService:
             raise InputTooLongError(engine_request.prompt_tokens, engine_request.params.max_new_tokens, limit)
         handle.request, handle.prompt_label = engine_request, (str(loaded.version.id) if loaded else None)
 
-    def _build_all(self, prompt_ref: str | None, requests: list[GenerationInput], handles: list[RequestHandle]) -> None:
+    def _build_all(self, loaded: LoadedPrompt | None, requests: list[GenerationInput], handles: list[RequestHandle]) -> None:
         for request, handle in zip(requests, handles):
-            self._build(prompt_ref, request, handle)
+            self._build(loaded, request, handle)
 
     async def start(self, prompt_ref: str | None, request: GenerationInput, *, stream: bool = True) -> RequestHandle:
         """Resolve, validate and queue a request; raises the domain error if it cannot be served."""
@@ -154,7 +160,8 @@ class GenerationService:
         handles = [RequestHandle(loop, self.engine, stream=stream, metrics=self.metrics) for _ in requests]
         self.engine.reserve(len(requests))  # a full queue answers at once, before any tokenizing or prompt loading
         try:
-            await loop.run_in_executor(self._builder, self._build_all, prompt_ref, requests, handles)
+            loaded = await loop.run_in_executor(self._resolver, self.prompts.get, prompt_ref) if prompt_ref else None
+            await loop.run_in_executor(self._builder, self._build_all, loaded, requests, handles)
         except BaseException:  # a refused request or a client that left: give the places back
             self.engine.release(len(requests))
             raise

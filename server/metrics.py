@@ -102,6 +102,24 @@ class StateCollector:
                            "model, unreadable file).", prompts["load_failures"])
 
 
+def served_methods_only(instrumentation: Callable, openapi: Callable[[], dict]) -> Callable:
+    """The HTTP metrics' `method` label holds only methods some route serves (those of the app's
+    OpenAPI document, with HEAD and OPTIONS, which every path answers); any other method a
+    client invents is counted as `other`, so no client can grow /metrics by sending `FOO1`,
+    `FOO2`, ... (each would be nine new series)."""
+    served: set[str] = set()
+
+    def observe(info) -> None:
+        if not served:  # the routes exist once the app is built; read them at the first request
+            served.update({"HEAD", "OPTIONS"}, *({method.upper() for method in operations}
+                                                 for operations in openapi()["paths"].values()))
+        if info.method not in served:
+            info.method = "other"
+        instrumentation(info)
+
+    return observe
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 

@@ -60,10 +60,10 @@ class PromptAdmin:
         self.max_upload_bytes = max_upload_bytes
 
     def list(self) -> dict:
-        aliases = self.store.aliases()
+        by_name, aliases = self.store.catalog()
         prompts = []
-        for name in self.store.names():
-            versions = [version_info(v) for v in self.store.versions(name)]
+        for name, found in by_name.items():
+            versions = [version_info(v) for v in found]
             prompts.append({"name": name, "latest": versions[-1]["id"], "versions": versions,
                             "aliases": sorted(a for a, t in aliases.items() if t.rsplit("-v", 1)[0] == name)})
         return {"prompts": prompts, "aliases": aliases}

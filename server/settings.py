@@ -11,6 +11,8 @@ from pydantic import Field, field_validator, model_validator
 
 from prompt_store.settings import CommonSettings
 
+from .jobs.limits import machine_cores
+
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class Settings(CommonSettings):
     prompt_cache_size: int = Field(32, ge=1, description="prompt versions kept loaded (LRU)")
     store_poll_seconds: float = Field(1.0, gt=0, description="how often the store is checked for new versions")
     train_threads: int = Field(1, ge=1, description="torch threads a training job may use")
+    max_train_steps: int = Field(100_000, ge=1, le=1_000_000, description="most steps a training job submitted over "
+                                 "HTTP may ask for")
+    max_train_processes: int = Field(default_factory=machine_cores, ge=1, le=64, description="most processes (torchrun "
+                                     "ranks) one training job may ask for (default: this machine's cores); a worker "
+                                     "takes only jobs that fit its own cores")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest training upload accepted")
     train_concurrency: int = Field(1, ge=1, description="jobs this server's worker (or `softprompt worker`) runs at "
                                    "once (the rest wait, FIFO)")

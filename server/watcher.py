@@ -68,16 +68,10 @@ class StoreWatcher:
         if signature == self._signature:
             return
         self.scans += 1
-        targets: list[PromptVersion] = []
-        for name in self.store.names():
-            versions = self.store.versions(name)
-            if versions:
-                targets.append(versions[-1])
-        for target in self.store.aliases().values():
-            try:
-                targets.append(self.store.resolve(target))
-            except PromptStoreError:
-                continue
+        by_name, aliases = self.store.catalog()
+        live = {str(version.id): version for versions in by_name.values() for version in versions}
+        targets: list[PromptVersion] = [versions[-1] for versions in by_name.values()]
+        targets += [live[target] for target in aliases.values() if target in live]
         for version in targets[: self.limit]:
             self.warm(version)
         self._signature = signature  # only once everything was read: a failed scan is tried again

@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     worker = QueueWorker(table, store=settings.store, model_spec=settings.model, device=settings.device,
                          threads=settings.train_threads, concurrency=settings.train_concurrency, kinds=settings.worker_kinds,
-                         scratch_dir=settings.jobs_folder, lease_seconds=settings.job_lease_seconds,
-                         heartbeat_seconds=settings.job_heartbeat_seconds)
+                         scratch_dir=settings.jobs_dir, lease_seconds=settings.job_lease_seconds,
+                         heartbeat_seconds=settings.job_heartbeat_seconds, max_processes=settings.max_train_processes)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -10,6 +10,11 @@ from prompt_store.untrusted import is_text
 
 TASKS = ("auto", "classification", "generation")
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+# Upper bounds on any machine (a server bounds its jobs further by what it can run: server/jobs/limits.py).
+MAX_INIT_CHARS = 4000  # the init text becomes one vector per token
+UPPER_BOUNDS = {"steps": 1_000_000, "warmup_steps": 1_000_000, "eval_every": 1_000_000, "patience": 1_000_000,
+                "batch_size": 4096, "eval_batch_size": 4096, "grad_accum": 4096, "max_new_tokens": 4096,
+                "max_input_tokens": 131_072, "threads": 1024, "max_eval_examples": 10_000_000}
 
 
 class TrainConfigError(ValueError):
@@ -53,6 +58,9 @@ class TrainConfig:
             raise TrainConfigError("init_text", "is not valid Unicode text (it holds a lone surrogate escape like \\ud800)")
         if "\x00" in self.init_text:
             raise TrainConfigError("init_text", "holds a NUL character (\\u0000); send plain text")
+        if len(self.init_text) > MAX_INIT_CHARS:
+            raise TrainConfigError("init_text", f"is {len(self.init_text)} characters; the limit is {MAX_INIT_CHARS} (each "
+                                   "token becomes one prompt vector)")
         _positive_int(self, "steps", "batch_size", "grad_accum", "eval_every", "max_new_tokens", "max_input_tokens", "eval_batch_size")
         _non_negative_int(self, "warmup_steps", "seed")
         if self.seed > MAX_SEED:
@@ -72,6 +80,10 @@ class TrainConfig:
             raise TrainConfigError("use_chat_template", f"must be true, false or null (auto), got {self.use_chat_template!r}")
         if not isinstance(self.task, str) or self.task not in TASKS:
             raise TrainConfigError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name, limit in UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise TrainConfigError(name, f"must be at most {limit:,}, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

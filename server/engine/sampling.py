@@ -8,6 +8,8 @@ import torch
 
 from .errors import SamplingError
 
+SEEDS = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -173,17 +173,18 @@ class JobTable:
     # a write from an attempt that lost its lease, even by the same worker, changes nothing.
     HELD = "id = %s AND worker = %s AND attempts = %s AND state = 'running'"
 
-    def claim(self, worker: str, kinds: list[str], lease_seconds: float) -> ClaimedJob | None:
-        """Take the oldest queued job of `kinds` under a lease, or None; never the same job twice."""
+    def claim(self, worker: str, kinds: list[str], lease_seconds: float, max_processes: int = 64) -> ClaimedJob | None:
+        """Take the oldest queued job of `kinds` that needs at most `max_processes` processes under a
+        lease, or None; never the same job twice."""
         with self._db.transaction() as conn:
             row = conn.execute(
                 f"UPDATE softprompt_jobs SET state = 'running', worker = %s, attempts = attempts + 1, revision = revision + 1, "
                 f"lease_expires_at = now() + make_interval(secs => %s), "
                 f"record = record || %s || jsonb_build_object('started_at', %s::text) "
                 f"WHERE id = (SELECT id FROM softprompt_jobs WHERE state = 'queued' AND kind = ANY(%s) "
-                f"            AND NOT cancel_requested ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) "
+                f"            AND processes <= %s AND NOT cancel_requested ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) "
                 f"RETURNING {RECORD}, request, train_data, eval_data",
-                (worker, lease_seconds, Jsonb(PROGRESS_RESET), now(), kinds)).fetchone()
+                (worker, lease_seconds, Jsonb(PROGRESS_RESET), now(), kinds, max_processes)).fetchone()
             if row is not None:
                 self._notify(conn, row[0]["id"])
         if row is None:

@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prompt_store import StoreUnavailableError
+from prompt_store.settings import absolute, absolute_model_spec
 
 from .events import fold_end, fold_progress, read_events
 from .job_files import CANCEL_FLAG, EVAL_DATA, REQUEST, RESULT, TRAIN_DATA
 from .job_table import ClaimedJob, JobTable
 from .launch import launch_worker
+from .limits import machine_cores
 from .records import JobRecord, JobState
 
 logger = logging.getLogger(__name__)
@@ -91,14 +93,16 @@ class QueueWorker:
         heartbeat_seconds: float = 5.0,
         cancel_grace_seconds: float = 30.0,
         eval_runner: Callable | None = None,
+        max_processes: int | None = None,
     ):
         if lease_seconds < 2 * heartbeat_seconds:
             raise ValueError(f"the job lease ({lease_seconds} s) must be at least two heartbeats ({heartbeat_seconds} s)")
-        self.table, self.store, self.model_spec, self.device = table, store, model_spec, device
+        self.table, self.store, self.model_spec, self.device = table, store, absolute_model_spec(model_spec), device
         self.threads, self.concurrency, self.kinds = threads, concurrency, list(kinds)
-        self.scratch = Path(scratch_dir)
+        self.scratch = Path(absolute(scratch_dir))
         self.lease_seconds, self.heartbeat_seconds, self.cancel_grace_seconds = lease_seconds, heartbeat_seconds, cancel_grace_seconds
         self.eval_runner = eval_runner
+        self.max_processes = max_processes or machine_cores()  # a job needing more waits for a bigger worker
         self.id = worker_id()
         self._running: dict[tuple[str, int], RunningJob] = {}  # by (job id, attempt)
         self._lock = threading.Lock()
@@ -211,7 +215,7 @@ class QueueWorker:
     def _claim_while_free(self) -> None:
         while not self._stopping.is_set() and len(self._running) < self.concurrency:
             asked = time.monotonic()  # the database's lease counts from about now
-            claimed = self.table.claim(self.id, self.kinds, self.lease_seconds)
+            claimed = self.table.claim(self.id, self.kinds, self.lease_seconds, self.max_processes)
             if claimed is None:
                 return
             try:

@@ -41,13 +41,14 @@ class SharedJobManager:
         heartbeat_seconds: float = 5.0,
         max_attempts: int = 1,
         cancel_grace_seconds: float = 30.0,
+        max_processes: int | None = None,
     ):
         self.table = JobTable(url)
         self.model_spec, self.device, self.threads, self.max_attempts = model_spec, device, threads, max_attempts
         self.worker = QueueWorker(self.table, store=url, model_spec=model_spec, device=device, threads=threads,
                                   concurrency=max_running, kinds=list(worker_kinds), scratch_dir=jobs_dir,
                                   lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
-                                  cancel_grace_seconds=cancel_grace_seconds) if worker_kinds else None
+                                  cancel_grace_seconds=cancel_grace_seconds, max_processes=max_processes) if worker_kinds else None
         self.fingerprint: Callable[[], dict | None] = lambda: None  # the served model's, once loaded (set by the app)
         self.heartbeat_seconds = heartbeat_seconds
         self._counts: dict[str, dict[str, int]] = {}  # kind -> state -> jobs, as of the last heartbeat

@@ -11,6 +11,7 @@ from trainer.config import TrainConfig, TrainConfigError
 from trainer.data import DataError, Example, parse_examples, split_examples
 
 from .errors import UploadTooLargeError
+from .limits import TrainingLimits
 
 MAX_PROCESSES = 64  # ranks one job may ask for (each loads the model)
 
@@ -63,6 +64,7 @@ def build_submission(
     eval_data: bytes | None,
     size_limit: int,
     source: str = "file",
+    limits: TrainingLimits | None = None,
 ) -> Submission:
     """Check name, settings and every line of the data; raise the domain error that names the problem.
 
@@ -82,6 +84,8 @@ def build_submission(
             settings[target] = fields[field]
     config = TrainConfig.from_dict(_typed(settings))
     processes = _processes(fields.get("processes"), config)
+    if limits is not None:
+        limits.check(config, processes)
     train = parse_examples(_text_lines(train_data, source), source=source)
     if eval_data is not None:
         val: list[Example] = parse_examples(_text_lines(eval_data, "eval_file"), source="eval_file")

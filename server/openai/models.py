@@ -15,15 +15,16 @@ def list_models(store: PromptStore, model_id: str, fingerprint: ModelFingerprint
     name (its newest version), the name for a version, the target version for an alias."""
     data = [_entry(model_id, int(started_at), model_id, None)]
     servable: dict[str, PromptVersion] = {}
-    for name in store.names():
-        versions = [v for v in store.versions(name) if v.fingerprint.mismatch(fingerprint) is None]
+    by_name, aliases = store.catalog()
+    for name, found in by_name.items():
+        versions = [v for v in found if v.fingerprint.mismatch(fingerprint) is None]
         if not versions:
             continue
         data.append(_entry(name, _created(versions[-1]), model_id, model_id))
         for version in versions:
             servable[str(version.id)] = version
             data.append(_entry(str(version.id), _created(version), model_id, name))
-    for alias, target in sorted(store.aliases().items()):
+    for alias, target in sorted(aliases.items()):
         if target in servable:
             data.append(_entry(alias, _created(servable[target]), model_id, target))
     return {"object": "list", "data": data}

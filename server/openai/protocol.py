@@ -66,7 +66,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N, description="choices, each decoded as a row of the batch")
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="choice i samples with seed + i")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="choice i samples with seed + i (mod 2**64)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only equal to n (or absent) is supported")

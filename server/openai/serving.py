@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..engine import DoneEvent, SamplingParams, TokenEvent
-from ..engine.sampling import TokenLogprob
+from ..engine.sampling import SEEDS, TokenLogprob
 from ..generation import GenerationInput, GenerationService, RequestHandle
 from .errors import UnsupportedParameterError
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -45,7 +45,7 @@ class OpenAIServing:
             temperature=temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             stop=request.stops(),
-            seed=None if request.seed is None else request.seed + seed_offset,
+            seed=None if request.seed is None else (request.seed + seed_offset) % SEEDS,  # choice i: seed + i, mod 2**64
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
         )

@@ -75,7 +75,7 @@ async def submit_eval(request: Request, jobs: Jobs, state: State, settings: Sett
     eval_request = await run_in_threadpool(
         build_eval_request, data=data, data_name=str(fields["data_name"])[:200], prompts=fields["prompts"],
         texts=fields["texts"], bare=fields["bare"], task=fields["task"], max_new_tokens=fields["max_new_tokens"],
-        size_limit=limit, store=state.store, frozen=state.frozen,
+        size_limit=limit, store=state.store, frozen=state.frozen, max_new_tokens_limit=settings.max_new_tokens_limit,
     )
     record = await run_in_threadpool(
         jobs.submit_eval, eval_request.request, eval_request.data, num_examples=eval_request.num_examples,

@@ -15,9 +15,10 @@ from starlette.datastructures import UploadFile
 from prompt_store.untrusted import parse_json
 from trainer.curves import plot_curves
 
-from ..deps import AdminAuth, IdempotencyKey, Jobs, SettingsDep
+from ..deps import AdminAuth, IdempotencyKey, Jobs, State
 from ..errors import InvalidTrainRequestError
 from ..jobs.errors import UploadTooLargeError
+from ..jobs.limits import TrainingLimits, machine_cores
 from ..jobs.records import JobRecord
 from ..jobs.submission import build_submission, examples_to_jsonl
 from ..openapi_responses import PNG, error_responses, event_stream
@@ -42,13 +43,14 @@ def public(record: JobRecord, *, history: bool = False) -> dict:
 
 
 @router.post("", status_code=202, dependencies=[AdminAuth], responses=error_responses(400, 401, 403, 409, 413, 422))
-async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> dict:
+async def submit_job(request: Request, jobs: Jobs, state: State, idempotency_key: IdempotencyKey = None) -> dict:
     """Start a training job from a multipart upload (`file` = JSONL, form fields `name`, `init`,
     optional `steps`, `lr`, `min_cosine`, `eval_fraction`, `task` (auto, classification or
     generation), `max_new_tokens`, `processes` (ranks sharing each batch, through torchrun), optional
     `eval_file`) or a JSON body
     (`{"name", "init", "examples": [{"input", "output"}], ...}`). Everything is validated before
     the job is queued; the answer is 202 with the job's id."""
+    settings = state.settings
     limit = settings.max_upload_bytes
     declared = int(request.headers.get("content-length") or 0)
     if declared > 2 * limit + 65536:  # room for two files and the form fields
@@ -79,7 +81,8 @@ async def submit_job(request: Request, jobs: Jobs, settings: SettingsDep, idempo
     if not fields.get("init"):
         raise InvalidTrainRequestError("Missing 'init': the text whose token embeddings start the prompt.")
     submission = await run_in_threadpool(
-        build_submission, name=name, fields=fields, train_data=train_data, eval_data=eval_data, size_limit=limit, source=source
+        build_submission, name=name, fields=fields, train_data=train_data, eval_data=eval_data, size_limit=limit, source=source,
+        limits=training_limits(state),
     )
     record = await run_in_threadpool(
         jobs.submit,
@@ -129,6 +132,15 @@ async def job_curve_png(job_id: str, jobs: Jobs) -> Response:
 async def job_events(job_id: str, jobs: Jobs, request: Request) -> EventSourceResponse:
     """Server-Sent Events: one `progress` event per change, then a final `end` event."""
     return job_event_stream(jobs, await run_in_threadpool(jobs.get, job_id, "train"), request, public)
+
+
+def training_limits(state) -> TrainingLimits:
+    """This server's bounds on a job: its settings and cores, and, once the model is loaded, its tokenizer."""
+    settings, frozen = state.settings, state.frozen
+    return TrainingLimits(
+        max_steps=settings.max_train_steps, max_new_tokens=settings.max_new_tokens_limit,
+        max_processes=settings.max_train_processes, max_threads=machine_cores(),
+        count_tokens=(lambda text: len(frozen.tokenizer(text, add_special_tokens=False)["input_ids"])) if frozen else None)
 
 
 def _curve_png(history: list[dict]) -> bytes:
