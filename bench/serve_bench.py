@@ -109,12 +109,14 @@ def text_ids(frozen, text: str, length: int | None = None) -> list[int]:
 
 def text_prompts(frozen) -> dict[str, torch.Tensor]:
     """The bench's 4 prompts as soft-prompt tensors: token embeddings of PROMPT_TEXTS, [P, D] each."""
-    return {name: frozen.embedding.weight[torch.tensor(text_ids(frozen, text, PROMPT_LENGTHS[name]))].float()
-            for name, text in PROMPT_TEXTS.items()}
+    with torch.no_grad():
+        return {name: frozen.token_embeddings(text_ids(frozen, text, PROMPT_LENGTHS[name])).float()
+                for name, text in PROMPT_TEXTS.items()}
 
 
 def publish_text(store: PromptStore, frozen, name: str, ids: list[int]):
-    vectors = frozen.embedding.weight[torch.tensor(ids)].detach().float().cpu()  # [P, D]
+    with torch.no_grad():
+        vectors = frozen.token_embeddings(ids).detach().float().cpu()  # [P, D]
     return store.publish(name, vectors, fingerprint=frozen.fingerprint, base_model=frozen.base_model,
                          init_text=frozen.tokenizer.decode(ids))
 

@@ -59,7 +59,11 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         if frozen is not None:
             state.boot(frozen)
         else:  # a daemon thread: a shutdown during the load does not wait for it (boot then stops early)
-            threading.Thread(target=state.boot, kwargs={"raise_errors": False}, name="softprompt-boot", daemon=True).start()
+            # A boot that fails stops the server that runs the app (`softprompt serve` sets `stop_server`),
+            # which then exits with the reason instead of answering /ready 503 for ever.
+            threading.Thread(target=state.boot, kwargs={"raise_errors": False,
+                                                        "on_failure": getattr(app.state, "stop_server", None)},
+                             name="softprompt-boot", daemon=True).start()
         try:
             yield
         finally:

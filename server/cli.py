@@ -5,6 +5,7 @@
     softprompt eval --data test.jsonl --prompt math-v2 --prompt math-v3 [--text "..."] [--bare]
     softprompt prompts list|show|alias|import|export|delete
     softprompt worker                                  run jobs from a PostgreSQL store's queue
+    softprompt models list|install NAME                the named models (default, qwen2.5-coder-0.5b)
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_arguments(sub.add_parser("eval", help="score prompts on labeled data and compare them pairwise",
                                           description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     prompts_cli.build_parser(sub.add_parser("prompts", help="manage the prompt store"), can_fingerprint=True)
+    from trainer import models
+
+    models.add_arguments(sub.add_parser("models", help="the named models: list them, install one",
+                                        description=models.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     from server import worker_cli
 
     worker_cli.add_arguments(sub.add_parser("worker", help="run training and evaluation jobs from a PostgreSQL store's queue",
@@ -57,8 +62,14 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(settings)
     # Requests still running this long after SIGTERM are cut off: a shutdown always finishes.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=settings.shutdown_timeout_s))
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)  # a failed boot ends the process
+    server.run()
+    state = getattr(app.state, "softprompt", None)
+    if state is not None and state.boot_error:  # the boot failed and stopped the server: say why, exit non-zero
+        print(f"softprompt serve: the server could not start: {state.boot_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -75,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from server import worker_cli
 
         return worker_cli.run(args)
+    if args.area == "models":
+        from trainer import models
+
+        return models.run(args)
     if args.area == "eval":
         from trainer import eval_cli
 

@@ -58,10 +58,12 @@ class AppState:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
-    def boot(self, frozen: FrozenModel | None = None, *, raise_errors: bool = True) -> None:
+    def boot(self, frozen: FrozenModel | None = None, *, raise_errors: bool = True,
+             on_failure: Callable[[], None] | None = None) -> None:
         """Load the model (unless one is given), start the engine and the store watcher.
 
-        A failure is kept in `boot_error` (shown by /ready); `raise_errors` also re-raises it.
+        A failure is kept in `boot_error` (shown by /ready); `raise_errors` also re-raises it, and
+        `on_failure` is called (the server stops, so `softprompt serve` exits with the reason).
         """
         settings = self.settings
         try:
@@ -105,6 +107,8 @@ class AppState:
         except Exception as exc:
             self.boot_error = f"{type(exc).__name__}: {exc}"
             logger.exception("server failed to start")
+            if on_failure is not None:
+                on_failure()
             if raise_errors:
                 raise
 

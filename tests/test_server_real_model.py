@@ -22,7 +22,7 @@ QUESTION = "What is 12 plus 7?"
 
 def _text_prompt(frozen, text: str) -> torch.Tensor:
     ids = frozen.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return frozen.embedding.weight[ids].detach().float().cpu()  # [P, D]
+    return frozen.token_embeddings(ids).detach().float().cpu()  # [P, D]
 
 
 def test_http_generate_with_a_text_initialised_prompt_matches_hf_generate(real_model, tmp_path):

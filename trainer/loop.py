@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -89,13 +89,23 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+FIT_MARGIN = 4  # tokens generated past the longest target, so an answer one token longer is still read whole
+MAX_FITTED_NEW_TOKENS = 256
+
+
+def fit_new_tokens(encoder: Encoder, examples: Sequence[Example]) -> int:
+    """How many tokens to generate when scoring: the longest target (end of turn included) and a margin."""
+    longest = max(len(encoder.layout.target_ids(e.output)) for e in examples)
+    return min(MAX_FITTED_NEW_TOKENS, longest + FIT_MARGIN)
+
+
 def init_embeddings(frozen: FrozenModel, text: str) -> torch.Tensor:
     """The token embeddings of `text`: [P, D] fp32 cpu (a fresh copy)."""
     ids = frozen.tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
         raise ValueError(f"init text {text!r} has no tokens")
     with torch.no_grad():
-        return frozen.embedding.weight[ids].detach().float().cpu().clone()
+        return frozen.token_embeddings(ids).detach().float().cpu().clone()
 
 
 def train_prompt(
@@ -124,6 +134,8 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
     torch.manual_seed(config.seed)
     task = detect_task(list(train) + list(val), config.task)
     encoder = Encoder(frozen, use_chat_template=config.use_chat_template, max_input_tokens=config.max_input_tokens)
+    if config.max_new_tokens is None:  # recorded with the prompt: evaluations of it generate as long
+        config = replace(config, max_new_tokens=fit_new_tokens(encoder, list(train) + list(val)))
     val_set = list(val)[: config.max_eval_examples] if config.max_eval_examples else list(val)
 
     def run_eval(vectors: torch.Tensor) -> dict:

