@@ -66,6 +66,15 @@ TASKS = {
         steps=60, batch_size=8, eval_every=30, eval_fraction=0.06, max_eval_examples=100, warmup_steps=10,
         lrs=(1e-2, 3e-2),
     ),
+    # Two-step word problems whose targets are worked solutions ("4 * 12 = 48. 23 + 48 = 71. The answer
+    # is 71."), scored by the stated answer within 40 new tokens. On Qwen2.5-Coder-0.5B a step of 8 takes
+    # ~13 s on 2 cores, so 60 steps (a quarter of an epoch) keep a run near 15 CPU-minutes.
+    "word_problems": dict(
+        init_text="Solve the problem with short calculations, then write: The answer is <number>.",
+        task="generation", max_new_tokens=40,
+        steps=60, batch_size=8, eval_every=20, eval_fraction=0.05, max_eval_examples=48, warmup_steps=6,
+        lrs=(1e-2, 3e-2),
+    ),
 }
 
 

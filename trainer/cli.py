@@ -34,7 +34,7 @@ _HELP = {
     "patience": "early stop after N evaluations without improvement (default: off)",
     "seed": "seed for the split, batch order and init (default 0)",
     "task": "auto | classification | generation (default auto: few distinct outputs -> classification)",
-    "max_new_tokens": "generation-task evaluation length (default 16)",
+    "max_new_tokens": "generation-task evaluation length (default: the longest target and 4 more)",
     "threads": "torch threads for the run (default: torch's choice)",
     "weight_decay": "AdamW weight decay (default 0)",
     "max_input_tokens": "inputs longer than this keep their last N tokens (default 512)",
@@ -175,8 +175,11 @@ def evaluate_held_out(frozen, result, examples, config: TrainConfig, *, source: 
     task = Task(result.metrics["task"], tuple(result.metrics["labels"]))
     encoder = Encoder(frozen, use_chat_template=config.use_chat_template, max_input_tokens=config.max_input_tokens)
 
+    fitted = result.config or config  # the trainer fitted max_new_tokens to the targets when none was given
+
     def metric(vectors):
-        return evaluate(frozen, encoder, vectors, examples, task, batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)["metric"]
+        return evaluate(frozen, encoder, vectors, examples, task, batch_size=config.eval_batch_size,
+                        max_new_tokens=fitted.max_new_tokens)["metric"]
 
     logger.info("evaluating %d held-out examples from %s", len(examples), source)
     return {

@@ -41,7 +41,7 @@ class TrainConfig:
     patience: int | None = None  # early stopping in evaluations without improvement
     seed: int = 0
     task: str = "auto"  # "auto" | "classification" | "generation"
-    max_new_tokens: int = 16  # for generation-task evaluation
+    max_new_tokens: int | None = None  # generation: tokens generated when scoring (None: fit the longest target)
     threads: int | None = None  # torch.set_num_threads for the run
     weight_decay: float = 0.0  # AdamW decay; 0 keeps the vectors' norms where the text put them
     min_lr_ratio: float = 0.1  # cosine decay after warm-up ends at lr * min_lr_ratio
@@ -61,7 +61,7 @@ class TrainConfig:
         if len(self.init_text) > MAX_INIT_CHARS:
             raise TrainConfigError("init_text", f"is {len(self.init_text)} characters; the limit is {MAX_INIT_CHARS} (each "
                                    "token becomes one prompt vector)")
-        _positive_int(self, "steps", "batch_size", "grad_accum", "eval_every", "max_new_tokens", "max_input_tokens", "eval_batch_size")
+        _positive_int(self, "steps", "batch_size", "grad_accum", "eval_every", "max_input_tokens", "eval_batch_size")
         _non_negative_int(self, "warmup_steps", "seed")
         if self.seed > MAX_SEED:
             raise TrainConfigError("seed", f"must be at most 2**64 - 1, got {self.seed!r}")
@@ -72,7 +72,7 @@ class TrainConfig:
         _number(self, "min_lr_ratio", "in [0, 1]", lambda x: 0 <= x <= 1)
         if self.max_grad_norm is not None:
             _number(self, "max_grad_norm", "> 0, or null for no clipping", lambda x: x > 0)
-        for name in ("patience", "threads", "max_eval_examples"):
+        for name in ("patience", "threads", "max_eval_examples", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise TrainConfigError(name, f"must be a positive integer or None, got {value!r}")

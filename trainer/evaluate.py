@@ -3,8 +3,11 @@
 - classification: each label's tokens (+ end-of-turn) are scored by summed log-probability
   after the query and the best-scoring label is the prediction ("scoring restricted to the
   label set"). The query is run once; its KV cache is repeated for each label's continuation.
-- generation: greedy decoding, then exact match of a normalized answer (numbers compare by
-  value). Outputs that collapse into loops are flagged (the repetition/entropy guard).
+- generation: greedy decoding, then the answer is compared. A numeric answer (a target that is a
+  number, or a worked solution ending "The answer is 71.") is read from the output as the number
+  after "The answer is", else its last number, and compared by value; any other answer by exact
+  match of the normalized first line. Outputs that collapse into loops are flagged (the
+  repetition/entropy guard).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def detect_task(examples: Sequence[Example], requested: str = "auto") -> Task:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?|-?\.\d+)", re.IGNORECASE)
 
 
 def normalize_answer(text: str) -> str:
@@ -55,12 +59,28 @@ def normalize_answer(text: str) -> str:
     return text
 
 
+def extract_answer(text: str) -> str | None:
+    """The number a text answers with: the one after "The answer is", else its last number; None without one."""
+    stated = _ANSWER_IS.search(text)
+    if stated is not None:
+        return stated.group(1).rstrip(".")
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].rstrip(".") if numbers else None
+
+
+def numeric_answer(target: str) -> str | None:
+    """A target's numeric answer when it has one: a bare number, or a worked solution that states it."""
+    if _NUMBER.fullmatch(normalize_answer(target)) or _ANSWER_IS.search(target):
+        return extract_answer(target)
+    return None
+
+
 def answers_match(prediction: str, target: str) -> bool:
-    target_norm, pred_norm = normalize_answer(target), normalize_answer(prediction)
-    if _NUMBER.fullmatch(target_norm):
-        found = _NUMBER.search(pred_norm)
-        return found is not None and _as_number(found.group()) == _as_number(target_norm)
-    return pred_norm == target_norm
+    expected = numeric_answer(target)
+    if expected is not None:
+        found = extract_answer(prediction)
+        return found is not None and _as_number(found) == _as_number(expected)
+    return normalize_answer(prediction) == normalize_answer(target)
 
 
 def _as_number(text: str) -> float:

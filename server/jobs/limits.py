@@ -37,7 +37,7 @@ class TrainingLimits:
     def check(self, config: TrainConfig, processes: int) -> None:
         """Raise TrainConfigError naming the first field over this server's limit."""
         bounds = [("steps", config.steps, self.max_steps, "SOFTPROMPT_MAX_TRAIN_STEPS"),
-                  ("max_new_tokens", config.max_new_tokens, self.max_new_tokens, "SOFTPROMPT_MAX_NEW_TOKENS_LIMIT"),
+                  ("max_new_tokens", config.max_new_tokens or 0, self.max_new_tokens, "SOFTPROMPT_MAX_NEW_TOKENS_LIMIT"),
                   ("processes", processes, self.max_processes, "SOFTPROMPT_MAX_TRAIN_PROCESSES"),
                   ("threads", config.threads or 1, self.max_threads, "the machine's cores"),
                   ("batch_size", config.batch_size, MAX_BATCH_SIZE, None),
