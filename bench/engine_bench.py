@@ -20,13 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from bench.serve_bench import QUERIES, text_prompts  # noqa: E402
+from core.modeling import load_frozen_model  # noqa: E402
+from devtools.engine_requests import make_job  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.engine.packed_linear import pack_linear_layers  # noqa: E402
-from tests.engine_helpers import make_job  # noqa: E402
-from trainer.modeling import load_frozen_model  # noqa: E402
 
 
 def run(frozen, softs, *, growing: bool, gqa: bool, rows: int, new_tokens: int) -> tuple[float, float, list]:
@@ -36,14 +35,25 @@ def run(frozen, softs, *, growing: bool, gqa: bool, rows: int, new_tokens: int) 
     engine.start()
     try:
         names = list(softs)
-        warm = [make_job(frozen.tokenizer, QUERIES[i], softs[n], key=(n, 1, "c"), max_new_tokens=2) for i, n in enumerate(names)]
+        warm = [
+            make_job(frozen.tokenizer, QUERIES[i], softs[n], key=(n, 1, "c"), max_new_tokens=2)
+            for i, n in enumerate(names)
+        ]
         for job, _ in warm:
             engine.submit(job)
         for _, sink in warm:
             sink.result(300)
         engine.pause()
-        jobs = [make_job(frozen.tokenizer, QUERIES[i % len(QUERIES)], softs[names[i % 4]], key=(names[i % 4], 1, "c"),
-                         max_new_tokens=new_tokens) for i in range(rows)]
+        jobs = [
+            make_job(
+                frozen.tokenizer,
+                QUERIES[i % len(QUERIES)],
+                softs[names[i % 4]],
+                key=(names[i % 4], 1, "c"),
+                max_new_tokens=new_tokens,
+            )
+            for i in range(rows)
+        ]
         for job, _ in jobs:
             engine.submit(job)
         steps0 = engine.counters["decode_steps"]
@@ -88,22 +98,32 @@ def main() -> int:
     packed = load_frozen_model("default", device="cpu")
     rss_before, anon_before = rss_mb(), anon_mb()
     weights = pack_linear_layers(packed.model, 16)  # in place, as prepare_for_serving(packed_weights=True) does
-    print(f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
-          f"{rss_mb():.0f} MB, anonymous {anon_before:.0f} -> {anon_mb():.0f} MB", flush=True)
+    print(
+        f"packed {weights / 2**20:.0f} MB of linear weights for 16-row steps: process RSS {rss_before:.0f} -> "
+        f"{rss_mb():.0f} MB, anonymous {anon_before:.0f} -> {anon_mb():.0f} MB",
+        flush=True,
+    )
     softs = text_prompts(plain)
     variants = [  # (growing, gqa, packed)
-        (False, False, False), (True, False, False), (True, True, False), (True, False, True),
+        (False, False, False),
+        (True, False, False),
+        (True, True, False),
+        (True, False, True),
     ]
     reference = None
     for round_ in range(1, args.repeats + 1):
         first = None
         for growing, gqa, pack in variants:
-            tok_s, step_ms, ids = run(packed if pack else plain, softs, growing=growing, gqa=gqa,
-                                      rows=16, new_tokens=args.new_tokens)
+            tok_s, step_ms, ids = run(
+                packed if pack else plain, softs, growing=growing, gqa=gqa, rows=16, new_tokens=args.new_tokens
+            )
             reference, first = reference or ids, first or tok_s
             same = sum(a == b for a, b in zip(ids, reference))
-            print(f"round {round_}: growing={growing!s:5} sdpa_gqa={gqa!s:5} packed={pack!s:5}  {tok_s:6.1f} tok/s  "
-                  f"~{step_ms:5.1f} ms/step  same tokens {same}/16  {tok_s / first:.2f}x", flush=True)
+            print(
+                f"round {round_}: growing={growing!s:5} sdpa_gqa={gqa!s:5} packed={pack!s:5}  {tok_s:6.1f} tok/s  "
+                f"~{step_ms:5.1f} ms/step  same tokens {same}/16  {tok_s / first:.2f}x",
+                flush=True,
+            )
     return 0
 
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainer.layout import ChatLayout  # noqa: E402
-from trainer.modeling import load_frozen_model  # noqa: E402
+from core.layout import ChatLayout  # noqa: E402
+from core.modeling import load_frozen_model  # noqa: E402
 
 
 def baseline(frozen, requests, max_new_tokens: int, fixed_length: bool) -> dict:
@@ -35,10 +35,15 @@ def baseline(frozen, requests, max_new_tokens: int, fixed_length: bool) -> dict:
         lay = layout.for_input(query)
         input_ids = torch.tensor([list(lay.head_ids) + ids + list(lay.tail_ids)])
         with torch.inference_mode():
-            out = frozen.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                        min_new_tokens=max_new_tokens if fixed_length else None)
-        new = out[0, input_ids.shape[1]:]
+            out = frozen.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                min_new_tokens=max_new_tokens if fixed_length else None,
+            )
+        new = out[0, input_ids.shape[1] :]
         return frozen.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
 
     run(requests[0][0], requests[0][2])  # warm-up, not counted
@@ -60,8 +65,14 @@ def static_batch(frozen, requests, max_new_tokens: int, fixed_length: bool) -> d
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     started = time.perf_counter()
     with torch.inference_mode():
-        out = frozen.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad, min_new_tokens=max_new_tokens if fixed_length else None)
+        out = frozen.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            min_new_tokens=max_new_tokens if fixed_length else None,
+        )
     wall = time.perf_counter() - started
     new = out[:, width:]
     tokens = int((new != pad).sum()) if not fixed_length else new.numel()
@@ -78,15 +89,32 @@ BASELINE_POLICIES = {  # the spin count explicit: it overrides the policy's (and
 }
 
 
-def run_baseline(model: str, policy: str, requests, max_new_tokens: int, fixed_length: bool, *, static: bool,
-                 threads: int | None) -> dict:
+def run_baseline(
+    model: str, policy: str, requests, max_new_tokens: int, fixed_length: bool, *, static: bool, threads: int | None
+) -> dict:
     """`baseline` (and `static_batch`) in a child process under one wait policy."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(BASELINE_POLICIES[policy])
-    job = json.dumps({"model": model, "requests": requests, "max_new_tokens": max_new_tokens, "fixed": fixed_length,
-                      "static": static, "threads": threads})
-    out = subprocess.run([sys.executable, __file__], input=job, env=env, capture_output=True,
-                         text=True, timeout=3600, check=True, cwd=Path(__file__).resolve().parents[1])
+    job = json.dumps(
+        {
+            "model": model,
+            "requests": requests,
+            "max_new_tokens": max_new_tokens,
+            "fixed": fixed_length,
+            "static": static,
+            "threads": threads,
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, __file__],
+        input=job,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -50,8 +50,8 @@ def generate_child(model: str, tokens: int, repeats: int) -> None:
     """In a fresh process: ms per decoded token of plain generate, median of `repeats`."""
     import torch
 
-    from trainer.layout import ChatLayout
-    from trainer.modeling import load_frozen_model
+    from core.layout import ChatLayout
+    from core.modeling import load_frozen_model
 
     frozen = load_frozen_model(model, device="cpu")
     layout = ChatLayout(frozen.tokenizer).for_input(QUERIES[0])
@@ -60,8 +60,14 @@ def generate_child(model: str, tokens: int, repeats: int) -> None:
     def run(n: int) -> float:
         started = time.perf_counter()
         with torch.inference_mode():
-            frozen.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=frozen.tokenizer.pad_token_id)
+            frozen.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=frozen.tokenizer.pad_token_id,
+            )
         return time.perf_counter() - started
 
     run(tokens)  # warm-up
@@ -70,17 +76,28 @@ def generate_child(model: str, tokens: int, repeats: int) -> None:
 
 
 def measure_generate(model: str, policy: dict, tokens: int, repeats: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--tokens", str(tokens),
-                          "--repeats", str(repeats)], env=policy_env(policy), cwd=ROOT, capture_output=True, text=True,
-                         timeout=900, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "--model", model, "--tokens", str(tokens), "--repeats", str(repeats)],
+        env=policy_env(policy),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["ms_per_token"]
 
 
 def measure_server(model: str, policy: dict, tokens: int, repeats: int, training: bool) -> float:
     workdir = Path(tempfile.mkdtemp(prefix="latency-bench-"))
     port = free_port()
-    env = {**policy_env(policy), "SOFTPROMPT_STORE": str(workdir / "store"), "SOFTPROMPT_MODEL": model,
-           "SOFTPROMPT_DEVICE": "cpu", "SOFTPROMPT_TRAIN_THREADS": "1"}
+    env = {
+        **policy_env(policy),
+        "SOFTPROMPT_STORE": str(workdir / "store"),
+        "SOFTPROMPT_MODEL": model,
+        "SOFTPROMPT_DEVICE": "cpu",
+        "SOFTPROMPT_TRAIN_THREADS": "1",
+    }
     env.pop("SOFTPROMPT_API_KEY", None)
     server = start_server(env, port)
     base = f"http://127.0.0.1:{port}"
@@ -105,8 +122,12 @@ def measure_server(model: str, policy: dict, tokens: int, repeats: int, training
 def _start_training(base: str) -> None:
     """A long sentiment job through POST /train; returns once it is taking steps."""
     data = (ROOT / "examples/data/sentiment.train.jsonl").read_bytes()
-    job = httpx.post(f"{base}/train", files={"file": ("train.jsonl", data)},
-                     data={"name": "busy", "init": "Classify the sentiment.", "steps": "100000"}, timeout=60).json()
+    job = httpx.post(
+        f"{base}/train",
+        files={"file": ("train.jsonl", data)},
+        data={"name": "busy", "init": "Classify the sentiment.", "steps": "100000"},
+        timeout=60,
+    ).json()
     deadline = time.monotonic() + 300
     while httpx.get(f"{base}/train/{job['id']}").json()["step"] < 1:
         if time.monotonic() > deadline:
@@ -130,7 +151,10 @@ def main() -> int:
         generate_child(args.model, args.tokens, args.repeats)
         return 0
     print(host_line())
-    print(f"model {args.model}; batch 1, {args.tokens} new tokens, median of {args.repeats}; ms per decoded token", flush=True)
+    print(
+        f"model {args.model}; batch 1, {args.tokens} new tokens, median of {args.repeats}; ms per decoded token",
+        flush=True,
+    )
     rows = {}
     for name in args.policies:
         policy = POLICIES[name]

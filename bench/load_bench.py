@@ -13,7 +13,7 @@ import tempfile
 
 LOAD = (
     "import json, time; t = time.perf_counter(); "
-    "from trainer.modeling import load_frozen_model; m = load_frozen_model('default'); "
+    "from core.modeling import load_frozen_model; m = load_frozen_model('default'); "
     "print(json.dumps({'load_s': m.load_seconds, 'process_s': time.perf_counter() - t}))"
 )
 

@@ -27,17 +27,17 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-import prompt_store  # noqa: E402,F401  (sets how torch's threads wait, before torch loads)
 import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+import prompt_store  # noqa: E402,F401  (sets how torch's threads wait, before torch loads)
+from core.modeling import load_frozen_model  # noqa: E402
 from prompt_store import open_store  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from trainer.compare import format_table  # noqa: E402
 from trainer.data import load_examples  # noqa: E402
 from trainer.evaluate import answers_match  # noqa: E402
-from trainer.modeling import load_frozen_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 logger = logging.getLogger("math_serve")
@@ -66,14 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     frozen = load_frozen_model(args.model)
     with tempfile.TemporaryDirectory() as folder:
         store = open_store(folder)
-        store.publish("math", vectors, fingerprint=frozen.fingerprint, base_model=frozen.base_model,
-                      init_text=config["init_text"], training_config=config, metrics=run["metrics"])
+        store.publish(
+            "math",
+            vectors,
+            fingerprint=frozen.fingerprint,
+            base_model=frozen.base_model,
+            init_text=config["init_text"],
+            training_config=config,
+            metrics=run["metrics"],
+        )
         with TestClient(create_app(Settings(model=args.model, store=folder, api_key=None), frozen=frozen)) as client:
             started = time.perf_counter()
 
             def ask(example):
-                answer = client.post("/generate", params={"prompt": "math"},
-                                     json={"input": example.input, "max_new_tokens": config["max_new_tokens"], "temperature": 0})
+                answer = client.post(
+                    "/generate",
+                    params={"prompt": "math"},
+                    json={"input": example.input, "max_new_tokens": config["max_new_tokens"], "temperature": 0},
+                )
                 answer.raise_for_status()
                 return answer.json()
 
@@ -83,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             assert {a["prompt"] for a in answers} == {"math-v1"}
             served = sum(answers_match(a["text"], e.output) for a, e in zip(answers, test)) / len(test)
 
-            job = client.post("/eval", files={"file": (test_path.name, test_path.read_bytes(), "application/jsonl")},
-                              data={"prompt": ["math"], "text": [config["init_text"]], "bare": "true"}).json()
+            job = client.post(
+                "/eval",
+                files={"file": (test_path.name, test_path.read_bytes(), "application/jsonl")},
+                data={"prompt": ["math"], "text": [config["init_text"]], "bare": "true"},
+            ).json()
             while (state := client.get(f"/eval/{job['id']}").json())["state"] in ("queued", "running"):
                 time.sleep(2)
             if state["state"] != "succeeded":
@@ -92,11 +105,16 @@ def main(argv: list[str] | None = None) -> int:
             table = state["table"]
             kept = client.get("/prompts/math-v1").json()["evaluations"]
     evaluated = table["results"][0]["score"]
-    lines = [format_table(table), "",
-             f"{args.task}: {len(test)} held-out problems, prompt {key} (seed 0) published as math-v1",
-             f"  train_bench's test exact match          {100 * measured:5.1f} %",
-             f"  POST /generate?prompt=math (greedy)      {100 * served:5.1f} %   ({served_seconds:.0f} s for {len(test)} requests)",
-             f"  POST /eval, math                          {100 * evaluated:5.1f} %   (recorded with math-v1: {len(kept)} evaluation)"]
+    lines = [
+        format_table(table),
+        "",
+        f"{args.task}: {len(test)} held-out problems, prompt {key} (seed 0) published as math-v1",
+        f"  train_bench's test exact match          {100 * measured:5.1f} %",
+        f"  POST /generate?prompt=math (greedy)      {100 * served:5.1f} %   ({served_seconds:.0f} s for {len(test)} "
+        "requests)",
+        f"  POST /eval, math                          {100 * evaluated:5.1f} %   (recorded with math-v1: {len(kept)} "
+        "evaluation)",
+    ]
     bare_numbers = sum(NUMBER.fullmatch(a["text"].strip()) is not None for a in answers)
     lines.append(f"  served answers that are a number and nothing else: {bare_numbers} of {len(test)}")
     lines.append("  /eval answers that are a number and nothing else, by reference:")
@@ -106,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"    {label[:40]:<40} {numbers:3d} / {len(table['examples'])}")
     if args.task == "arithmetic":
         lines.append("  served exact match by operation and operand size:")
-        lines += [f"    {kind:<24} {hits:3d} / {total:3d}" for kind, (hits, total) in sorted(by_kind(test, answers).items())]
+        lines += [
+            f"    {kind:<24} {hits:3d} / {total:3d}" for kind, (hits, total) in sorted(by_kind(test, answers).items())
+        ]
     report = "\n".join(lines) + "\n"
     print(report, end="")
     out = args.results / args.task / "served.txt"

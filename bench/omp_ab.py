@@ -46,9 +46,9 @@ def child(rows: int, threads: int, max_new_tokens: int) -> None:
     import torch
 
     from bench.decode_ab import fill_rows
+    from core.modeling import load_frozen_model
     from server.engine import Engine
     from server.engine.rewrites import prepare_for_serving
-    from trainer.modeling import load_frozen_model
 
     torch.set_num_threads(threads)
     frozen = load_frozen_model(os.environ.get("SOFTPROMPT_MODEL", "default"), device="cpu")
@@ -81,9 +81,10 @@ def http_bursts(bursts: int) -> dict[str, list[float]]:
     import asyncio
     import tempfile
 
-    from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, free_port, publish_text, served, text_ids
+    from bench.serve_bench import PROMPT_LENGTHS, PROMPT_TEXTS, QUERIES, free_port, publish_text, text_ids
+    from bench.serve_clients import served
+    from core.modeling import load_frozen_model
     from prompt_store import open_store
-    from trainer.modeling import load_frozen_model
 
     frozen = load_frozen_model(os.environ.get("SOFTPROMPT_MODEL", "default"), device="cpu")
     store_root = Path(tempfile.mkdtemp(prefix="omp-ab-")) / "store"
@@ -97,10 +98,22 @@ def http_bursts(bursts: int) -> dict[str, list[float]]:
     try:
         for name, (spin, threads) in VARIANTS.items():
             port = free_port()
-            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": spin, "SOFTPROMPT_THREADS": str(threads),
-                   "SOFTPROMPT_STORE": str(store_root), "SOFTPROMPT_DEVICE": "cpu"}
-            servers[name] = (subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port),
-                                               "--log-level", "warning"], env=env, cwd=ROOT), f"http://127.0.0.1:{port}")
+            env = {
+                **os.environ,
+                "OMP_WAIT_POLICY": "PASSIVE",
+                "GOMP_SPINCOUNT": spin,
+                "SOFTPROMPT_THREADS": str(threads),
+                "SOFTPROMPT_STORE": str(store_root),
+                "SOFTPROMPT_DEVICE": "cpu",
+            }
+            servers[name] = (
+                subprocess.Popen(
+                    [sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"],
+                    env=env,
+                    cwd=ROOT,
+                ),
+                f"http://127.0.0.1:{port}",
+            )
             deadline = time.time() + 300
             while not _ready(servers[name][1]):
                 if time.time() > deadline:
@@ -138,8 +151,9 @@ def report(times: dict[str, list[float]], unit: str) -> None:
 
 def spawn(args: list[str], spin: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": spin}
-    return subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=ROOT, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], env=env, cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
 
 
 def main() -> int:
@@ -188,8 +202,10 @@ def main() -> int:
                 proc.kill()
                 proc.wait()
 
-    print(f"{args.rows} rows, {args.steps} decode steps per variant, alternating; "
-          f"busy neighbour: {'1 thread of matmuls' if args.busy else 'none'}")
+    print(
+        f"{args.rows} rows, {args.steps} decode steps per variant, alternating; "
+        f"busy neighbour: {'1 thread of matmuls' if args.busy else 'none'}"
+    )
     report(times, "ms/step")
     return 0
 

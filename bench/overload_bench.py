@@ -21,8 +21,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import random
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -53,8 +53,10 @@ class Connection:
 
     def __init__(self, host: str, port: int, path: str, body: bytes):
         self.host, self.port = host, port
-        self.request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
         self.reader = self.writer = None
 
     async def post(self) -> str:
@@ -95,7 +97,7 @@ async def _clients(port: int, clients: int, seconds: float, max_new_tokens: int,
             started = time.perf_counter()
             try:
                 outcome = await asyncio.wait_for(connection.post(), timeout=120)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 outcome = type(exc).__name__
                 connection.close()
             results.append((outcome, time.perf_counter() - started, time.monotonic() - begin))
@@ -130,20 +132,32 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="overload-bench-"))
     port = free_port()
-    env = {**os.environ, "SOFTPROMPT_STORE": str(workdir / "store"), "SOFTPROMPT_MODEL": args.model,
-           "SOFTPROMPT_DEVICE": "cpu", "SOFTPROMPT_MAX_QUEUE": str(args.max_queue)}
+    env = {
+        **os.environ,
+        "SOFTPROMPT_STORE": str(workdir / "store"),
+        "SOFTPROMPT_MODEL": args.model,
+        "SOFTPROMPT_DEVICE": "cpu",
+        "SOFTPROMPT_MAX_QUEUE": str(args.max_queue),
+    }
     server = start_server(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(server, base)
         for _ in range(3):  # warm-up: first requests allocate what every later one reuses
-            httpx.post(f"{base}/generate", json={"input": QUERIES[0], "max_new_tokens": args.max_new_tokens}, timeout=60)
+            httpx.post(
+                f"{base}/generate", json={"input": QUERIES[0], "max_new_tokens": args.max_new_tokens}, timeout=60
+            )
         rss_before = rss_mb(server.pid)
         print(host_line())
-        print(f"model {args.model}; {args.clients} clients in {args.client_procs} processes for {args.seconds:.0f} s, "
-              f"{args.max_new_tokens} new tokens each, retry after 503: {args.retry_ms:.0f} ms; server queue "
-              f"{args.max_queue}; RSS before {rss_before:.0f} MB", flush=True)
-        shares = [args.clients // args.client_procs + (i < args.clients % args.client_procs) for i in range(args.client_procs)]
+        print(
+            f"model {args.model}; {args.clients} clients in {args.client_procs} processes for {args.seconds:.0f} s, "
+            f"{args.max_new_tokens} new tokens each, retry after 503: {args.retry_ms:.0f} ms; server queue "
+            f"{args.max_queue}; RSS before {rss_before:.0f} MB",
+            flush=True,
+        )
+        shares = [
+            args.clients // args.client_procs + (i < args.clients % args.client_procs) for i in range(args.client_procs)
+        ]
         offsets = [sum(shares[:i]) for i in range(len(shares))]
         jobs = [(port, n, args.seconds, args.max_new_tokens, args.retry_ms, off) for n, off in zip(shares, offsets)]
         with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
@@ -160,19 +174,41 @@ def main() -> int:
     rows = []
     for status in ("200", "503"):
         times = sorted(r[1] * 1e3 for r in results if r[0] == status)
-        rows.append((f"{status}s: p50 / p99 ms", f"{_percentile(times, 50):.1f} / {_percentile(times, 99):.1f}",
-                     f"n={len(times)}" + ("  (target p50 and p99 < 50 ms)" if status == "503" else "")))
+        rows.append(
+            (
+                f"{status}s: p50 / p99 ms",
+                f"{_percentile(times, 50):.1f} / {_percentile(times, 99):.1f}",
+                f"n={len(times)}" + ("  (target p50 and p99 < 50 ms)" if status == "503" else ""),
+            )
+        )
     # every client starts at the same instant: the first second is one burst of `clients` requests
     steady = sorted(r[1] * 1e3 for r in results if r[0] == "503" and r[2] - r[1] >= 1.0)
-    rows.append(("503s sent after the first second: p50 / p99 ms",
-                 f"{_percentile(steady, 50):.1f} / {_percentile(steady, 99):.1f}", f"n={len(steady)}"))
+    rows.append(
+        (
+            "503s sent after the first second: p50 / p99 ms",
+            f"{_percentile(steady, 50):.1f} / {_percentile(steady, 99):.1f}",
+            f"n={len(steady)}",
+        )
+    )
     growth = rss_after / rss_before - 1
-    rows.append(("server RSS before / after / peak MB", f"{rss_before:.0f} / {rss_after:.0f} / {rss_peak:.0f}",
-                 f"{growth:+.1%} (target within 20 %)"))
-    rows.append(("5xx other than 503", str(sum(v for k, v in histogram.items() if k.startswith("5") and k != "503")), ""))
-    rows.append(("engine: finished / failed, largest batch",
-                 f"{stats['engine']['requests_finished']} / {stats['engine']['requests_failed']}, "
-                 f"{stats['engine']['max_batch_size_seen']}", ""))
+    rows.append(
+        (
+            "server RSS before / after / peak MB",
+            f"{rss_before:.0f} / {rss_after:.0f} / {rss_peak:.0f}",
+            f"{growth:+.1%} (target within 20 %)",
+        )
+    )
+    rows.append(
+        ("5xx other than 503", str(sum(v for k, v in histogram.items() if k.startswith("5") and k != "503")), "")
+    )
+    rows.append(
+        (
+            "engine: finished / failed, largest batch",
+            f"{stats['engine']['requests_finished']} / {stats['engine']['requests_failed']}, "
+            f"{stats['engine']['max_batch_size_seen']}",
+            "",
+        )
+    )
     slow = sorted((r for r in results if r[0] == "503"), key=lambda r: -r[1])[:10]
     print("slowest 503s (ms, at s): " + ", ".join(f"{r[1] * 1e3:.0f}@{r[2]:.1f}" for r in slow))
     width = max(len(r[0]) for r in rows)

@@ -27,13 +27,13 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
-
 from train_bench import DATA, TASKS  # noqa: E402
+
+from core.modeling import load_frozen_model  # noqa: E402
 from trainer.batches import Encoder, collate, lay_out, prefix_block  # noqa: E402
 from trainer.data import load_examples  # noqa: E402
 from trainer.evaluate import detect_task  # noqa: E402
 from trainer.loop import init_embeddings  # noqa: E402
-from trainer.modeling import load_frozen_model  # noqa: E402
 
 logger = logging.getLogger("probe_bench")
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -49,9 +49,14 @@ def features(frozen, encoder: Encoder, prefix: torch.Tensor, examples, batch_siz
         chunk = order[start : start + batch_size]
         batch = collate([encoded[i] for i in chunk], frozen.tokenizer.pad_token_id, with_targets=False)
         laid = lay_out(frozen, prefix, batch)
-        hidden = frozen.model(inputs_embeds=laid.inputs_embeds, attention_mask=laid.attention_mask,
-                              position_ids=laid.position_ids, output_hidden_states=True,
-                              logits_to_keep=1, use_cache=False).hidden_states[-1]  # [B, T, D], final norm applied
+        hidden = frozen.model(
+            inputs_embeds=laid.inputs_embeds,
+            attention_mask=laid.attention_mask,
+            position_ids=laid.position_ids,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        ).hidden_states[-1]  # [B, T, D], final norm applied
         out[chunk] = hidden[:, -1].float().cpu()
     return out
 
@@ -102,14 +107,28 @@ def probe_task(name: str, frozen, max_train: int | None, out: Path) -> dict:
     best_l2 = max(val_scores, key=lambda l2: (val_scores[l2], l2))  # ties: stronger regularisation
     w, b = fit_logistic(x_train, y_train, len(task.labels), best_l2)
     majority = max(float((y_test == c).float().mean()) for c in range(len(task.labels)))
-    row = {"task": name, "train_examples": len(train_all), "test_examples": len(test),
-           "probe_test_accuracy": accuracy(x_test, y_test, w, b), "probe_train_accuracy": accuracy(x_train, y_train, w, b),
-           "l2": best_l2, "val_by_l2": {f"{k:g}": v for k, v in val_scores.items()},
-           "majority_class_test": majority, "feature_seconds": seconds}
+    row = {
+        "task": name,
+        "train_examples": len(train_all),
+        "test_examples": len(test),
+        "probe_test_accuracy": accuracy(x_test, y_test, w, b),
+        "probe_train_accuracy": accuracy(x_train, y_train, w, b),
+        "l2": best_l2,
+        "val_by_l2": {f"{k:g}": v for k, v in val_scores.items()},
+        "majority_class_test": majority,
+        "feature_seconds": seconds,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"probe-{name}.json").write_text(json.dumps(row, indent=2))
-    logger.info("%s: probe test accuracy %.3f (train %.3f, l2 %g, majority %.3f); features in %.0f s",
-                name, row["probe_test_accuracy"], row["probe_train_accuracy"], best_l2, majority, seconds)
+    logger.info(
+        "%s: probe test accuracy %.3f (train %.3f, l2 %g, majority %.3f); features in %.0f s",
+        name,
+        row["probe_test_accuracy"],
+        row["probe_train_accuracy"],
+        best_l2,
+        majority,
+        seconds,
+    )
     return row
 
 
@@ -128,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| task | linear probe on frozen features (test) | majority class | train examples fitted |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {100 * r['probe_test_accuracy']:.1f} % | {100 * r['majority_class_test']:.1f} % | {r['train_examples']} |")
+        print(
+            f"| {r['task']} | {100 * r['probe_test_accuracy']:.1f} % | {100 * r['majority_class_test']:.1f} % | "
+            f"{r['train_examples']} |"
+        )
     return 0
 
 

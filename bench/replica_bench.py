@@ -37,8 +37,8 @@ from safetensors.torch import save
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from tests.local_servers import start_database, start_server, stop_at_exit  # noqa: E402
-from tests.postgres_cluster import free_port  # noqa: E402
+from devtools.local_servers import start_database, start_server, stop_at_exit  # noqa: E402
+from devtools.postgres import free_port  # noqa: E402
 
 
 def safetensors_bytes(hidden: int, seed: int) -> bytes:
@@ -54,8 +54,10 @@ def published_at(store: str, version: str) -> float:
         import psycopg
 
         with psycopg.connect(store) as conn:
-            return conn.execute("SELECT extract(epoch FROM created_at)::float8 FROM prompt_versions "
-                                "WHERE name = %s AND version = %s", (name, int(number))).fetchone()[0]
+            return conn.execute(
+                "SELECT extract(epoch FROM created_at)::float8 FROM prompt_versions WHERE name = %s AND version = %s",
+                (name, int(number)),
+            ).fetchone()[0]
     return (Path(store) / "prompts" / name / f"v{number}").stat().st_mtime
 
 
@@ -66,7 +68,9 @@ def measure(store: str, a: str, b: str, rounds: int, hidden: int, seed0: int) ->
     generate = {"params": {"prompt": "bench"}, "json": {"input": "Hi", "max_new_tokens": 1}}
     with httpx.Client(timeout=60) as client:
         for i in range(2 * rounds):
-            files = {"file": ("p.safetensors", io.BytesIO(safetensors_bytes(hidden, seed0 + i)), "application/octet-stream")}
+            files = {
+                "file": ("p.safetensors", io.BytesIO(safetensors_bytes(hidden, seed0 + i)), "application/octet-stream")
+            }
             uploaded = client.post(f"{a}/prompts", data={"name": "bench"}, files=files)
             uploaded.raise_for_status()
             answered = time.time()  # A has published it (and made it warm on A)
@@ -94,9 +98,15 @@ def measure(store: str, a: str, b: str, rounds: int, hidden: int, seed0: int) ->
                 else:
                     raise SystemExit(f"B never pre-warmed {version}")
             time.sleep(0.3)  # let B settle before the next publish
-    return {name: [round(1000 * s, 1) for s in values] for name, values in
-            (("first_generate_ms", first_generate), ("first_generate_after_publish_answer_ms", after_answer),
-             ("warm_generate_ms", warm_generate), ("prewarmed_ms", prewarmed))}
+    return {
+        name: [round(1000 * s, 1) for s in values]
+        for name, values in (
+            ("first_generate_ms", first_generate),
+            ("first_generate_after_publish_answer_ms", after_answer),
+            ("warm_generate_ms", warm_generate),
+            ("prewarmed_ms", prewarmed),
+        )
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             servers = []
             for name in ("a", "b"):
                 port = free_port()
-                process = stop_at_exit(stack, start_server(store, Path(tmp) / backend / name, port, model=args.model,
-                                                           poll_seconds=args.poll_seconds))
+                process = stop_at_exit(
+                    stack,
+                    start_server(
+                        store, Path(tmp) / backend / name, port, model=args.model, poll_seconds=args.poll_seconds
+                    ),
+                )
                 servers.append((process, f"http://127.0.0.1:{port}"))
             (_, a), (_, b) = servers
             hidden = httpx.get(f"{a}/stats").json()["model"]["hidden_size"]
@@ -124,18 +138,27 @@ def main(argv: list[str] | None = None) -> int:
                 process.terminate()
                 process.wait(30)
 
-    labels = {"first_generate_ms": "B's first generate with it, from the commit",
-              "first_generate_after_publish_answer_ms": "B's first generate with it, from A's 201",
-              "warm_generate_ms": "the same generate on B once warm (its cost)",
-              "prewarmed_ms": "pre-warmed on B, from the commit"}
-    lines = [f"publish through server A (POST /prompts) -> server B, {args.rounds} publishes each, median (min-max) ms:"]
+    labels = {
+        "first_generate_ms": "B's first generate with it, from the commit",
+        "first_generate_after_publish_answer_ms": "B's first generate with it, from A's 201",
+        "warm_generate_ms": "the same generate on B once warm (its cost)",
+        "prewarmed_ms": "pre-warmed on B, from the commit",
+    }
+    lines = [
+        f"publish through server A (POST /prompts) -> server B, {args.rounds} publishes each, median (min-max) ms:"
+    ]
     for backend, res in results.items():
         for key, label in labels.items():
             values = res[key]
             res[key.replace("_ms", "_median_ms")] = statistics.median(values)
-            lines.append(f"  {backend:<10} {label:<46} {statistics.median(values):7.1f}  ({min(values):.1f}-{max(values):.1f})")
+            lines.append(
+                f"  {backend:<10} {label:<46} {statistics.median(values):7.1f}  ({min(values):.1f}-{max(values):.1f})"
+            )
     ratio = results["folder"]["prewarmed_median_ms"] / results["postgresql"]["prewarmed_median_ms"]
-    lines.append(f"  pre-warmed on B: PostgreSQL NOTIFY is {ratio:.1f}x sooner than the folder store's {args.poll_seconds:g} s poll")
+    lines.append(
+        f"  pre-warmed on B: PostgreSQL NOTIFY is {ratio:.1f}x sooner than the folder store's {args.poll_seconds:g} "
+        "s poll"
+    )
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps({"rounds": args.rounds, "poll_seconds": args.poll_seconds, **results}, indent=2))

@@ -24,8 +24,8 @@ from safetensors.torch import save
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from tests.local_servers import start_database, start_nginx, start_server, stop_at_exit  # noqa: E402
-from tests.postgres_cluster import free_port  # noqa: E402
+from devtools.local_servers import start_database, start_nginx, start_server, stop_at_exit  # noqa: E402
+from devtools.postgres import free_port  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,16 +52,24 @@ def main(argv: list[str] | None = None) -> int:
             def publish(seed: int) -> str:
                 torch.manual_seed(seed)
                 data = save({"prompt_embeddings": torch.randn(8, hidden) * 0.02})
-                answer = client.post(f"{lb}/prompts", data={"name": "math"},
-                                     files={"file": ("math.safetensors", io.BytesIO(data), "application/octet-stream")})
+                answer = client.post(
+                    f"{lb}/prompts",
+                    data={"name": "math"},
+                    files={"file": ("math.safetensors", io.BytesIO(data), "application/octet-stream")},
+                )
                 answer.raise_for_status()
-                print(f"\nPOST {lb}/prompts (name=math) -> {answer.status_code} {answer.json()['id']} "
-                      f"(through replica {replica_of[answer.headers['x-served-by']]})")
+                print(
+                    f"\nPOST {lb}/prompts (name=math) -> {answer.status_code} {answer.json()['id']} "
+                    f"(through replica {replica_of[answer.headers['x-served-by']]})"
+                )
                 return answer.json()["id"]
 
             def generate(base: str, prompt: str) -> tuple[str, str]:
-                answer = client.post(f"{base}/generate", params={"prompt": prompt},
-                                     json={"input": "What is 12 + 30?", "max_new_tokens": 8})
+                answer = client.post(
+                    f"{base}/generate",
+                    params={"prompt": prompt},
+                    json={"input": "What is 12 + 30?", "max_new_tokens": 8},
+                )
                 answer.raise_for_status()
                 served_by = replica_of.get(answer.headers.get("x-served-by", ""), "direct")
                 return answer.json()["prompt"], served_by
@@ -84,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 listing = client.get(f"{base}/prompts").json()
                 listings.append(listing)
                 versions = [v["id"] for p in listing["prompts"] for v in p["versions"]]
-                print(f"  replica {name} directly: /generate?prompt=prod -> {version}; GET /prompts: {versions}, "
-                      f"aliases {listing['aliases']}")
+                print(
+                    f"  replica {name} directly: /generate?prompt=prod -> {version}; GET /prompts: {versions}, "
+                    f"aliases {listing['aliases']}"
+                )
             agree = all(listing == listings[0] for listing in listings)
             print(f"\nboth replicas list the same prompts and aliases: {agree}")
             return 0 if agree else 1

@@ -28,6 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import torch  # noqa: E402
 
+from core.modeling import load_frozen_model  # noqa: E402
 from trainer.batches import Encoder  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.curves import write_curves  # noqa: E402
@@ -35,35 +36,56 @@ from trainer.data import load_examples, split_examples  # noqa: E402
 from trainer.evaluate import detect_task, evaluate  # noqa: E402
 from trainer.interpret import hard_prompt  # noqa: E402
 from trainer.loop import train_prompt  # noqa: E402
-from trainer.modeling import load_frozen_model  # noqa: E402
 
 logger = logging.getLogger("train_bench")
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 TASKS = {
     "sentiment": dict(
         init_text="Classify the sentiment of this review as positive or negative.",
-        steps=100, batch_size=8, eval_every=25, eval_fraction=0.05, max_eval_examples=128, warmup_steps=10,
+        steps=100,
+        batch_size=8,
+        eval_every=25,
+        eval_fraction=0.05,
+        max_eval_examples=128,
+        warmup_steps=10,
         lrs=(3e-3, 1e-2),
     ),
     "causal_judgment": dict(
-        init_text="How would a typical person answer each of the following questions about causation? Answer Yes or No.",
+        init_text="How would a typical person answer each of the following questions about causation? "
+        "Answer Yes or No.",
         # 80 training examples of ~200 tokens: 24 steps of 8 = 2.4 epochs, ~10 CPU-minutes per run.
-        steps=24, batch_size=8, eval_every=8, eval_fraction=0.2, warmup_steps=3,
+        steps=24,
+        batch_size=8,
+        eval_every=8,
+        eval_fraction=0.2,
+        warmup_steps=3,
         lrs=(1e-2, 3e-2),
     ),
     # Generation tasks: the answer is the number alone, closed by end of turn; the loss covers
     # those tokens only and evaluation is exact match of the extracted number.
     "arithmetic": dict(
         init_text="Solve the problem. Answer with the number only.",
-        task="generation", max_new_tokens=10,
-        steps=150, batch_size=8, eval_every=50, eval_fraction=0.05, max_eval_examples=100, warmup_steps=10,
+        task="generation",
+        max_new_tokens=10,
+        steps=150,
+        batch_size=8,
+        eval_every=50,
+        eval_fraction=0.05,
+        max_eval_examples=100,
+        warmup_steps=10,
         lrs=(1e-2, 3e-2),
     ),
     "asdiv": dict(
         init_text="Solve the problem. Answer with the number only.",
-        task="generation", max_new_tokens=10,
+        task="generation",
+        max_new_tokens=10,
         # ~60-token word problems: 60 steps of 8 (a third of an epoch) keep a run near 5 CPU-minutes.
-        steps=60, batch_size=8, eval_every=30, eval_fraction=0.06, max_eval_examples=100, warmup_steps=10,
+        steps=60,
+        batch_size=8,
+        eval_every=30,
+        eval_fraction=0.06,
+        max_eval_examples=100,
+        warmup_steps=10,
         lrs=(1e-2, 3e-2),
     ),
     # Two-step word problems whose targets are worked solutions ("4 * 12 = 48. 23 + 48 = 71. The answer
@@ -71,8 +93,14 @@ TASKS = {
     # ~13 s on 2 cores, so 60 steps (a quarter of an epoch) keep a run near 15 CPU-minutes.
     "word_problems": dict(
         init_text="Solve the problem with short calculations, then write: The answer is <number>.",
-        task="generation", max_new_tokens=40,
-        steps=60, batch_size=8, eval_every=20, eval_fraction=0.05, max_eval_examples=48, warmup_steps=6,
+        task="generation",
+        max_new_tokens=40,
+        steps=60,
+        batch_size=8,
+        eval_every=20,
+        eval_fraction=0.05,
+        max_eval_examples=48,
+        warmup_steps=6,
         lrs=(1e-2, 3e-2),
     ),
 }
@@ -92,8 +120,18 @@ def _run_once(path: Path, fn):
     return summary, embeddings
 
 
-def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None, out: Path, spec: str, threads: int, steps: int | None,
-               max_test: int | None = None, seeds: tuple[int, ...] = (0,), init_text: str | None = None) -> dict:
+def bench_task(
+    name: str,
+    lrs: list[float] | None,
+    peft_lrs: list[float] | None,
+    out: Path,
+    spec: str,
+    threads: int,
+    steps: int | None,
+    max_test: int | None = None,
+    seeds: tuple[int, ...] = (0,),
+    init_text: str | None = None,
+) -> dict:
     settings = dict(TASKS[name], threads=threads, seed=0)
     if init_text:
         settings["init_text"] = init_text
@@ -146,10 +184,19 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
     def test_metric(key, vectors, placement="user_turn"):
         def compute():
             started = time.perf_counter()
-            result = evaluate(frozen, encoder, vectors, test, task, batch_size=16, placement=placement,
-                              max_new_tokens=settings.get("max_new_tokens", 16))
+            result = evaluate(
+                frozen,
+                encoder,
+                vectors,
+                test,
+                task,
+                batch_size=16,
+                placement=placement,
+                max_new_tokens=settings.get("max_new_tokens", 16),
+            )
             result["seconds"] = time.perf_counter() - started
             return result, vectors
+
         return _run_once(folder / f"test-{key}.json", compute)[0]
 
     from trainer.loop import init_embeddings
@@ -172,16 +219,30 @@ def bench_task(name: str, lrs: list[float] | None, peft_lrs: list[float] | None,
         after_seeds[seed] = test_metric(f"embedgrad-lr{best_lr:g}{_seed_suffix(seed)}", vectors)["metric"]
         if peft_runs:
             _, vectors = run_peft(best_peft_lr, seed)
-            peft_seeds[seed] = test_metric(f"peft-lr{best_peft_lr:g}{_seed_suffix(seed)}", vectors, placement="sequence_start")["metric"]
+            peft_seeds[seed] = test_metric(
+                f"peft-lr{best_peft_lr:g}{_seed_suffix(seed)}", vectors, placement="sequence_start"
+            )["metric"]
     row = {
-        "task": name, "metric": before["name"], "test_examples": len(test), "train_examples": len(train), "val_examples": init["val_examples"],
-        "steps": settings["steps"], "batch_size": settings["batch_size"], "init_text": settings["init_text"],
+        "task": name,
+        "metric": before["name"],
+        "test_examples": len(test),
+        "train_examples": len(train),
+        "val_examples": init["val_examples"],
+        "steps": settings["steps"],
+        "batch_size": settings["batch_size"],
+        "init_text": settings["init_text"],
         "prompt_vectors": int(init_vectors.shape[0]),
-        "test_before": before["metric"], "test_after": after["metric"], "test_hard_prompt": hard["metric"], "hard_prompt_text": hard_text,
+        "test_before": before["metric"],
+        "test_after": after["metric"],
+        "test_hard_prompt": hard["metric"],
+        "hard_prompt_text": hard_text,
         "test_peft": peft_test["metric"],
-        "test_after_by_seed": after_seeds, "test_peft_by_seed": peft_seeds,
-        "cosine_mean": init["cosine_mean"], "cosine_min": init["cosine_min"],
-        "lr": best_lr, "peft_lr": best_peft_lr,
+        "test_after_by_seed": after_seeds,
+        "test_peft_by_seed": peft_seeds,
+        "cosine_mean": init["cosine_mean"],
+        "cosine_min": init["cosine_min"],
+        "lr": best_lr,
+        "peft_lr": best_peft_lr,
         "val_sweep": {f"{lr:g}": runs[lr][0]["metrics"]["val_after"] for lr in runs},
         "peft_val_sweep": {f"{lr:g}": peft_runs[lr][0]["val_after"] for lr in peft_runs},
         "train_minutes": init["train_seconds"] / 60,
@@ -202,6 +263,7 @@ def table(rows: list[dict]) -> str:
         "mean ± sd over seeds, ours / PEFT | cosine mean / min | lr ours / PEFT | train min ours / PEFT |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
     def pct(value):
         return "—" if value is None else f"{100 * value:.1f} %"
 
@@ -217,9 +279,12 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         seeds = f"{spread(r.get('test_after_by_seed', {}))} / {spread(r.get('test_peft_by_seed', {}))}"
         lines.append(
-            f"| {r['task']} ({r['test_examples']}) | {r['metric']} | {pct(r['test_before'])} | {pct(r['test_after'])} | "
-            f"{pct(r['test_hard_prompt'])} | {pct(r['test_peft'])} | {seeds} | {r['cosine_mean']:.3f} / {r['cosine_min']:.3f} | "
-            f"{r['lr']:g} / {num(r['peft_lr'], 'g')} | {r['train_minutes']:.1f} / {num(r['peft_train_minutes'], '.1f')} |"
+            f"| {r['task']} ({r['test_examples']}) | {r['metric']} | {pct(r['test_before'])} | "
+            f"{pct(r['test_after'])} | "
+            f"{pct(r['test_hard_prompt'])} | {pct(r['test_peft'])} | {seeds} | {r['cosine_mean']:.3f} / "
+            f"{r['cosine_min']:.3f} | "
+            f"{r['lr']:g} / {num(r['peft_lr'], 'g')} | {r['train_minutes']:.1f} / "
+            f"{num(r['peft_train_minutes'], '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -227,24 +292,54 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--lrs", nargs="+", type=float, default=None, help="EmbedGrad learning rates to sweep (default: per task)")
-    parser.add_argument("--peft-lrs", nargs="+", type=float, default=None, help="PEFT learning rates to sweep (default: the same)")
+    parser.add_argument(
+        "--lrs", nargs="+", type=float, default=None, help="EmbedGrad learning rates to sweep (default: per task)"
+    )
+    parser.add_argument(
+        "--peft-lrs", nargs="+", type=float, default=None, help="PEFT learning rates to sweep (default: the same)"
+    )
     parser.add_argument("--no-peft", action="store_true", help="train only EmbedGrad (no PEFT column)")
     parser.add_argument("--steps", type=int, default=None, help="override every task's step count")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--model", default=os.environ.get("SOFTPROMPT_MODEL", "default"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
-                        help="training seeds: the lr sweep uses seed 0, then each method is retrained at its chosen lr with the others")
-    parser.add_argument("--init", default=None,
-                        help="override the task's init text (e.g. a longer prompt = more vectors); use a separate --out")
-    parser.add_argument("--max-test", type=int, default=None, help="smoke runs only: cap the test split (the reported table uses all of it)")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="training seeds: the lr sweep uses seed 0, then each method is retrained at its chosen lr with the others",
+    )
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="override the task's init text (e.g. a longer prompt = more vectors); use a separate --out",
+    )
+    parser.add_argument(
+        "--max-test",
+        type=int,
+        default=None,
+        help="smoke runs only: cap the test split (the reported table uses all of it)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.no_peft:
         args.peft_lrs = []
-    rows = [bench_task(t, args.lrs, args.peft_lrs, args.out, args.model, args.threads, args.steps, args.max_test,
-                       tuple(args.seeds), args.init) for t in args.tasks]
+    rows = [
+        bench_task(
+            t,
+            args.lrs,
+            args.peft_lrs,
+            args.out,
+            args.model,
+            args.threads,
+            args.steps,
+            args.max_test,
+            tuple(args.seeds),
+            args.init,
+        )
+        for t in args.tasks
+    ]
     text = table(rows)
     # table.md holds every task measured under --out, not only this run's
     done = {r["task"]: r for r in rows}

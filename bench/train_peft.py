@@ -17,12 +17,12 @@ import time
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
+from core.modeling import FrozenModel
+from core.prepend import IGNORE_INDEX, prepend_soft_prompt
 from trainer.batches import Encoded, Encoder, prefix_block
 from trainer.config import TrainConfig
 from trainer.evaluate import Task, evaluate
 from trainer.loop import _batches, init_embeddings, lr_factor
-from trainer.modeling import FrozenModel
-from trainer.prepend import IGNORE_INDEX, prepend_soft_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,18 @@ def check_equivalence(peft_model, frozen: FrozenModel, encoder: Encoder, row: En
     ids = torch.tensor([encoder.head_ids + row.query_ids])
     theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -ids.shape[1] :]
     query = torch.tensor([row.query_ids])
-    laid = prepend_soft_prompt(prefix_block(frozen, encoder.head_ids, soft, "sequence_start"), frozen.embedding(query), torch.ones_like(query))
-    ours = frozen.model(inputs_embeds=laid.inputs_embeds, attention_mask=laid.attention_mask, position_ids=laid.position_ids).logits[0, -ids.shape[1] :]
+    laid = prepend_soft_prompt(
+        prefix_block(frozen, encoder.head_ids, soft, "sequence_start"), frozen.embedding(query), torch.ones_like(query)
+    )
+    ours = frozen.model(
+        inputs_embeds=laid.inputs_embeds, attention_mask=laid.attention_mask, position_ids=laid.position_ids
+    ).logits[0, -ids.shape[1] :]
     return float((theirs - ours).abs().max())
 
 
 def train_peft(frozen: FrozenModel, train: list, val: list, config: TrainConfig, task: Task) -> dict:
-    """Train a PEFT prompt on a freshly loaded `frozen` (PEFT wraps its model); returns {"embeddings", "val_before", "val_after", "best_step", "history", "seconds"}."""
+    """Train a PEFT prompt on a freshly loaded `frozen` (PEFT wraps its model); returns "
+    "{"embeddings", "val_before", "val_after", "best_step", "history", "seconds"}."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     encoder = Encoder(frozen, max_input_tokens=config.max_input_tokens)
@@ -61,25 +66,44 @@ def train_peft(frozen: FrozenModel, train: list, val: list, config: TrainConfig,
     with tempfile.TemporaryDirectory() as folder:
         frozen.tokenizer.save_pretrained(folder)
         peft_config = PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=config.init_text,
-            num_virtual_tokens=init.shape[0], tokenizer_name_or_path=folder,
+            task_type=TaskType.CAUSAL_LM,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=config.init_text,
+            num_virtual_tokens=init.shape[0],
+            tokenizer_name_or_path=folder,
         )
         model = get_peft_model(frozen.model, peft_config)  # wraps `frozen.model`: pass a fresh copy
     start_prompt = model.get_prompt_embedding_to_save("default").float().cpu()
     assert torch.equal(start_prompt, init), "PEFT's TEXT init differs from the init text's embeddings"
     rows = [encoder.encode(e) for e in train]
-    logger.info("PEFT vs our sequence_start layout: max logit diff %.2e", check_equivalence(model, frozen, encoder, rows[0], init))
+    logger.info(
+        "PEFT vs our sequence_start layout: max logit diff %.2e",
+        check_equivalence(model, frozen, encoder, rows[0], init),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     batches = _batches(rows, config.batch_size, config.seed)
 
     def run_eval(vectors):
-        return evaluate(frozen, encoder, vectors, val_set, task, batch_size=config.eval_batch_size, placement="sequence_start",
-                        max_new_tokens=config.max_new_tokens)
+        return evaluate(
+            frozen,
+            encoder,
+            vectors,
+            val_set,
+            task,
+            batch_size=config.eval_batch_size,
+            placement="sequence_start",
+            max_new_tokens=config.max_new_tokens,
+        )
 
     before = run_eval(init)
-    best = {"key": (before["metric"], -before.get("loss", 0.0)), "step": 0, "metric": before["metric"], "vectors": init.clone()}
+    best = {
+        "key": (before["metric"], -before.get("loss", 0.0)),
+        "step": 0,
+        "metric": before["metric"],
+        "vectors": init.clone(),
+    }
     history = [{"step": 0, "val_metric": before["metric"]}]
     for step in range(1, config.steps + 1):
         optimizer.zero_grad(set_to_none=True)
@@ -103,6 +127,10 @@ def train_peft(frozen: FrozenModel, train: list, val: list, config: TrainConfig,
             logger.info("PEFT step %d/%d: loss %.4f, validation %.4f", step, config.steps, loss_value, result["metric"])
         history.append(row)
     return {
-        "embeddings": best["vectors"], "val_before": before["metric"], "val_after": best["metric"], "best_step": best["step"],
-        "history": history, "seconds": time.perf_counter() - started,
+        "embeddings": best["vectors"],
+        "val_before": before["metric"],
+        "val_after": best["metric"],
+        "best_step": best["step"],
+        "history": history,
+        "seconds": time.perf_counter() - started,
     }

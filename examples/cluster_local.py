@@ -25,8 +25,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from tests.local_servers import start_database, start_server, start_worker, stop_at_exit  # noqa: E402
-from tests.postgres_cluster import free_port  # noqa: E402
+from devtools.local_servers import start_database, start_server, start_worker, stop_at_exit  # noqa: E402
+from devtools.postgres import free_port  # noqa: E402
 
 DATA = REPO / "examples" / "data" / "sentiment.train.jsonl"
 INIT = "Classify the sentiment of this review as positive or negative."
@@ -42,8 +42,11 @@ def follow(client: httpx.Client, url: str, started: float) -> dict:
             elif line.startswith("data:"):
                 last = json.loads(line.split(":", 1)[1])
                 loss = f"{last['loss']:.3f}" if last["loss"] is not None else "-"
-                print(f"  [{time.monotonic() - started:6.1f} s] {name:8s} {last['state']:9s} step {last['step']}/{last['total']}"
-                      f"  loss {loss}  worker {last.get('worker') or '-'}")
+                print(
+                    f"  [{time.monotonic() - started:6.1f} s] {name:8s} {last['state']:9s} step "
+                    f"{last['step']}/{last['total']}"
+                    f"  loss {loss}  worker {last.get('worker') or '-'}"
+                )
                 if name == "end":
                     break
     return last
@@ -51,7 +54,9 @@ def follow(client: httpx.Client, url: str, started: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="model spec for the replicas and the worker (default: SmolLM2)")
+    parser.add_argument(
+        "--model", default="default", help="model spec for the replicas and the worker (default: SmolLM2)"
+    )
     parser.add_argument("--steps", type=int, default=6, help="training steps (a few: this shows the plumbing)")
     parser.add_argument("--examples", type=int, default=64, help="training examples sent")
     args = parser.parse_args(argv)
@@ -62,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         bases = {}
         for name in ("a", "b"):
             port = free_port()
-            stop_at_exit(stack, start_server(url, Path(tmp) / name, port, model=args.model,
-                                             env={"SOFTPROMPT_WORKER_JOBS": "none"}))
+            stop_at_exit(
+                stack,
+                start_server(url, Path(tmp) / name, port, model=args.model, env={"SOFTPROMPT_WORKER_JOBS": "none"}),
+            )
             bases[name] = f"http://127.0.0.1:{port}"
             print(f"replica {name} serving on {bases[name]} (embedded worker off)")
         worker = stop_at_exit(stack, start_worker(url, Path(tmp) / "worker", model=args.model, threads=1), timeout=60)
@@ -71,12 +78,20 @@ def main(argv: list[str] | None = None) -> int:
 
         with httpx.Client(timeout=120) as client:
             started = time.monotonic()
-            body = {"name": "sentiment", "init": INIT, "steps": args.steps, "examples": [json.loads(r) for r in rows],
-                    "config": {"batch_size": 4, "eval_every": args.steps, "max_eval_examples": 16}}
+            body = {
+                "name": "sentiment",
+                "init": INIT,
+                "steps": args.steps,
+                "examples": [json.loads(r) for r in rows],
+                "config": {"batch_size": 4, "eval_every": args.steps, "max_eval_examples": 16},
+            }
             answer = client.post(f"{bases['a']}/train", json=body)
             answer.raise_for_status()
             job_id = answer.json()["id"]
-            print(f"\nPOST {bases['a']}/train -> {answer.status_code}, job {job_id} ({len(rows)} examples, {args.steps} steps)")
+            print(
+                f"\nPOST {bases['a']}/train -> {answer.status_code}, job {job_id} ({len(rows)} examples, "
+                f"{args.steps} steps)"
+            )
             print(f"following it on replica b: GET {bases['b']}/train/{job_id}/events")
             final = follow(client, f"{bases['b']}/train/{job_id}/events", started)
             if final["state"] != "succeeded":
@@ -86,10 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\npublished {version} ({time.monotonic() - started:.1f} s after the upload)")
             review = "A moving, beautifully acted film that stays with you."
             for name in ("b", "a"):
-                answer = client.post(f"{bases[name]}/generate", params={"prompt": "sentiment"},
-                                     json={"input": review, "max_new_tokens": 4})
+                answer = client.post(
+                    f"{bases[name]}/generate",
+                    params={"prompt": "sentiment"},
+                    json={"input": review, "max_new_tokens": 4},
+                )
                 answer.raise_for_status()
-                print(f"POST {bases[name]}/generate?prompt=sentiment -> {answer.json()['prompt']}: {answer.json()['text']!r}")
+                print(
+                    f"POST {bases[name]}/generate?prompt=sentiment -> {answer.json()['prompt']}: "
+                    f"{answer.json()['text']!r}"
+                )
             models = [m["id"] for m in client.get(f"{bases['b']}/v1/models").json()["data"]]
             print(f"GET {bases['b']}/v1/models -> {', '.join(models)}")
     return 0

@@ -20,12 +20,30 @@ TRAIN, TEST = 2000, 500
 OUT = Path(__file__).resolve().parent / "data"
 
 PHRASINGS = {
-    "+": ["What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "How much is {a} + {b}?",
-          "{a} + {b} = ?", "What is the sum of {a} and {b}?"],
-    "-": ["What is {a} minus {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.", "How much is {a} - {b}?",
-          "{a} - {b} = ?", "What is the difference between {a} and {b}?"],
-    "x": ["What is {a} times {b}?", "Compute {a} x {b}.", "Multiply {a} by {b}.", "How much is {a} x {b}?",
-          "{a} x {b} = ?", "What is the product of {a} and {b}?"],
+    "+": [
+        "What is {a} plus {b}?",
+        "Compute {a} + {b}.",
+        "Add {a} and {b}.",
+        "How much is {a} + {b}?",
+        "{a} + {b} = ?",
+        "What is the sum of {a} and {b}?",
+    ],
+    "-": [
+        "What is {a} minus {b}?",
+        "Compute {a} - {b}.",
+        "Subtract {b} from {a}.",
+        "How much is {a} - {b}?",
+        "{a} - {b} = ?",
+        "What is the difference between {a} and {b}?",
+    ],
+    "x": [
+        "What is {a} times {b}?",
+        "Compute {a} x {b}.",
+        "Multiply {a} by {b}.",
+        "How much is {a} x {b}?",
+        "{a} x {b} = ?",
+        "What is the product of {a} and {b}?",
+    ],
 }
 
 

@@ -25,11 +25,28 @@ SEED = 20261205
 TRAIN, TEST = 2000, 500
 OUT = Path(__file__).resolve().parent / "data"
 
-PEOPLE = [("Maya", "she", "her"), ("Liam", "he", "his"), ("Sofia", "she", "her"), ("Noah", "he", "his"),
-          ("Ava", "she", "her"), ("Omar", "he", "his"), ("Lena", "she", "her"), ("Ravi", "he", "his"),
-          ("Chloe", "she", "her"), ("Mateo", "he", "his")]
-THINGS = [("stickers", "packs"), ("marbles", "bags"), ("cookies", "boxes"), ("pencils", "boxes"), ("apples", "crates"),
-          ("cards", "decks"), ("beads", "jars"), ("stamps", "sheets")]
+PEOPLE = [
+    ("Maya", "she", "her"),
+    ("Liam", "he", "his"),
+    ("Sofia", "she", "her"),
+    ("Noah", "he", "his"),
+    ("Ava", "she", "her"),
+    ("Omar", "he", "his"),
+    ("Lena", "she", "her"),
+    ("Ravi", "he", "his"),
+    ("Chloe", "she", "her"),
+    ("Mateo", "he", "his"),
+]
+THINGS = [
+    ("stickers", "packs"),
+    ("marbles", "bags"),
+    ("cookies", "boxes"),
+    ("pencils", "boxes"),
+    ("apples", "crates"),
+    ("cards", "decks"),
+    ("beads", "jars"),
+    ("stamps", "sheets"),
+]
 
 
 def _t(a: int, b: int) -> str:
@@ -81,27 +98,53 @@ def _two_pickings(rng):
 
 
 TEMPLATES = {
-    "buy_more": (_buy_more, "{P} has {a} {things}. {S} buys {b} {boxes} with {c} {things} in each. How many {things} "
-                 "does {s} have now?", lambda a, b, c: [(f"{_t(b, c)}", b * c), (f"{a} + {b * c} = {a + b * c}", a + b * c)]),
-    "sell_some": (_sell_some, "A shop had {a} {things}. It sold {b} {boxes} of {c} {things} each. How many {things} "
-                  "are left?", lambda a, b, c: [(_t(b, c), b * c), (f"{a} - {b * c} = {a - b * c}", a - b * c)]),
-    "read": (_read, "{P} reads {a} pages a day for {b} days, then {c} more pages. How many pages does {s} read in all?",
-             lambda a, b, c: [(_t(a, b), a * b), (f"{a * b} + {c} = {a * b + c}", a * b + c)]),
-    "save": (_save, "{P} saves {a} dollars a week for {b} weeks, then spends {c} dollars. How many dollars does {s} "
-             "have left?", lambda a, b, c: [(_t(a, b), a * b), (f"{a * b} - {c} = {a * b - c}", a * b - c)]),
-    "groups": (_groups, "{a} students are put into groups of {b}. Each group gets {c} {things}. How many {things} are "
-               "handed out?", lambda a, b, c: [(f"{a} / {b} = {a // b}", a // b), (_t(a // b, c), a // b * c)]),
-    "give_then_buy": (_give_then_buy, "{P} had {a} {things}, gave {b} to a friend, then got {c} more. How many {things} "
-                      "does {s} have now?", lambda a, b, c: [(f"{a} - {b} = {a - b}", a - b),
-                                                              (f"{a - b} + {c} = {a - b + c}", a - b + c)]),
-    "rows_removed": (_rows_removed, "A box holds {a} rows of {b} {things}. {P} takes out {c} {things}. How many "
-                     "{things} are still in the box?", lambda a, b, c: [(_t(a, b), a * b),
-                                                                        (f"{a * b} - {c} = {a * b - c}", a * b - c)]),
-    "change": (_change, "{P} buys {a} notebooks at {b} dollars each and pays with {c} dollars. How many dollars of "
-               "change does {s} get?", lambda a, b, c: [(_t(a, b), a * b), (f"{c} - {a * b} = {c - a * b}", c - a * b)]),
-    "two_pickings": (_two_pickings, "{P} picks {a} apples in the morning and {b} in the afternoon, every day for {c} "
-                     "days. How many apples does {s} pick in all?", lambda a, b, c: [(f"{a} + {b} = {a + b}", a + b),
-                                                                                    (_t(a + b, c), (a + b) * c)]),
+    "buy_more": (
+        _buy_more,
+        "{P} has {a} {things}. {S} buys {b} {boxes} with {c} {things} in each. How many {things} does {s} have now?",
+        lambda a, b, c: [(f"{_t(b, c)}", b * c), (f"{a} + {b * c} = {a + b * c}", a + b * c)],
+    ),
+    "sell_some": (
+        _sell_some,
+        "A shop had {a} {things}. It sold {b} {boxes} of {c} {things} each. How many {things} are left?",
+        lambda a, b, c: [(_t(b, c), b * c), (f"{a} - {b * c} = {a - b * c}", a - b * c)],
+    ),
+    "read": (
+        _read,
+        "{P} reads {a} pages a day for {b} days, then {c} more pages. How many pages does {s} read in all?",
+        lambda a, b, c: [(_t(a, b), a * b), (f"{a * b} + {c} = {a * b + c}", a * b + c)],
+    ),
+    "save": (
+        _save,
+        "{P} saves {a} dollars a week for {b} weeks, then spends {c} dollars. How many dollars does {s} have left?",
+        lambda a, b, c: [(_t(a, b), a * b), (f"{a * b} - {c} = {a * b - c}", a * b - c)],
+    ),
+    "groups": (
+        _groups,
+        "{a} students are put into groups of {b}. Each group gets {c} {things}. How many {things} are handed out?",
+        lambda a, b, c: [(f"{a} / {b} = {a // b}", a // b), (_t(a // b, c), a // b * c)],
+    ),
+    "give_then_buy": (
+        _give_then_buy,
+        "{P} had {a} {things}, gave {b} to a friend, then got {c} more. How many {things} does {s} have now?",
+        lambda a, b, c: [(f"{a} - {b} = {a - b}", a - b), (f"{a - b} + {c} = {a - b + c}", a - b + c)],
+    ),
+    "rows_removed": (
+        _rows_removed,
+        "A box holds {a} rows of {b} {things}. {P} takes out {c} {things}. How many {things} are still in the box?",
+        lambda a, b, c: [(_t(a, b), a * b), (f"{a * b} - {c} = {a * b - c}", a * b - c)],
+    ),
+    "change": (
+        _change,
+        "{P} buys {a} notebooks at {b} dollars each and pays with {c} dollars. How many dollars of "
+        "change does {s} get?",
+        lambda a, b, c: [(_t(a, b), a * b), (f"{c} - {a * b} = {c - a * b}", c - a * b)],
+    ),
+    "two_pickings": (
+        _two_pickings,
+        "{P} picks {a} apples in the morning and {b} in the afternoon, every day for {c} "
+        "days. How many apples does {s} pick in all?",
+        lambda a, b, c: [(f"{a} + {b} = {a + b}", a + b), (_t(a + b, c), (a + b) * c)],
+    ),
 }
 
 

@@ -1,12 +1,9 @@
 """Versioned, immutable store of soft prompts saved as PEFT prompt-tuning adapters."""
 
-from .openmp import set_wait_policy
-
-set_wait_policy()  # before torch loads (openmp.py says why)
-
-# ruff: noqa: E402
-
-from .errors import (
+import core  # noqa: F401  (first: it sets how torch's threads wait, before torch loads)
+from core.fingerprint import ModelFingerprint
+from prompt_store.base import PromptStore
+from prompt_store.errors import (
     AliasInUseError,
     ChecksumMismatchError,
     IdempotencyKeyReusedError,
@@ -23,11 +20,10 @@ from .errors import (
     StoreUnavailableError,
     UnstorableValueError,
 )
-from .fingerprint import ModelFingerprint
-from .names import VersionId, parse_ref, validate_name
-from .base import PromptStore, open_store
-from .folder import FolderStore
-from .version import LoadedPrompt, PromptVersion
+from prompt_store.folder import FolderStore
+from prompt_store.names import VersionId, parse_ref, validate_name
+from prompt_store.open import open_store
+from prompt_store.version import LoadedPrompt, PromptVersion
 
 __all__ = [
     "AliasInUseError",

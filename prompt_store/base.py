@@ -5,7 +5,7 @@
 a version carries, checksum and model checks on load, PEFT import and export. A backend
 supplies storage primitives: list and read versions, write one version atomically under a
 per-name lock (numbers never reused), aliases, tombstoned deletes, evaluation records, and a
-cheap change signature. `open_store` picks the backend from the location.
+cheap change signature. `open_store` (open.py) picks the backend from the location.
 """
 
 from __future__ import annotations
@@ -18,24 +18,21 @@ import math
 import os
 import threading
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from . import peft_format
-from .errors import (
+from core.fingerprint import ModelFingerprint
+from prompt_store import peft_format
+from prompt_store.errors import (
     ChecksumMismatchError,
     IdempotencyKeyReusedError,
     IncompatibleModelError,
-    NameConflictError,
     PromptNotFoundError,
-    PromptStoreError,
 )
-from .fingerprint import ModelFingerprint
-from .names import VersionId, parse_ref, validate_name
-from .settings import is_database_url
-from .version import LoadedPrompt, PromptVersion
+from prompt_store.names import VersionId, parse_ref, validate_name
+from prompt_store.version import LoadedPrompt, PromptVersion
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +72,9 @@ class PromptStore(ABC):
         """The version's adapter_config.json."""
 
     @abstractmethod
-    def _write_version(self, name: str, weights: bytes, config: dict, meta: dict,
-                       idempotency: tuple[str, str] | None) -> PromptVersion:
+    def _write_version(
+        self, name: str, weights: bytes, config: dict, meta: dict, idempotency: tuple[str, str] | None
+    ) -> PromptVersion:
         """Under the name's lock (and the key's, with `idempotency`): return the live version of
         any name published earlier with `idempotency`'s key, refuse a name that is an alias, or
         take the next number (tombstones included) and write the whole version atomically."""
@@ -185,7 +183,9 @@ class PromptStore(ABC):
             )
         tensor = peft_format.weights_from_bytes(data, where=where)
         if tensor.shape[0] != version.num_virtual_tokens:
-            raise ChecksumMismatchError(f"{version.id}: tensor has {tensor.shape[0]} vectors, meta says {version.num_virtual_tokens}.")
+            raise ChecksumMismatchError(
+                f"{version.id}: tensor has {tensor.shape[0]} vectors, meta says {version.num_virtual_tokens}."
+            )
         return LoadedPrompt(version=version, embeddings=tensor)
 
     @staticmethod
@@ -247,7 +247,7 @@ class PromptStore(ABC):
             "training_config": training_config or {},
             "metrics": metrics or {},
             "parent": parent,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "tensor_sha256": hashlib.sha256(weights).hexdigest(),
             **(extra or {}),
         }
@@ -345,17 +345,3 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
-
-
-def open_store(location: str | os.PathLike) -> PromptStore:
-    """The store at `location`: a `postgresql://` URL, or a folder (created if missing)."""
-    text = os.fspath(location)
-    if "://" in text and not is_database_url(text):
-        raise PromptStoreError(f"unsupported store URL {text.split('://')[0]}://...: use a folder or a postgresql:// URL")
-    if is_database_url(text):
-        from .postgres import PostgresStore  # psycopg is only needed for this backend
-
-        return PostgresStore(text)
-    from .folder import FolderStore
-
-    return FolderStore(text)

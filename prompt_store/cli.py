@@ -10,15 +10,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import PromptStoreError
-from .fingerprint import ModelFingerprint
-from .settings import CommonSettings
-from .base import open_store
+from core.fingerprint import ModelFingerprint
+from core.settings import CommonSettings
+from prompt_store.errors import PromptStoreError
+from prompt_store.open import open_store
 
 # Given a model spec, returns (fingerprint, base model id). The store cannot load models
 # itself (imports flow prompt_store <- trainer); the `softprompt` CLI passes one in.
 Fingerprinter = Callable[[str], tuple[ModelFingerprint, str]]
-
 
 
 def build_parser(
@@ -55,8 +54,12 @@ def build_parser(
     delete.add_argument("--force", action="store_true", help="also delete versions aliases point at")
     migrate = sub.add_parser("migrate", help="copy a folder store into a PostgreSQL store and verify the copy")
     migrate.add_argument("--from", dest="source", required=True, help="the folder store to copy")
-    migrate.add_argument("--to", dest="target", required=True,
-                         help="postgresql://user@host:port/database (a password: PGPASSWORD or ~/.pgpass keep it off the command line)")
+    migrate.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        help="postgresql://user@host:port/database (a password: PGPASSWORD or ~/.pgpass keep it off the command line)",
+    )
     migrate.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -113,15 +116,18 @@ def _run(store, args: argparse.Namespace, fingerprinter: Fingerprinter | None) -
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .copy import copy_store
-    from .folder import FolderStore
-    from .settings import is_database_url
+    from core.settings import is_database_url
+    from prompt_store.copy import copy_store
+    from prompt_store.folder import FolderStore
 
     if not is_database_url(args.target):
         print("migrate: --to must be a postgresql:// URL", file=sys.stderr)
         return 2
     if is_database_url(args.source) or not (Path(args.source) / "prompts").is_dir():
-        print(f"migrate: --from must be a folder store (a folder with prompts/ in it), got {args.source!r}", file=sys.stderr)
+        print(
+            f"migrate: --from must be a folder store (a folder with prompts/ in it), got {args.source!r}",
+            file=sys.stderr,
+        )
         return 2
     try:
         with open_store(args.target) as target:

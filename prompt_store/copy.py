@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .base import PromptStore
-from .errors import PromptStoreError
-from .names import VersionId
-from .postgres import PostgresStore, VersionRecord
+from prompt_store.base import PromptStore
+from prompt_store.errors import PromptStoreError
+from prompt_store.names import VersionId
+from prompt_store.postgres import PostgresStore, VersionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,10 @@ class CopyReport:
     evaluations: int
 
     def __str__(self) -> str:
-        return (f"{self.versions} versions of {self.names} names, {self.tombstones} tombstones, "
-                f"{self.aliases} aliases, {self.evaluations} evaluations")
+        return (
+            f"{self.versions} versions of {self.names} names, {self.tombstones} tombstones, "
+            f"{self.aliases} aliases, {self.evaluations} evaluations"
+        )
 
 
 def read_records(source: PromptStore, *, progress: bool = True) -> list[VersionRecord]:
@@ -52,8 +54,15 @@ def read_records(source: PromptStore, *, progress: bool = True) -> list[VersionR
             if number in live:
                 version = source._read_version(version_id)
                 source.load(version)  # never copy a corrupted version: checksum, shape, finiteness
-                records.append(VersionRecord(version_id, version.meta, source._adapter_config(version),
-                                             source._weights(version), source.evaluations(version)))
+                records.append(
+                    VersionRecord(
+                        version_id,
+                        version.meta,
+                        source._adapter_config(version),
+                        source._weights(version),
+                        source.evaluations(version),
+                    )
+                )
             else:
                 records.append(VersionRecord(version_id))
             bar.update()
@@ -66,13 +75,19 @@ def copy_store(source: PromptStore, target: PostgresStore, *, progress: bool = T
     live = {str(r.id) for r in records if not r.deleted}
     aliases = {a: t for a, t in source.aliases().items() if t in live}
     for alias in sorted(set(source.aliases()) - set(aliases)):  # a folder store can hold one whose target is gone
-        logger.warning("not copying alias %s: it points at %s, which is not a live version", alias, source.aliases()[alias])
+        logger.warning(
+            "not copying alias %s: it points at %s, which is not a live version", alias, source.aliases()[alias]
+        )
     target.insert_copies(records, aliases)
     verify_copy(records, aliases, target)
     live_records = [r for r in records if not r.deleted]
-    report = CopyReport(names=len({r.id.name for r in records}), versions=len(live_records),
-                        tombstones=len(records) - len(live_records), aliases=len(aliases),
-                        evaluations=sum(len(r.evaluations) for r in live_records))
+    report = CopyReport(
+        names=len({r.id.name for r in records}),
+        versions=len(live_records),
+        tombstones=len(records) - len(live_records),
+        aliases=len(aliases),
+        evaluations=sum(len(r.evaluations) for r in live_records),
+    )
     logger.info("copied %s from %s to %s", report, source.location, target.location)
     return report
 
@@ -99,4 +114,3 @@ def verify_copy(records: list[VersionRecord], aliases: dict[str, str], target: P
     problems += [f"alias {a}: {copied_aliases.get(a)} != {t}" for a, t in aliases.items() if copied_aliases.get(a) != t]
     if problems:
         raise CopyMismatchError(f"the copy in {target.location} differs from the source: " + "; ".join(problems[:10]))
-

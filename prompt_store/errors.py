@@ -3,11 +3,8 @@ the HTTP layer) can map it to a precise message or status code."""
 
 from __future__ import annotations
 
-
-class PromptStoreError(Exception):
-    """Base class of every error the store raises."""
-
-    code = "prompt_store_error"
+# the base and the database's errors live in core, which raises them; they are store errors
+from core.errors import PromptStoreError, SchemaVersionError, StoreUnavailableError, UnstorableValueError  # noqa: F401
 
 
 class InvalidNameError(PromptStoreError, ValueError):
@@ -82,24 +79,7 @@ class IdempotencyKeyReusedError(PromptStoreError, ValueError):
     code = "idempotency_key_reused"
 
     def __init__(self, key: str, first: str):
-        super().__init__(f"Idempotency-Key {key!r} was already used for a different request ({first}); "
-                         "use a new key for a new request.")
-
-
-class UnstorableValueError(PromptStoreError, ValueError):
-    """A value the store cannot hold (a NUL character in a text, a number out of range): the
-    request is refused, nothing is written."""
-
-    code = "invalid_value"
-
-
-class StoreUnavailableError(PromptStoreError):
-    """The store cannot be reached now (its database is down or unreachable): retry later."""
-
-    code = "store_unavailable"
-
-
-class SchemaVersionError(PromptStoreError):
-    """The database's schema is newer than this softprompt knows: upgrade softprompt."""
-
-    code = "store_schema_too_new"
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used for a different request ({first}); "
+            "use a new key for a new request."
+        )

@@ -31,13 +31,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from . import peft_format
-from .atomic import fsync_dir, pid_alive, replace_json_atomically, write_bytes_durably
-from .base import MAX_EVALUATIONS, META_FILE, PromptStore, json_safe
-from .errors import AliasInUseError, NameConflictError
-from .settings import absolute
-from .names import VersionId, parse_ref
-from .version import PromptVersion
+from core.atomic import fsync_dir, pid_alive, replace_json_atomically, write_bytes_durably
+from core.settings import absolute
+from prompt_store import peft_format
+from prompt_store.base import MAX_EVALUATIONS, META_FILE, PromptStore, json_safe
+from prompt_store.errors import AliasInUseError, NameConflictError
+from prompt_store.names import VersionId, parse_ref
+from prompt_store.version import PromptVersion
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,11 @@ class FolderStore(PromptStore):
         return sorted(p.name for p in self._prompts.iterdir() if p.is_dir() and self._version_numbers(p.name))
 
     def _used_names(self) -> list[str]:
-        return sorted(p.name for p in self._prompts.iterdir() if p.is_dir() and self._version_numbers(p.name, include_deleted=True))
+        return sorted(
+            p.name
+            for p in self._prompts.iterdir()
+            if p.is_dir() and self._version_numbers(p.name, include_deleted=True)
+        )
 
     def aliases(self) -> dict[str, str]:
         if not self._aliases_path.exists():
@@ -103,7 +107,9 @@ class FolderStore(PromptStore):
         version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
         path = self._evaluations_path(version.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(self._locks / f"{version.id.name}.lock"):  # the lock delete takes: no record for a deleted version
+        with FileLock(
+            self._locks / f"{version.id.name}.lock"
+        ):  # the lock delete takes: no record for a deleted version
             if version.id.version not in self._version_numbers(version.id.name):
                 raise self._not_found(str(version.id))
             records = [*self.evaluations(version), json_safe(record)][-MAX_EVALUATIONS:]
@@ -115,16 +121,23 @@ class FolderStore(PromptStore):
         return self._evaluations / version_id.name / f"v{version_id.version}.json"
 
     # ----------------------------------------------------------------- writing
-    def _write_version(self, name: str, weights: bytes, config: dict, meta: dict,
-                       idempotency: tuple[str, str] | None) -> PromptVersion:
+    def _write_version(
+        self, name: str, weights: bytes, config: dict, meta: dict, idempotency: tuple[str, str] | None
+    ) -> PromptVersion:
         """Write the version completely under `.tmp/`, fsync it, then rename it into place."""
         staging = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             # a key answers one upload across every name: its look-up and the publish are one step
-            with (FileLock(self._locks / "_idempotency.lock") if idempotency else nullcontext()), \
-                    FileLock(self._locks / f"{name}.lock"):
-                earlier = self._earlier_answer(self._published_with_key(idempotency[0]), *idempotency) if idempotency else None
+            with (
+                FileLock(self._locks / "_idempotency.lock") if idempotency else nullcontext(),
+                FileLock(self._locks / f"{name}.lock"),
+            ):
+                earlier = (
+                    self._earlier_answer(self._published_with_key(idempotency[0]), *idempotency)
+                    if idempotency
+                    else None
+                )
                 if earlier is not None:
                     shutil.rmtree(staging, ignore_errors=True)
                     return earlier

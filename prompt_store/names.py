@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidNameError
+from prompt_store.errors import InvalidNameError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")
 _VERSIONED = re.compile(r"^(?P<name>.+)-v(?P<version>[1-9][0-9]{0,8})$")
@@ -26,8 +26,7 @@ def validate_name(name: str, *, kind: str = "prompt name") -> str:
         )
     if _RESERVED_SUFFIX.search(name):
         raise InvalidNameError(
-            f"Invalid {kind} {name!r}: it may not end in '-v<number>' or '-latest'; "
-            "those suffixes select versions."
+            f"Invalid {kind} {name!r}: it may not end in '-v<number>' or '-latest'; those suffixes select versions."
         )
     return name
 

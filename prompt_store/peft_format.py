@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, load_file, save
 
-from .errors import InvalidAdapterError, InvalidShapeError, NonFiniteValuesError
-from .untrusted import is_text, parse_json
+from core.untrusted import is_text, parse_json
+from prompt_store.errors import InvalidAdapterError, InvalidShapeError, NonFiniteValuesError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,7 +90,9 @@ def read_config(path: Path) -> dict:
     except ValueError as exc:
         raise InvalidAdapterError(f"{path}: {exc}.") from None
     if not isinstance(config, dict):
-        raise InvalidAdapterError(f"{path}: must be a JSON object of PEFT settings, got a JSON {type(config).__name__}.")
+        raise InvalidAdapterError(
+            f"{path}: must be a JSON object of PEFT settings, got a JSON {type(config).__name__}."
+        )
     for key in TEXT_FIELDS:
         value = config.get(key)
         if value is not None and not (isinstance(value, str) and is_text(value)):

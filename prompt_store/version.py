@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .fingerprint import ModelFingerprint
-from .names import VersionId
+from core.fingerprint import ModelFingerprint
+from prompt_store.names import VersionId
 
 
 @dataclass(frozen=True)

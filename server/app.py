@@ -17,20 +17,18 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator, metrics
 
-from trainer.modeling import FrozenModel
-
-from .admission import QueueGate
-from .body_limit import BodySizeLimit
-from .errors import register_error_handlers
-from .jobs import JobManager
-from .jobs.shared_manager import SharedJobManager
-from .metrics import RequestMetrics, StateCollector, served_methods_only
-from .openapi_responses import openai_routes_answer_400
-from .evaluation import ResidentEvalRunner
-from .routes import eval as eval_routes
-from .routes import generate, health, openai, prompts, train
-from .settings import Settings
-from .state import AppState
+from core.modeling import FrozenModel
+from jobs import JobService
+from server.http.admission import QueueGate
+from server.http.body_limit import BodySizeLimit
+from server.http.errors import register_error_handlers
+from server.http.openapi_responses import openai_routes_answer_400
+from server.http.routes import eval as eval_routes
+from server.http.routes import generate, health, openai, prompts, train
+from server.services.evaluation import ResidentEvalRunner
+from server.services.metrics import RequestMetrics, StateCollector, served_methods_only
+from server.services.state import AppState
+from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         app.state.softprompt = state
         # Training jobs need no model in this process: workers load their own. Evaluations score
         # through this process's engine.
-        app.state.jobs = job_manager(settings)
+        app.state.jobs = JobService.from_settings(settings)
         app.state.jobs.eval_runner = ResidentEvalRunner(state)  # evaluations use this process's model
         app.state.jobs.fingerprint = lambda: state.frozen.fingerprint.to_dict() if state.frozen is not None else None
         app.state.jobs.start()
@@ -61,17 +59,24 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
         else:  # a daemon thread: a shutdown during the load does not wait for it (boot then stops early)
             # A boot that fails stops the server that runs the app (`softprompt serve` sets `stop_server`),
             # which then exits with the reason instead of answering /ready 503 for ever.
-            threading.Thread(target=state.boot, kwargs={"raise_errors": False,
-                                                        "on_failure": getattr(app.state, "stop_server", None)},
-                             name="softprompt-boot", daemon=True).start()
+            threading.Thread(
+                target=state.boot,
+                kwargs={"raise_errors": False, "on_failure": getattr(app.state, "stop_server", None)},
+                name="softprompt-boot",
+                daemon=True,
+            ).start()
         try:
             yield
         finally:
             app.state.jobs.stop()
             state.shutdown()
 
-    app = FastAPI(title="softprompt-server", version="0.1.0", lifespan=lifespan,
-                  description="Serve EmbedGrad soft prompts for one frozen causal LM.")
+    app = FastAPI(
+        title="softprompt-server",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Serve EmbedGrad soft prompts for one frozen causal LM.",
+    )
     app.state.metrics_registry = registry
     registry.register(StateCollector(lambda: _running_parts(app)))
     register_error_handlers(app)
@@ -81,7 +86,8 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     # the body limit's refusals included; /metrics itself is not counted
     http_metrics = metrics.default(metric_namespace="softprompt", registry=registry)
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).add(
-        served_methods_only(http_metrics, app.openapi)).instrument(app)
+        served_methods_only(http_metrics, app.openapi)
+    ).instrument(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(prompts.router)
@@ -92,24 +98,14 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     return app
 
 
-def job_manager(settings: Settings) -> JobManager | SharedJobManager:
-    """Jobs beside a folder store run on this server; with a database store they live in the
-    database, for every replica and worker (the embedded worker takes SOFTPROMPT_WORKER_JOBS)."""
-    if settings.store_is_database:
-        return SharedJobManager(settings.store, jobs_dir=settings.jobs_dir, model_spec=settings.model,
-                                device=settings.device, threads=settings.train_threads, max_running=settings.train_concurrency,
-                                worker_kinds=settings.worker_kinds, lease_seconds=settings.job_lease_seconds,
-                                heartbeat_seconds=settings.job_heartbeat_seconds, max_attempts=settings.job_max_attempts,
-                                max_processes=settings.max_train_processes)
-    return JobManager(settings.store, jobs_dir=settings.jobs_dir, model_spec=settings.model, device=settings.device,
-                      threads=settings.train_threads, max_running=settings.train_concurrency)
-
-
 def body_limits(settings: Settings):
     """(limit, setting) per request: the two upload routes get their upload limits, the rest one small limit."""
     uploads = {
         ("POST", "/prompts"): (settings.max_prompt_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_PROMPT_UPLOAD_BYTES"),
-        ("POST", "/train"): (2 * settings.max_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_UPLOAD_BYTES, twice: data and eval_file"),
+        ("POST", "/train"): (
+            2 * settings.max_upload_bytes + FORM_OVERHEAD,
+            "SOFTPROMPT_MAX_UPLOAD_BYTES, twice: data and eval_file",
+        ),
         ("POST", "/eval"): (settings.max_upload_bytes + FORM_OVERHEAD, "SOFTPROMPT_MAX_UPLOAD_BYTES"),
     }
     default = (settings.max_request_bytes, "SOFTPROMPT_MAX_REQUEST_BYTES")
@@ -129,4 +125,6 @@ def _log_admin_access(settings: Settings) -> None:
     elif settings.admin_open_without_key:
         logger.info("admin routes answer without a key: %s is a loopback address", settings.host)
     else:
-        logger.warning("admin routes are off: %s is not a loopback address and no SOFTPROMPT_API_KEY is set", settings.host)
+        logger.warning(
+            "admin routes are off: %s is not a loopback address and no SOFTPROMPT_API_KEY is set", settings.host
+        )

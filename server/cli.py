@@ -1,11 +1,11 @@
 """The `softprompt` console script.
 
-    softprompt serve --host 127.0.0.1 --port 8000      start the HTTP server
-    softprompt train --data train.jsonl --init "..." --name sentiment
-    softprompt eval --data test.jsonl --prompt math-v2 --prompt math-v3 [--text "..."] [--bare]
-    softprompt prompts list|show|alias|import|export|delete
-    softprompt worker                                  run jobs from a PostgreSQL store's queue
-    softprompt models list|install NAME                the named models (default, qwen2.5-coder-0.5b)
+softprompt serve --host 127.0.0.1 --port 8000      start the HTTP server
+softprompt train --data train.jsonl --init "..." --name sentiment
+softprompt eval --data test.jsonl --prompt math-v2 --prompt math-v3 [--text "..."] [--bare]
+softprompt prompts list|show|alias|import|export|delete
+softprompt worker                                  run jobs from a PostgreSQL store's queue
+softprompt models list|install NAME                the named models (default, qwen2.5-coder-0.5b)
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import logging
 import sys
 
 
-
 def _fingerprint(spec: str):
-    from trainer.modeling import load_frozen_model
+    from core.modeling import load_frozen_model
 
     frozen = load_frozen_model(spec)
     return frozen.fingerprint, frozen.base_model
@@ -28,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trainer import cli as train_cli
     from trainer import eval_cli
 
-    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="softprompt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="area", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server (settings from SOFTPROMPT_* env)")
     serve.add_argument("--host", default=None, help="address to bind (overrides SOFTPROMPT_HOST; default 127.0.0.1)")
@@ -37,17 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", default=None, help="store root (overrides SOFTPROMPT_STORE)")
     serve.add_argument("--log-level", default="info")
     train_cli.add_arguments(sub.add_parser("train", help="optimise a soft prompt and publish it"))
-    eval_cli.add_arguments(sub.add_parser("eval", help="score prompts on labeled data and compare them pairwise",
-                                          description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    eval_cli.add_arguments(
+        sub.add_parser(
+            "eval",
+            help="score prompts on labeled data and compare them pairwise",
+            description=eval_cli.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     prompts_cli.build_parser(sub.add_parser("prompts", help="manage the prompt store"), can_fingerprint=True)
-    from trainer import models
+    from core import model_cli, models
 
-    models.add_arguments(sub.add_parser("models", help="the named models: list them, install one",
-                                        description=models.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    from server import worker_cli
+    model_cli.add_arguments(
+        sub.add_parser(
+            "models",
+            help="the named models: list them, install one",
+            description=models.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    from jobs import cli as worker_cli
 
-    worker_cli.add_arguments(sub.add_parser("worker", help="run training and evaluation jobs from a PostgreSQL store's queue",
-                                            description=worker_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    worker_cli.add_arguments(
+        sub.add_parser(
+            "worker",
+            help="run training and evaluation jobs from a PostgreSQL store's queue",
+            description=worker_cli.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -62,8 +81,15 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(settings)
     # Requests still running this long after SIGTERM are cut off: a shutdown always finishes.
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=settings.shutdown_timeout_s))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
+    )
     app.state.stop_server = lambda: setattr(server, "should_exit", True)  # a failed boot ends the process
     server.run()
     state = getattr(app.state, "softprompt", None)
@@ -83,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_cli.run(args)
     if args.area == "worker":
-        from server import worker_cli
+        from jobs import cli as worker_cli
 
         return worker_cli.run(args)
     if args.area == "models":
-        from trainer import models
+        from core import model_cli
 
-        return models.run(args)
+        return model_cli.run(args)
     if args.area == "eval":
         from trainer import eval_cli
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import sys
 
 from pydantic import Field, field_validator, model_validator
 
-from prompt_store.settings import CommonSettings
-
-from .jobs.limits import machine_cores
-
+from core.settings import settings_from as _settings_from
+from jobs.settings import JobSettings
 
 logger = logging.getLogger(__name__)
+
 
 def is_loopback(host: str) -> bool:
     """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
@@ -26,103 +24,95 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def worker_kinds(value: str) -> list[str]:
-    """'train,eval' -> ['train', 'eval']; 'none' or '' -> []."""
-    kinds = [kind.strip().lower() for kind in value.split(",") if kind.strip()]
-    return [] if kinds == ["none"] else kinds
-
-
 RETIRED = {"SOFTPROMPT_PACKED_DECODE": "SOFTPROMPT_PACKED_WEIGHTS (oneDNN packing, on by default)"}
 
 
-class Settings(CommonSettings):
-    """The server's settings: the common ones (model, store, cache_dir) and its own."""
+class Settings(JobSettings):
+    """The server's settings: the common ones (model, store, cache_dir), the job system's, and its own."""
 
-    api_key: str | None = Field(None, description="if set, admin routes need 'Authorization: Bearer <key>'; an "
-                                "empty key is refused at start")
-    client_keys: str | None = Field(None, description="comma-separated keys: when set, /generate and /v1 need "
-                                    "'Authorization: Bearer <key>' with one of them (or the admin key)")
-    served_model_name: str | None = Field(None, description="the base model's id on /v1 (default: the model's "
-                                          "name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    api_key: str | None = Field(
+        None, description="if set, admin routes need 'Authorization: Bearer <key>'; an empty key is refused at start"
+    )
+    client_keys: str | None = Field(
+        None,
+        description="comma-separated keys: when set, /generate and /v1 need "
+        "'Authorization: Bearer <key>' with one of them (or the admin key)",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="the base model's id on /v1 (default: the model's name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)",
+    )
     host: str = Field("127.0.0.1", description="address `softprompt serve` binds to")
     port: int = Field(8000, ge=0, le=65535, description="port `softprompt serve` binds to")
-    allow_open_admin: bool = Field(False, description="serve admin routes without an API key on a non-loopback "
-                                   "address (off: without a key they answer only on 127.0.0.1/::1/localhost)")
-    shutdown_timeout_s: float = Field(5.0, gt=0, le=600, description="on SIGTERM, requests still running after "
-                                      "this long are cut off, so a shutdown always finishes")
-    max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body of any route except "
-                                   "the uploads below (413 before the body is read)")
-    device: str | None = Field(None, description="'cpu' or 'cuda' (default: cuda when available)")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads for serving (default: torch's); while "
-                                "training jobs run, the engine uses this minus their threads, at least one")
+    allow_open_admin: bool = Field(
+        False,
+        description="serve admin routes without an API key on a non-loopback "
+        "address (off: without a key they answer only on 127.0.0.1/::1/localhost)",
+    )
+    shutdown_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="on SIGTERM, requests still running after this long are cut off, so a shutdown always finishes",
+    )
+    max_request_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        description="largest request body of any route except the uploads below (413 before the body is read)",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads for serving (default: torch's); while "
+        "training jobs run, the engine uses this minus their threads, at least one",
+    )
     max_batch_size: int = Field(16, ge=1, description="most sequences decoded together")
     max_queue: int = Field(64, ge=1, description="waiting requests before 503")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
     prompt_cache_size: int = Field(32, ge=1, description="prompt versions kept loaded (LRU)")
     store_poll_seconds: float = Field(1.0, gt=0, description="how often the store is checked for new versions")
-    train_threads: int = Field(1, ge=1, description="torch threads a training job may use")
-    max_train_steps: int = Field(100_000, ge=1, le=1_000_000, description="most steps a training job submitted over "
-                                 "HTTP may ask for")
-    max_train_processes: int = Field(default_factory=machine_cores, ge=1, le=64, description="most processes (torchrun "
-                                     "ranks) one training job may ask for (default: this machine's cores); a worker "
-                                     "takes only jobs that fit its own cores")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest training upload accepted")
-    train_concurrency: int = Field(1, ge=1, description="jobs this server's worker (or `softprompt worker`) runs at "
-                                   "once (the rest wait, FIFO)")
-    worker_jobs: str = Field("train,eval", description="with a database store: the jobs this server's embedded "
-                             "worker takes ('train,eval', 'eval', 'train' or 'none' for a serving-only replica whose "
-                             "jobs run on other servers or `softprompt worker` processes)")
-    job_lease_seconds: float = Field(30.0, ge=2, le=3600, description="with a database store: a worker's hold on a "
-                                     "running job; a worker silent this long loses the job (failed, or queued again "
-                                     "while SOFTPROMPT_JOB_MAX_ATTEMPTS allows)")
-    job_heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="with a database store: how often workers "
-                                         "renew their leases and reap expired ones (at most half the lease)")
-    job_max_attempts: int = Field(1, ge=1, le=100, description="with a database store: times a job is tried when its "
-                                  "worker dies or stops (1: it fails instead of running again)")
     # serving engine
     prefix_cache_mb: int = Field(512, ge=1, description="memory for cached soft-prompt prefix key/values (LRU)")
     use_prefix_cache: bool = Field(True, description="reuse the soft prompt's key/values across requests")
     prewarm: bool = Field(True, description="load and prefill new prompt versions as soon as they are published")
-    max_prompt_upload_bytes: int = Field(50_000_000, ge=1, description="largest prompt file (safetensors or zip) accepted")
+    max_prompt_upload_bytes: int = Field(
+        50_000_000, ge=1, description="largest prompt file (safetensors or zip) accepted"
+    )
     queue_retry_after: int = Field(1, ge=1, description="Retry-After seconds sent with 503 queue_full")
-    packed_weights: bool = Field(True, description="on CPU (fp32), run every linear layer through a copy of its weight "
-                                 "packed for oneDNN: same results up to rounding, one more copy of the linear weights in "
-                                 "memory (bench/decode_ab.py --variant packed measures the speed on this host)")
-    gqa_attention: bool = Field(True, description="on CPU, prefills read grouped key/value heads in place (SDPA's "
-                                "native GQA) instead of copying them per query head; same results up to rounding")
-    fused_projections: bool = Field(True, description="compute q/k/v and gate/up as one matrix product each (weights "
-                                    "become views of one concatenated matrix that replaces them; same results up to rounding)")
-    batch_window_ms: float = Field(10.0, ge=0, le=100, description="when idle, wait this long for more arrivals "
-                                   "(each resets it, at most 4x) so a burst is prefilled as one batch")
+    packed_weights: bool = Field(
+        True,
+        description="on CPU (fp32), run every linear layer through a copy of its weight "
+        "packed for oneDNN: same results up to rounding, one more copy of the linear weights in "
+        "memory (bench/decode_ab.py --variant packed measures the speed on this host)",
+    )
+    gqa_attention: bool = Field(
+        True,
+        description="on CPU, prefills read grouped key/value heads in place (SDPA's "
+        "native GQA) instead of copying them per query head; same results up to rounding",
+    )
+    fused_projections: bool = Field(
+        True,
+        description="compute q/k/v and gate/up as one matrix product each (weights "
+        "become views of one concatenated matrix that replaces them; same results up to rounding)",
+    )
+    batch_window_ms: float = Field(
+        10.0,
+        ge=0,
+        le=100,
+        description="when idle, wait this long for more arrivals "
+        "(each resets it, at most 4x) so a burst is prefilled as one batch",
+    )
 
     @field_validator("api_key")
     @classmethod
     def _key_not_empty(cls, key: str | None) -> str | None:
         if key is not None and not key.strip():
-            raise ValueError("SOFTPROMPT_API_KEY is set but empty: set a real key, or unset it (admin routes then "
-                             "answer only on a loopback address unless SOFTPROMPT_ALLOW_OPEN_ADMIN=true)")
+            raise ValueError(
+                "SOFTPROMPT_API_KEY is set but empty: set a real key, or unset it (admin routes then "
+                "answer only on a loopback address unless SOFTPROMPT_ALLOW_OPEN_ADMIN=true)"
+            )
         return key
-
-    @field_validator("worker_jobs")
-    @classmethod
-    def _known_job_kinds(cls, value: str) -> str:
-        kinds = worker_kinds(value)
-        unknown = [kind for kind in kinds if kind not in ("train", "eval")]
-        if unknown:
-            raise ValueError(f"SOFTPROMPT_WORKER_JOBS: unknown job kind {unknown[0]!r}; use 'train', 'eval', "
-                             "'train,eval' or 'none'")
-        return value
-
-    @model_validator(mode="after")
-    def _heartbeat_within_lease(self) -> Settings:
-        if self.job_heartbeat_seconds * 2 > self.job_lease_seconds:
-            raise ValueError(f"SOFTPROMPT_JOB_HEARTBEAT_SECONDS ({self.job_heartbeat_seconds}) must be at most half of "
-                             f"SOFTPROMPT_JOB_LEASE_SECONDS ({self.job_lease_seconds})")
-        return self
-
-    @property
-    def worker_kinds(self) -> list[str]:
-        return worker_kinds(self.worker_jobs)
 
     @property
     def client_key_list(self) -> list[str]:
@@ -142,16 +132,5 @@ class Settings(CommonSettings):
 
 
 def settings_from(command: str, given: dict) -> Settings | None:
-    """The settings of `softprompt <command>`: the environment's, with the command line's values on
-    top (None: not given). An invalid value prints each problem as `softprompt <command>:
-    SOFTPROMPT_<FIELD>: message` on stderr and returns None."""
-    from pydantic import ValidationError
-
-    try:
-        return Settings(**{key: value for key, value in given.items() if value is not None})
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(map(str, error["loc"]))
-            where = f"SOFTPROMPT_{field.upper()}: " if field else ""
-            print(f"softprompt {command}: {where}{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
-        return None
+    """The settings of `softprompt <command>` (core.settings.settings_from)."""
+    return _settings_from(Settings, command, given)

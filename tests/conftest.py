@@ -2,11 +2,24 @@ from __future__ import annotations
 
 import os
 
-import prompt_store  # noqa: F401  (first: it sets how torch's threads wait, before torch loads)
 import pytest
 
+import prompt_store  # noqa: F401  (first: it sets how torch's threads wait, before torch loads)
+from core.modeling import FrozenModel, from_loaded, load_frozen_model  # noqa: E402
 from tests.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
-from trainer.modeling import FrozenModel, from_loaded, load_frozen_model  # noqa: E402
+
+POSTGRES_FIXTURES = {"postgres", "own_postgres", "database_url"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that uses a PostgreSQL server `postgres`: through a fixture, or as the
+    PostgreSQL run of a test parametrized over both store backends."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if POSTGRES_FIXTURES & set(item.fixturenames) or (
+            callspec and callspec.params.get("store_location") == "postgres"
+        ):
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +44,7 @@ def real_model() -> FrozenModel:
 def _started_postgres():
     """A PostgreSQL server from the machine's binaries, stopped and removed afterwards. Without
     the binaries the test is skipped with the line to install them (on CI it fails)."""
-    from tests.postgres_cluster import INSTALL_HINT, PostgresCluster, find_bindir
+    from devtools.postgres import INSTALL_HINT, PostgresCluster, find_bindir
 
     bindir = find_bindir()
     if bindir is None:

@@ -1,49 +1,10 @@
-"""Helpers for engine tests: build jobs from text and wait for their results."""
+"""Helpers for engine tests (requests built from text: devtools/engine_requests.py)."""
 
 from __future__ import annotations
 
-import queue
-
 import torch
 
-from server.engine import DoneEvent, FailedEvent, GenerationRequest, SamplingParams, TokenEvent
-from trainer.layout import ChatLayout
-
-
-class Collector:
-    """A sink that records every event of one job."""
-
-    def __init__(self):
-        self.events: queue.Queue = queue.Queue()
-
-    def __call__(self, event) -> None:
-        self.events.put(event)
-
-    def result(self, timeout: float = 30.0) -> tuple[DoneEvent, list[TokenEvent]]:
-        pieces = []
-        while True:
-            event = self.events.get(timeout=timeout)
-            if isinstance(event, TokenEvent):
-                pieces.append(event)
-            elif isinstance(event, FailedEvent):
-                raise event.error
-            else:
-                return event, pieces
-
-
-def make_job(tokenizer, text: str, soft: torch.Tensor | None = None, key: tuple | None = None, **params) -> tuple[GenerationRequest, Collector]:
-    layout = ChatLayout(tokenizer).for_input(text)
-    sink = Collector()
-    params.setdefault("max_new_tokens", 12)
-    job = GenerationRequest(
-        prompt_key=key if soft is None or key is not None else ("p", id(soft), "x"),
-        soft=soft,
-        head_ids=layout.head_ids,
-        tail_ids=layout.tail_ids,
-        params=SamplingParams(**params),
-        sink=sink,
-    )
-    return job, sink
+from devtools.engine_requests import Collector, make_job  # noqa: F401  (re-exported for the tests)
 
 
 def generated_ids(done_and_pieces) -> list[int]:
@@ -60,9 +21,17 @@ def untied_llama(vocab_size: int, *, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -70,7 +39,12 @@ def untied_llama(vocab_size: int, *, seed: int = 0):
         model.lm_head.weight.normal_(0, 0.5)
         # strong attention, so tokens far back (the soft prompt) change the next-token choice
         for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+            for proj in (
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+            ):
                 proj.weight.normal_(0, 0.3)
     return model.eval()
 
@@ -87,9 +61,9 @@ def mixed_batch_tokens(tokenizer, *, together: bool, **rewrites):
     fresh `untied_llama` engine, its model rewritten as the server does (`rewrites` turns some
     off, e.g. packed_weights=False): all in one batch, or one by one.
     Returns (token ids per request, the stopped engine)."""
+    from core.modeling import from_loaded
     from server.engine import Engine
     from server.engine.rewrites import prepare_for_serving
-    from trainer.modeling import from_loaded
 
     torch.manual_seed(7)
     softs = [torch.randn(3, 64), torch.randn(9, 64), None, torch.randn(5, 64)]
@@ -98,8 +72,10 @@ def mixed_batch_tokens(tokenizer, *, together: bool, **rewrites):
     engine = Engine(frozen, max_batch_size=4)
     engine.start()
     try:
-        jobs = [make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)
-                for i, (text, soft) in enumerate(zip(MIXED_TEXTS, softs))]
+        jobs = [
+            make_job(tokenizer, text, soft, key=None if soft is None else ("p", i, "c"), max_new_tokens=12)
+            for i, (text, soft) in enumerate(zip(MIXED_TEXTS, softs))
+        ]
         if not together:
             out = []
             for job, sink in jobs:

@@ -7,7 +7,10 @@ import json
 import torch
 
 LABELS = ("negative", "positive")
-ROWS = [{"input": f"review {i}: {'great fun' if i % 3 else 'dull and slow'}", "output": LABELS[i % 3 != 0]} for i in range(40)]
+ROWS = [
+    {"input": f"review {i}: {'great fun' if i % 3 else 'dull and slow'}", "output": LABELS[i % 3 != 0]}
+    for i in range(40)
+]
 
 
 def jsonl(rows) -> bytes:
@@ -17,5 +20,9 @@ def jsonl(rows) -> bytes:
 def publish_random(store, frozen, name: str, seed: int, vectors: int = 4):
     """Publish `vectors` random vectors (3 x N(0, 1)): large enough to change the untied model's choices."""
     generator = torch.Generator().manual_seed(seed)
-    return store.publish(name, 3 * torch.randn(vectors, frozen.fingerprint.hidden_size, generator=generator),
-                         fingerprint=frozen.fingerprint, base_model=frozen.base_model)
+    return store.publish(
+        name,
+        3 * torch.randn(vectors, frozen.fingerprint.hidden_size, generator=generator),
+        fingerprint=frozen.fingerprint,
+        base_model=frozen.base_model,
+    )

@@ -1,8 +1,9 @@
 """Tiny random models of the common decoder families, built from a config, for the family matrix.
 
 Each is 2-3 layers, wide enough to be meaningful and small enough to run in milliseconds. Windows
-are small (12 tokens: a request's template alone is longer), so every request runs far past them and a sliding layer that looked one
-token too far (or not far enough) would change the output. Weights are drawn so greedy tokens
+are small (12 tokens: a request's template alone is longer), so every request runs far past
+them and a sliding layer that looked one token too far (or not far enough) would change the
+output. Weights are drawn so greedy tokens
 depend on the whole context: an untied output head and strong attention projections.
 """
 
@@ -12,29 +13,64 @@ import torch
 from transformers import AutoModelForCausalLM
 
 WINDOW = 12
-COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _configs():
-    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     return {
         "llama": lambda v: LlamaConfig(vocab_size=v, num_hidden_layers=2, **COMMON),
         "qwen2": lambda v: Qwen2Config(vocab_size=v, num_hidden_layers=2, **COMMON),
-        "qwen2-window": lambda v: Qwen2Config(vocab_size=v, num_hidden_layers=3, use_sliding_window=True,
-                                              sliding_window=WINDOW, max_window_layers=1, **COMMON),
+        "qwen2-window": lambda v: Qwen2Config(
+            vocab_size=v,
+            num_hidden_layers=3,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            **COMMON,
+        ),
         "qwen3": lambda v: Qwen3Config(vocab_size=v, num_hidden_layers=2, head_dim=16, **COMMON),
         "mistral": lambda v: MistralConfig(vocab_size=v, num_hidden_layers=2, sliding_window=None, **COMMON),
         "mistral-window": lambda v: MistralConfig(vocab_size=v, num_hidden_layers=3, sliding_window=WINDOW, **COMMON),
-        "gemma2": lambda v: Gemma2Config(vocab_size=v, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16,
-                                         sliding_window=WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                                         **COMMON),
-        "gemma3": lambda v: Gemma3TextConfig(vocab_size=v, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16,
-                                             sliding_window=WINDOW, sliding_window_pattern=2,
-                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                             **COMMON),
+        "gemma2": lambda v: Gemma2Config(
+            vocab_size=v,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            **COMMON,
+        ),
+        "gemma3": lambda v: Gemma3TextConfig(
+            vocab_size=v,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            sliding_window_pattern=2,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            **COMMON,
+        ),
         "phi3": lambda v: Phi3Config(vocab_size=v, num_hidden_layers=3, sliding_window=WINDOW, **COMMON),
     }
 

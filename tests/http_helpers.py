@@ -8,10 +8,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from core.modeling import from_loaded
 from server.app import create_app
 from server.settings import Settings
 from tests.engine_helpers import untied_llama
-from trainer.modeling import from_loaded
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,14 @@ def mixing(tokenizer):
 
 
 def make_settings(tmp_path, **overrides) -> Settings:
-    values = dict(store=tmp_path / "store", store_poll_seconds=0.05, max_batch_size=8, max_queue=8,
-                  max_new_tokens_limit=64, api_key=None)
+    values = dict(
+        store=tmp_path / "store",
+        store_poll_seconds=0.05,
+        max_batch_size=8,
+        max_queue=8,
+        max_new_tokens_limit=64,
+        api_key=None,
+    )
     values.update(overrides)
     return Settings(**values)
 
@@ -39,8 +45,12 @@ def publish(store_root, frozen, name: str, vectors: int = 4, seed: int = 0):
 
     torch.manual_seed(seed)
     with open_store(store_root) as store:
-        return store.publish(name, torch.randn(vectors, frozen.fingerprint.hidden_size),
-                             fingerprint=frozen.fingerprint, base_model=frozen.base_model)
+        return store.publish(
+            name,
+            torch.randn(vectors, frozen.fingerprint.hidden_size),
+            fingerprint=frozen.fingerprint,
+            base_model=frozen.base_model,
+        )
 
 
 def parse_sse(body: str) -> list[tuple[str, dict]]:

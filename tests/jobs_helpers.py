@@ -33,3 +33,18 @@ def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def job_service(store, jobs_dir, model: str, **settings):
+    """A JobService (queue and embedded worker) as the server builds it from its settings."""
+    from jobs.service import JobService
+    from jobs.settings import JobSettings
+
+    return JobService.from_settings(
+        JobSettings(store=str(store), jobs_dir=jobs_dir, model=model, device="cpu", **settings)
+    )
+
+
+def running_process(service, job_id: str):
+    """The process a service's worker runs the job in (None before it started)."""
+    return next((job.proc for job in service.worker._jobs() if job.record.id == job_id), None)

@@ -27,8 +27,20 @@ def test_the_generator_makes_exactly_the_committed_files():
 
 
 def test_answers_are_right_and_no_problem_is_in_both_splits():
-    operators = {"plus": "+", "+": "+", "Add": "+", "sum": "+", "minus": "-", "-": "-", "Subtract": "-",
-                 "difference": "-", "times": "x", "x": "x", "Multiply": "x", "product": "x"}
+    operators = {
+        "plus": "+",
+        "+": "+",
+        "Add": "+",
+        "sum": "+",
+        "minus": "-",
+        "-": "-",
+        "Subtract": "-",
+        "difference": "-",
+        "times": "x",
+        "x": "x",
+        "Multiply": "x",
+        "product": "x",
+    }
     problems = {}
     for split in ("train", "test"):
         examples = load_examples(DATA / f"arithmetic.{split}.jsonl")
@@ -36,7 +48,9 @@ def test_answers_are_right_and_no_problem_is_in_both_splits():
         keys = set()
         for e in examples:
             a, b = map(int, NUMBERS.findall(e.input))
-            op = next(symbol for word, symbol in operators.items() if word in e.input.split() or f" {word} " in f" {e.input} ")
+            op = next(
+                symbol for word, symbol in operators.items() if word in e.input.split() or f" {word} " in f" {e.input} "
+            )
             if e.input.startswith("Subtract"):
                 a, b = b, a  # "Subtract b from a."
             assert int(e.output) == {"+": a + b, "-": a - b, "x": a * b}[op], e

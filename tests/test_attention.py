@@ -16,8 +16,12 @@ def _logits_with_a_cached_prefix(model, ids, mask) -> torch.Tensor:
     cache = DynamicCache(config=model.config)
     model(input_ids=prefix, attention_mask=mask[:, :5], past_key_values=cache, use_cache=True)
     tail = model(input_ids=rest, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:]
-    step = model(input_ids=tail.argmax(-1), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-                 past_key_values=cache, use_cache=True).logits
+    step = model(
+        input_ids=tail.argmax(-1),
+        attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
     return torch.cat([tail, step], 1)
 
 
@@ -32,9 +36,13 @@ def test_native_gqa_gives_the_same_logits_and_skips_the_kv_copies(monkeypatch):
         assert use_gqa_sdpa(model) and model.config._attn_implementation == NAME
         calls = []
         sdpa = F.scaled_dot_product_attention
-        monkeypatch.setattr(F, "scaled_dot_product_attention",
-                            lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[1], kw.get("enable_gqa", False)))
-                            or sdpa(q, k, v, **kw))
+        monkeypatch.setattr(
+            F,
+            "scaled_dot_product_attention",
+            lambda q, k, v, **kw: (
+                calls.append((q.shape[2], k.shape[1], kw.get("enable_gqa", False))) or sdpa(q, k, v, **kw)
+            ),
+        )
         after = _logits_with_a_cached_prefix(model, ids, mask)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     layers = model.config.num_hidden_layers
@@ -64,8 +72,13 @@ def test_models_it_would_not_help_are_left_alone():
     eager = untied_llama(200)
     eager.set_attn_implementation("eager")
     assert not use_gqa_sdpa(eager) and eager.config._attn_implementation == "eager"
-    shape = {"vocab_size": 50, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-             "num_attention_heads": 4}
+    shape = {
+        "vocab_size": 50,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+    }
     ungrouped = LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=4))
     assert not use_gqa_sdpa(ungrouped) and ungrouped.config._attn_implementation == "sdpa"
     with torch.device("meta"):  # not on the CPU: CUDA models are left alone the same way
@@ -78,7 +91,9 @@ def test_queries_it_does_not_cover_go_to_transformers(monkeypatch):
     from server.engine import attention
 
     handed = []
-    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **kw: handed.append(a[1].device.type) or (None, None))
+    monkeypatch.setattr(
+        attention, "sdpa_attention_forward", lambda *a, **kw: handed.append(a[1].device.type) or (None, None)
+    )
     module = torch.nn.Module()
     module.num_key_value_groups = 2
     q, kv, mask = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.ones(1, 1, 3, 3, dtype=torch.bool)

@@ -10,24 +10,42 @@ from pathlib import Path
 
 import pytest
 
+from devtools.postgres import free_port
 from tests.jobs_helpers import save_tiny_model
-from tests.postgres_cluster import free_port
+
+pytestmark = pytest.mark.processes
 
 
-@pytest.mark.parametrize("model, reason", [
-    ("missing-model-folder", "Cannot load model spec"),
-    ("broken-model", "SafetensorError"),
-])
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        ("missing-model-folder", "Cannot load model spec"),
+        ("broken-model", "SafetensorError"),
+    ],
+)
 def test_a_model_that_cannot_load_stops_the_server_with_its_reason(frozen, tmp_path, model, reason):
     if model == "broken-model":  # a real model folder whose weights file was cut short
         save_tiny_model(frozen, tmp_path / model)
         weights = tmp_path / model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
     started = time.monotonic()
-    done = subprocess.run([str(Path(sys.executable).parent / "softprompt"), "serve", "--model", model,
-                           "--store", "store", "--port", str(free_port())],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "softprompt"),
+            "serve",
+            "--model",
+            model,
+            "--store",
+            "store",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
-    said = done.stderr[done.stderr.index("softprompt serve: the server could not start:"):]
+    said = done.stderr[done.stderr.index("softprompt serve: the server could not start:") :]
     assert reason in said, said
     assert time.monotonic() - started < 60

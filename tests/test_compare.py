@@ -6,9 +6,13 @@ import json
 import math
 
 import pytest
+import torch
 
-import trainer.modeling
+import core.modeling
+from core.modeling import from_loaded
 from server.cli import main as softprompt
+from tests.engine_helpers import untied_llama
+from tests.eval_helpers import LABELS, ROWS, jsonl, publish_random
 from trainer.batches import Encoder
 from trainer.compare import (
     ReferenceError,
@@ -19,14 +23,10 @@ from trainer.compare import (
     reference_specs,
     run_comparison,
 )
-import torch
-
-from tests.engine_helpers import untied_llama
-from tests.eval_helpers import LABELS, ROWS, jsonl, publish_random
 from trainer.data import parse_examples
 from trainer.evaluate import Task
-from trainer.modeling import from_loaded
 from trainer.stats import compare_paired, mcnemar_exact, wilson_interval
+
 
 @pytest.fixture(scope="module")
 def untied(tokenizer):
@@ -62,11 +62,19 @@ def test_paired_counts():
 
 
 def test_reference_specs_are_validated():
-    assert [s.label for s in reference_specs(["math-v2"], ["Solve it."], bare=True)] == ["math-v2", "text: Solve it.", "(bare)"]
+    assert [s.label for s in reference_specs(["math-v2"], ["Solve it."], bare=True)] == [
+        "math-v2",
+        "text: Solve it.",
+        "(bare)",
+    ]
     assert [s.label for s in reference_specs(["bare"], bare=True)] == ["bare", "(bare)"]  # a prompt may be named bare
     assert len(reference_specs(["a", "a"])) == 1
-    for prompts, texts, bare in (([], [], False), ([""], [], False), ([f"p{i}" for i in range(9)], [], False),
-                                 ([], ["\ud800"], False)):
+    for prompts, texts, bare in (
+        ([], [], False),
+        ([""], [], False),
+        ([f"p{i}" for i in range(9)], [], False),
+        ([], ["\ud800"], False),
+    ):
         with pytest.raises(ReferenceError):
             reference_specs(prompts, texts, bare)
 
@@ -80,8 +88,16 @@ def test_two_versions_on_the_same_data_agree_with_their_table(untied, store):
     task = Task("classification", LABELS)
     score = model_scorer(frozen, Encoder(frozen), task, max_new_tokens=4, batch_size=8)
     parts = []
-    table = run_comparison(score, references, examples, task, data=data_identity(jsonl(ROWS), "senti.jsonl", len(ROWS)),
-                           max_new_tokens=4, chunk_size=16, on_progress=lambda p: parts.append((p.done, p.total)))
+    table = run_comparison(
+        score,
+        references,
+        examples,
+        task,
+        data=data_identity(jsonl(ROWS), "senti.jsonl", len(ROWS)),
+        max_new_tokens=4,
+        chunk_size=16,
+        on_progress=lambda p: parts.append((p.done, p.total)),
+    )
     assert parts[-1] == (12, 12) and [d for d, _ in parts] == list(range(1, 13))  # 3 chunks x 4 references
     labels = [r["reference"] for r in table["results"]]
     assert labels == ["senti-v1", "senti-v2", "text: Classify it.", "(bare)"]
@@ -90,11 +106,16 @@ def test_two_versions_on_the_same_data_agree_with_their_table(untied, store):
     for result in table["results"]:  # each score is the count of its per-example outcomes
         correct = sum(row["correct"][result["reference"]] for row in rows)
         assert result["correct"] == correct and result["score"] == pytest.approx(correct / len(ROWS))
-        assert all(row["correct"][result["reference"]] == (row["predicted"][result["reference"]] == row["output"]) for row in rows)
+        assert all(
+            row["correct"][result["reference"]] == (row["predicted"][result["reference"]] == row["output"])
+            for row in rows
+        )
         low, high = result["ci95"]
         assert low <= result["score"] <= high
     assert len(table["comparisons"]) == 6
-    assert any(pair["only_a"] + pair["only_b"] for pair in table["comparisons"]), "the prompts never disagree: a vacuous check"
+    assert any(pair["only_a"] + pair["only_b"] for pair in table["comparisons"]), (
+        "the prompts never disagree: a vacuous check"
+    )
     for pair in table["comparisons"]:  # and each pair's counts are its per-example agreement
         a = [row["correct"][pair["a"]] for row in rows]
         b = [row["correct"][pair["b"]] for row in rows]
@@ -130,7 +151,7 @@ def test_evaluations_live_outside_the_immutable_version_and_go_with_it(frozen, s
 
 @pytest.fixture
 def tiny_loader(monkeypatch, untied):
-    monkeypatch.setattr(trainer.modeling, "load_frozen_model", lambda spec=None, **_: untied)
+    monkeypatch.setattr(core.modeling, "load_frozen_model", lambda spec=None, **_: untied)
 
 
 def test_softprompt_eval_prints_the_table_and_records_it(tmp_path, tiny_loader, untied, capsys):
@@ -142,8 +163,23 @@ def test_softprompt_eval_prints_the_table_and_records_it(tmp_path, tiny_loader, 
     publish_random(store, frozen, "senti", seed=2)
     (tmp_path / "test.jsonl").write_bytes(jsonl(ROWS))
     out_json = tmp_path / "table.json"
-    code = softprompt(["eval", "--data", str(tmp_path / "test.jsonl"), "--prompt", "senti-v1", "--prompt", "senti",
-                       "--bare", "--store", str(tmp_path / "store"), "--json", str(out_json), "--no-progress"])
+    code = softprompt(
+        [
+            "eval",
+            "--data",
+            str(tmp_path / "test.jsonl"),
+            "--prompt",
+            "senti-v1",
+            "--prompt",
+            "senti",
+            "--bare",
+            "--store",
+            str(tmp_path / "store"),
+            "--json",
+            str(out_json),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     table = json.loads(out_json.read_text())
@@ -178,8 +214,13 @@ def test_labels_come_from_the_prompts_too(untied, store):
     assert choose_task([], one_class).kind == "generation"  # auto, one answer throughout: exact match
     assert choose_max_new_tokens([TaskHint(max_new_tokens=10**6)], None, limit=256) == 256
     assert choose_max_new_tokens([trained], None) == 4 and choose_max_new_tokens([], None) == 16
-    version = store.publish("tagged", torch.zeros(2, untied.fingerprint.hidden_size), fingerprint=untied.fingerprint,
-                            base_model="x", metrics={"task": "classification", "labels": list(LABELS)},
-                            training_config={"max_new_tokens": 6})
+    version = store.publish(
+        "tagged",
+        torch.zeros(2, untied.fingerprint.hidden_size),
+        fingerprint=untied.fingerprint,
+        base_model="x",
+        metrics={"task": "classification", "labels": list(LABELS)},
+        training_config={"max_new_tokens": 6},
+    )
     [reference] = load_references(untied, store, reference_specs(["tagged"]))
     assert reference.hint == TaskHint("classification", LABELS, 6) == TaskHint.from_meta(version.meta)

@@ -13,7 +13,9 @@ def lines(*records) -> list[str]:
 
 
 def test_valid_lines_parse_and_blank_lines_are_skipped():
-    examples = parse_examples(lines({"input": "a", "output": "x"}, "", {"input": "b", "output": "y", "split": "validation", "movie": "m"}))
+    examples = parse_examples(
+        lines({"input": "a", "output": "x"}, "", {"input": "b", "output": "y", "split": "validation", "movie": "m"})
+    )
     assert examples == [Example("a", "x"), Example("b", "y", "validation")]
 
 
@@ -64,7 +66,16 @@ def test_explicit_split_fields_win():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("lr", 0.0), ("steps", 0), ("min_cosine", 1.0), ("task", "regression"), ("batch_size", 2.5), ("patience", 0), ("eval_fraction", 1.0), ("init_text", " ")],
+    [
+        ("lr", 0.0),
+        ("steps", 0),
+        ("min_cosine", 1.0),
+        ("task", "regression"),
+        ("batch_size", 2.5),
+        ("patience", 0),
+        ("eval_fraction", 1.0),
+        ("init_text", " "),
+    ],
 )
 def test_bad_config_names_the_field(field, value):
     settings = {"init_text": "hello", field: value}

@@ -15,34 +15,57 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from core.modeling import load_frozen_model
+from devtools.postgres import free_port
 from prompt_store import open_store
 from tests.jobs_helpers import save_tiny_model
-from tests.postgres_cluster import free_port
 from trainer.config import TrainConfig
 from trainer.data import Example
 from trainer.loop import TrainingCancelled, train_prompt
-from trainer.modeling import load_frozen_model
+
+pytestmark = pytest.mark.processes
 
 WORDS = ["great fun", "a wonderful film", "dull and boring", "a bad movie", "moving", "awful", "witty", "tedious"]
-TRAIN = [Example(f"review {i}: {WORDS[i % len(WORDS)]}", "positive" if i % len(WORDS) in (0, 1, 4, 6) else "negative")
-         for i in range(22)]  # 22 rows: with batch 6 each epoch ends in a batch of 4
+TRAIN = [
+    Example(f"review {i}: {WORDS[i % len(WORDS)]}", "positive" if i % len(WORDS) in (0, 1, 4, 6) else "negative")
+    for i in range(22)
+]  # 22 rows: with batch 6 each epoch ends in a batch of 4
 VAL = TRAIN[:4]
-CONFIG = dict(init_text="Classify the sentiment.", steps=6, batch_size=6, lr=1e-2, eval_every=3, warmup_steps=1,
-              grad_accum=2, seed=3, threads=1)
+CONFIG = dict(
+    init_text="Classify the sentiment.",
+    steps=6,
+    batch_size=6,
+    lr=1e-2,
+    eval_every=3,
+    warmup_steps=1,
+    grad_accum=2,
+    seed=3,
+    threads=1,
+)
 # 3 ranks on batches of 4 (an epoch's last batch of 2 leaves a rank nothing), an lr and a clip
 # small enough that clipping and the trust-region projection act on every step, early stopping.
 HARD = dict(CONFIG, steps=12, batch_size=4, lr=0.5, max_grad_norm=1e-3, min_cosine=0.99, eval_every=1, patience=2)
 
 
 def _rank(rank: int, world: int, port: int, model: str, out: str, config: dict, cancel_at: int | None) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                         timeout=timedelta(seconds=60))  # a mismatched collective fails, not hangs
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )  # a mismatched collective fails, not hangs
     steps = iter(range(1, 10_000))
     should_stop = (lambda: next(steps) >= cancel_at) if cancel_at else None  # called once a step, on rank 0
     try:
-        result = train_prompt(load_frozen_model(model, device="cpu"), TRAIN, VAL, TrainConfig(**config), should_stop=should_stop)
-        torch.save({"embeddings": result.embeddings, "final": result.final_embeddings, "history": result.history,
-                    "metrics": result.metrics}, f"{out}/rank{rank}.pt")
+        result = train_prompt(
+            load_frozen_model(model, device="cpu"), TRAIN, VAL, TrainConfig(**config), should_stop=should_stop
+        )
+        torch.save(
+            {
+                "embeddings": result.embeddings,
+                "final": result.final_embeddings,
+                "history": result.history,
+                "metrics": result.metrics,
+            },
+            f"{out}/rank{rank}.pt",
+        )
     except TrainingCancelled:
         torch.save({"cancelled": True}, f"{out}/rank{rank}.pt")
     finally:
@@ -50,8 +73,13 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, config: dict, 
 
 
 def _spawn(world: int, model: str, out: Path, config: dict, cancel_at: int | None = None) -> list[dict]:
-    mp.start_processes(_rank, args=(world, free_port(), model, str(out), config, cancel_at), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _rank,
+        args=(world, free_port(), model, str(out), config, cancel_at),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
@@ -60,7 +88,9 @@ def model_folder(frozen, tmp_path_factory):
     return save_tiny_model(frozen, tmp_path_factory.mktemp("tiny-model"))
 
 
-@pytest.mark.parametrize("world, config", [(2, CONFIG), (3, HARD)], ids=["2-ranks", "3-ranks-clipped-projected-early-stop"])
+@pytest.mark.parametrize(
+    "world, config", [(2, CONFIG), (3, HARD)], ids=["2-ranks", "3-ranks-clipped-projected-early-stop"]
+)
 def test_ranks_train_the_same_prompt_as_one_process(model_folder, tmp_path, world, config):
     single = train_prompt(load_frozen_model(model_folder, device="cpu"), TRAIN, VAL, TrainConfig(**config))
     main, *others = _spawn(world, model_folder, tmp_path, config)
@@ -69,7 +99,10 @@ def test_ranks_train_the_same_prompt_as_one_process(model_folder, tmp_path, worl
     torch.testing.assert_close(main["final"], single.final_embeddings, rtol=1e-4, atol=1e-5)
     losses = [h["loss"] for h in single.history if "loss" in h]  # every step's loss is the global batch's
     assert [h["loss"] for h in main["history"] if "loss" in h] == pytest.approx(losses, rel=1e-5)
-    assert main["metrics"]["val_after"] == single.metrics["val_after"] and main["metrics"]["best_step"] == single.metrics["best_step"]
+    assert (
+        main["metrics"]["val_after"] == single.metrics["val_after"]
+        and main["metrics"]["best_step"] == single.metrics["best_step"]
+    )
     assert main["metrics"]["steps_run"] == single.metrics["steps_run"]
     for rank, other in enumerate(others, start=1):  # every rank took the same steps to the same vectors
         assert other["metrics"] == {"rank": rank} and torch.equal(other["final"], main["final"])
@@ -89,11 +122,42 @@ def test_torchrun_trains_one_prompt_and_only_rank_0_publishes(model_folder, tmp_
     store = tmp_path / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "trainer", "--data", str(data), "--init", CONFIG["init_text"], "--name", "ddp", "--steps", "3",
-         "--batch-size", "4", "--eval-every", "3", "--model", model_folder, "--store", str(store),
-         "--runs-dir", str(tmp_path / "runs"), "--no-progress"],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "trainer",
+            "--data",
+            str(data),
+            "--init",
+            CONFIG["init_text"],
+            "--name",
+            "ddp",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "3",
+            "--model",
+            model_folder,
+            "--store",
+            str(store),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("published ddp-v1") == 1
     with open_store(store) as opened:

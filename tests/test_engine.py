@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
+from core.modeling import from_loaded
 from server.engine import Engine, PrefixCache, QueueFullError
 from server.engine.rewrites import prepare_for_serving
 from tests.engine_helpers import make_job, untied_llama, wait_all
-from trainer.modeling import from_loaded
 
 TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "the plot was dull and boring, a bad movie"]
 
@@ -91,7 +91,7 @@ def test_cached_prefix_gives_the_same_tokens_as_uncached(mixing, tokenizer, soft
 
 
 def test_bare_model_matches_hf_generate(mixing, tokenizer):
-    from trainer.layout import ChatLayout
+    from core.layout import ChatLayout
 
     engine = _engine(mixing)
     try:
@@ -102,9 +102,14 @@ def test_bare_model_matches_hf_generate(mixing, tokenizer):
     ids = torch.tensor([layout.head_ids + layout.tail_ids])
     plain = untied_llama(len(tokenizer))  # the same weights, never touched by an engine (mixing's are fused)
     with torch.no_grad():
-        reference = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert done.token_ids == reference[0, ids.shape[1]:].tolist()[: len(done.token_ids)]
+        reference = plain.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert done.token_ids == reference[0, ids.shape[1] :].tolist()[: len(done.token_ids)]
 
 
 def test_requests_joining_between_steps_keep_their_tokens(mixing, tokenizer, softs):
@@ -157,8 +162,10 @@ def test_max_new_tokens_respected_and_finished_rows_leave(mixing, tokenizer, sof
 def test_seeded_sampling_is_reproducible(mixing, tokenizer):
     engine = _engine(mixing)
     try:
-        runs = [_solo(engine, tokenizer, [(TEXTS[1], None, None)], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)[0]
-                for _ in range(2)]
+        runs = [
+            _solo(engine, tokenizer, [(TEXTS[1], None, None)], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)[0]
+            for _ in range(2)
+        ]
     finally:
         engine.stop()
     assert runs[0].token_ids == runs[1].token_ids

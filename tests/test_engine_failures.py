@@ -9,11 +9,10 @@ import time
 import pytest
 import torch
 
-from server.engine import DoneEvent, Engine, FailedEvent, GenerationRequest, SamplingParams, TokenEvent
-from server.engine import sampling
-from server.engine.errors import ShuttingDownError
+from core.modeling import from_loaded
+from server.engine import DoneEvent, Engine, FailedEvent, GenerationRequest, SamplingParams, TokenEvent, sampling
+from server.engine.errors import EngineNotReadyError, ShuttingDownError
 from tests.engine_helpers import make_job, untied_llama
-from trainer.modeling import from_loaded
 
 
 class Recorder:
@@ -160,7 +159,7 @@ def test_stop_fails_every_queued_and_running_request_once(tokenizer):
     assert time.perf_counter() - started < 5
     finals = [rec.final() for _, rec in jobs]
     assert all(isinstance(f, FailedEvent) and isinstance(f.error, ShuttingDownError) for f in finals)
-    with pytest.raises(Exception):
+    with pytest.raises(EngineNotReadyError):
         engine.submit(_job(tokenizer, "too late")[0])
 
 

@@ -14,6 +14,9 @@ import copy
 import pytest
 import torch
 
+from core.layout import ChatLayout
+from core.modeling import from_loaded
+from core.prepend import prepend_soft_prompt
 from prompt_store import open_store
 from server.engine import Engine
 from server.engine.rewrites import prepare_for_serving
@@ -22,10 +25,7 @@ from tests.families import FAMILIES, SLIDING, WINDOW, tiny_family_model
 from tests.jobs_helpers import SENTIMENT
 from trainer.config import TrainConfig
 from trainer.data import parse_examples
-from trainer.layout import ChatLayout
 from trainer.loop import train_prompt
-from trainer.modeling import from_loaded
-from trainer.prepend import prepend_soft_prompt
 from trainer.publish import publish_result
 
 NEW_TOKENS = 14
@@ -49,9 +49,14 @@ def reference_tokens(plain, tokenizer, question: str, instruction_ids: list[int]
     layout = ChatLayout(tokenizer).for_input(question)
     ids = torch.tensor([list(layout.head_ids) + list(instruction_ids) + list(layout.tail_ids)])
     with torch.no_grad():
-        out = plain.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+        out = plain.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, ids.shape[1] :].tolist()
     stop = tokenizer.eos_token_id
     return new[: new.index(stop) + 1] if stop in new else new  # up to its end of turn, as the engine reports it
 
@@ -61,8 +66,7 @@ def served(frozen, jobs: list[tuple], *, together: bool, use_prefix_cache: bool 
     engine = Engine(frozen, max_batch_size=8, use_prefix_cache=use_prefix_cache)
     engine.start()
     try:
-        made = [make_job(frozen.tokenizer, q, soft, key=key, max_new_tokens=NEW_TOKENS)
-                for q, soft, key in jobs]
+        made = [make_job(frozen.tokenizer, q, soft, key=key, max_new_tokens=NEW_TOKENS) for q, soft, key in jobs]
         if together:
             engine.pause()
             for job, _ in made:
@@ -98,8 +102,12 @@ def test_a_soft_prompt_of_a_texts_embeddings_equals_that_text(family, tokenizer,
     ids = tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
     with torch.no_grad():
         soft = frozen.token_embeddings(ids).float()  # [P, D], what the model reads for the text (Gemma scales it)
-    got = served(frozen, [(q, soft, ("instruction", 1, "x")) for q in QUESTIONS[:2]], together=True,
-                 use_prefix_cache=use_prefix_cache)
+    got = served(
+        frozen,
+        [(q, soft, ("instruction", 1, "x")) for q in QUESTIONS[:2]],
+        together=True,
+        use_prefix_cache=use_prefix_cache,
+    )
     assert got == [reference_tokens(plain, tokenizer, q, ids) for q in QUESTIONS[:2]], name
 
 
@@ -108,7 +116,9 @@ def test_concurrent_mixed_requests_equal_the_same_requests_one_by_one(family, to
     torch.manual_seed(7)
     width = frozen.fingerprint.hidden_size
     softs = [torch.randn(3, width), torch.randn(9, width), None, torch.randn(5, width)]
-    jobs = [(QUESTIONS[i % len(QUESTIONS)], soft, None if soft is None else ("p", i, "c")) for i, soft in enumerate(softs)]
+    jobs = [
+        (QUESTIONS[i % len(QUESTIONS)], soft, None if soft is None else ("p", i, "c")) for i, soft in enumerate(softs)
+    ]
     together = served(frozen, jobs, together=True)
     assert together == served(frozen, jobs, together=False), name
     assert len({tuple(t) for t in together}) > 1
@@ -121,7 +131,9 @@ def test_one_training_step_publishes_a_prompt_peft_loads_with_our_logits(family,
     frozen = from_loaded(tiny_family_model(name, len(tokenizer), seed=1), tokenizer, base_model=f"tiny-{name}")
     # short inputs: in the all-sliding families the prompt must lie within the layers' reach of the answer
     examples = parse_examples([f'{{"input": "{e["input"]}", "output": "{e["output"]}"}}' for e in SENTIMENT])
-    config = TrainConfig(init_text="Classify the sentiment.", steps=1, batch_size=2, warmup_steps=1, eval_every=1, lr=0.05)
+    config = TrainConfig(
+        init_text="Classify the sentiment.", steps=1, batch_size=2, warmup_steps=1, eval_every=1, lr=0.05
+    )
     result = train_prompt(frozen, examples[4:], examples[2:4], config)
     assert result.metrics["steps_run"] == 1 and result.metrics["cosine_min"] >= 0.95 - 1e-4
     assert not torch.equal(result.final_embeddings, result.init_embeddings)  # the step moved the prompt
@@ -135,8 +147,9 @@ def test_one_training_step_publishes_a_prompt_peft_loads_with_our_logits(family,
     peft_model = PeftModel.from_pretrained(frozen.model, str(exported)).eval()
     ids = torch.tensor([[5, 17, 42, 9, 3, 11, 8, 30]])
     with torch.no_grad():
-        theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:]
+        theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1] :]
         batch = prepend_soft_prompt(loaded, frozen.embedding(ids), torch.ones_like(ids))
-        ours = frozen.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids).logits[:, -ids.shape[1]:]
+        ours = frozen.model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits[:, -ids.shape[1] :]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)

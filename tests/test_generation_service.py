@@ -1,11 +1,11 @@
-"""server.generation: the asyncio end of engine requests (tiny model, real engine thread)."""
+"""server.services.generation: the asyncio end of engine requests (tiny model, real engine thread)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from server.engine import DoneEvent, Engine, SamplingParams, TokenEvent
-from server.generation import GenerationInput, GenerationService
+from server.services.generation import GenerationInput, GenerationService
 
 
 def test_non_streamed_request_wakes_the_event_loop_only_for_its_result(frozen):
@@ -14,7 +14,9 @@ def test_non_streamed_request_wakes_the_event_loop_only_for_its_result(frozen):
     service = GenerationService(frozen, engine, prompts=None)
 
     async def events(stream: bool) -> list:
-        request = GenerationInput(input="Hello there", messages=None, params=SamplingParams(max_new_tokens=8, ignore_eos=True))
+        request = GenerationInput(
+            input="Hello there", messages=None, params=SamplingParams(max_new_tokens=8, ignore_eos=True)
+        )
         handle = await service.start(None, request, stream=stream)
         return [event async for event in handle.events()]
 

@@ -85,8 +85,10 @@ def test_admin_routes_are_off_on_a_public_address_without_a_key(app_client):
     assert generate.status_code == 200 and listed.status_code == 200
 
 
-@pytest.mark.parametrize("overrides", [{"host": "127.0.0.1"}, {"host": "::1"}, {"host": "localhost"},
-                                       {"host": "0.0.0.0", "allow_open_admin": True}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"host": "127.0.0.1"}, {"host": "::1"}, {"host": "localhost"}, {"host": "0.0.0.0", "allow_open_admin": True}],
+)
 def test_admin_routes_without_a_key_only_on_loopback_or_when_allowed(app_client, overrides):
     with app_client(**overrides) as client:
         upload = client.post("/prompts", data={"name": "p"}, files={"file": ("p.safetensors", _prompt_file())})
@@ -96,17 +98,23 @@ def test_admin_routes_without_a_key_only_on_loopback_or_when_allowed(app_client,
 def test_a_key_opens_admin_routes_on_a_public_address(app_client):
     with app_client(host="0.0.0.0", api_key="s3cret") as client:
         without = client.post("/prompts", data={"name": "p"}, files={"file": ("p.safetensors", _prompt_file())})
-        with_key = client.post("/prompts", data={"name": "p"}, files={"file": ("p.safetensors", _prompt_file())},
-                               headers=KEY)
+        with_key = client.post(
+            "/prompts", data={"name": "p"}, files={"file": ("p.safetensors", _prompt_file())}, headers=KEY
+        )
     assert _error(without) == (401, "unauthorized") and with_key.status_code == 201
 
 
 # ---------------------------------------------------------------- retries
 def test_a_retried_prompt_upload_returns_the_first_answer(app_client):
     with app_client() as client:
+
         def send(key, seed=0, name="p"):
-            return client.post("/prompts", data={"name": name}, files={"file": ("p.safetensors", _prompt_file(seed))},
-                               headers={"Idempotency-Key": key})
+            return client.post(
+                "/prompts",
+                data={"name": name},
+                files={"file": ("p.safetensors", _prompt_file(seed))},
+                headers={"Idempotency-Key": key},
+            )
 
         first, retry = send("upload-1"), send("upload-1")
         other_key = send("upload-2")
@@ -125,9 +133,14 @@ def test_concurrent_retries_publish_once(app_client):
 
     data = _prompt_file()  # built once: seeding torch's global generator in 4 threads at once races
     with app_client() as client:
+
         def send(_):
-            return client.post("/prompts", data={"name": "p"}, files={"file": ("p.safetensors", data)},
-                               headers={"Idempotency-Key": "same"}).json()["id"]
+            return client.post(
+                "/prompts",
+                data={"name": "p"},
+                files={"file": ("p.safetensors", data)},
+                headers={"Idempotency-Key": "same"},
+            ).json()["id"]
 
         with ThreadPoolExecutor(4) as pool:
             ids = list(pool.map(send, range(8)))
@@ -137,10 +150,14 @@ def test_concurrent_retries_publish_once(app_client):
 
 def test_a_retried_training_submission_returns_the_first_job(app_client, tmp_path):
     with app_client(train_concurrency=1) as client:
+
         def send(key, steps="1"):
-            return client.post("/train", files={"file": ("t.jsonl", jsonl(SENTIMENT))},
-                               data={"name": "senti", "init": "Classify.", "steps": steps},
-                               headers={"Idempotency-Key": key})
+            return client.post(
+                "/train",
+                files={"file": ("t.jsonl", jsonl(SENTIMENT))},
+                data={"name": "senti", "init": "Classify.", "steps": steps},
+                headers={"Idempotency-Key": key},
+            )
 
         first, retry, reused = send("job-1"), send("job-1"), send("job-1", steps="2")
         jobs = client.get("/train").json()["jobs"]
@@ -188,4 +205,3 @@ def test_staging_leftovers_are_collected_at_start(app_client, tmp_path):
     with app_client():
         pass
     assert not dead.exists() and not old.exists() and fresh.exists()
-

@@ -8,13 +8,12 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 from safetensors.torch import save
 
 from tests.http_helpers import app_client, mixing, publish  # noqa: F401
-from tests.jobs_helpers import SENTIMENT, jsonl
+from tests.jobs_helpers import SENTIMENT
 from tests.test_metrics import scrape
 
 TOP_SEED = 2**64 - 1
@@ -42,14 +41,23 @@ def test_invented_http_methods_do_not_grow_metrics(app_client):
         text = client.get("/metrics").text
     methods = {dict(labels).get("method") for _, labels in after} - {None}
     assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "other"}, methods
-    assert after[("softprompt_http_requests_total", (("handler", "/health"), ("method", "other"), ("status", "4xx")))] == 40
+    assert (
+        after[("softprompt_http_requests_total", (("handler", "/health"), ("method", "other"), ("status", "4xx")))]
+        == 40
+    )
     assert len(text.splitlines()) - len(before.splitlines()) < 20  # the first `other` adds its few series, once
 
 
 # ---------------------------------------------------------------- 2. seed + i past 2**64 - 1
 def test_n_choices_with_the_largest_seed_are_sampled_not_a_500(app_client):
-    body = {"model": "tiny-untied", "messages": [{"role": "user", "content": "hi"}], "n": 3, "seed": TOP_SEED,
-            "temperature": 0.9, "max_tokens": 4}
+    body = {
+        "model": "tiny-untied",
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 3,
+        "seed": TOP_SEED,
+        "temperature": 0.9,
+        "max_tokens": 4,
+    }
     with app_client() as client:
         first = client.post("/v1/chat/completions", json=body)
         again = client.post("/v1/chat/completions", json=body)
@@ -72,10 +80,19 @@ def test_deleting_an_alias_no_alias_can_have_is_the_same_422_on_both_stores(on_s
 
 def test_a_nul_in_any_store_bound_text_is_a_4xx_not_a_database_error(on_store):
     with on_store() as client:
-        assert client.post("/prompts", data={"name": "math"}, files={"file": ("p.safetensors", _prompt_file())}).status_code == 201
-        answers = [client.get("/prompts/math%00"), client.delete("/prompts/math%00"), client.delete("/aliases/pr%00d"),
-                   client.put("/aliases/prod", json={"target": "math\u0000"}),
-                   client.post("/generate", params={"prompt": "ma\u0000th"}, json={"input": "x"})]
+        assert (
+            client.post(
+                "/prompts", data={"name": "math"}, files={"file": ("p.safetensors", _prompt_file())}
+            ).status_code
+            == 201
+        )
+        answers = [
+            client.get("/prompts/math%00"),
+            client.delete("/prompts/math%00"),
+            client.delete("/aliases/pr%00d"),
+            client.put("/aliases/prod", json={"target": "math\u0000"}),
+            client.post("/generate", params={"prompt": "ma\u0000th"}, json={"input": "x"}),
+        ]
     assert all(400 <= a.status_code < 500 for a in answers), [(a.status_code, a.text) for a in answers]
 
 
@@ -104,6 +121,7 @@ def _race(actions: list, seconds: float = 3.0) -> list[BaseException]:
 
 def test_listing_prompts_while_their_last_version_is_deleted_never_fails(on_store):
     with on_store() as client:
+
         def cycle():
             for _ in range(3):
                 up = client.post("/prompts", data={"name": "churn"}, files={"file": ("p.safetensors", _prompt_file())})
@@ -121,6 +139,7 @@ def test_listing_prompts_while_their_last_version_is_deleted_never_fails(on_stor
 
 def test_deletes_and_alias_moves_racing_leave_no_500_and_no_alias_on_a_deleted_version(on_store, tmp_path):
     with on_store() as client:
+
         def upload(name):
             answer = client.post("/prompts", data={"name": name}, files={"file": ("p.safetensors", _prompt_file())})
             assert answer.status_code == 201, answer.text
@@ -129,7 +148,7 @@ def test_deletes_and_alias_moves_racing_leave_no_500_and_no_alias_on_a_deleted_v
         keep = upload("keep")
 
         def delete_cycle():
-            target = upload("victim")
+            upload("victim")
             answer = client.delete("/prompts/victim", params={"force": "true"})
             assert answer.status_code in (200, 404), answer.text
 
@@ -148,10 +167,13 @@ def test_deletes_and_alias_moves_racing_leave_no_500_and_no_alias_on_a_deleted_v
         live = {v["id"] for p in listing["prompts"] for v in p["versions"]}
         assert set(listing["aliases"].values()) <= live, listing["aliases"]
         for alias in listing["aliases"]:
-            assert client.post("/generate", params={"prompt": alias}, json={"input": "x", "max_new_tokens": 1}).status_code == 200
+            assert (
+                client.post("/generate", params={"prompt": alias}, json={"input": "x", "max_new_tokens": 1}).status_code
+                == 200
+            )
 
 
-# ---------------------------------------------------------------- 6. an Idempotency-Key is one request, whatever the name
+# ---------------------------------------------------------------- 6. an Idempotency-Key answers one request
 def test_an_idempotency_key_reused_for_another_name_is_refused_on_both_stores(on_store):
     key = {"Idempotency-Key": "same-key"}
     data = _prompt_file()
@@ -178,18 +200,21 @@ def test_a_training_idempotency_key_reused_for_another_name_is_refused(app_clien
 
 
 # ---------------------------------------------------------------- 7. jobs larger than the machine
-@pytest.mark.parametrize("fields, field", [
-    ({"steps": 10_000_000_000}, "steps"),
-    ({"steps": 100_001}, "steps"),
-    ({"max_new_tokens": 1_000_000_000}, "max_new_tokens"),
-    ({"max_new_tokens": 65}, "max_new_tokens"),  # over the app's max_new_tokens_limit of 64
-    ({"init": "x" * 1_000_000}, "init_text"),
-    ({"init": "word " * 600}, "init_text"),  # 3,000 characters, but over 512 tokens
-    ({"processes": 64, "config": {"batch_size": 64}}, "processes"),
-    ({"config": {"batch_size": 100_000}}, "batch_size"),
-    ({"config": {"threads": 4096}}, "threads"),
-    ({"config": {"max_input_tokens": 1_000_000}}, "max_input_tokens"),
-])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"steps": 10_000_000_000}, "steps"),
+        ({"steps": 100_001}, "steps"),
+        ({"max_new_tokens": 1_000_000_000}, "max_new_tokens"),
+        ({"max_new_tokens": 65}, "max_new_tokens"),  # over the app's max_new_tokens_limit of 64
+        ({"init": "x" * 1_000_000}, "init_text"),
+        ({"init": "word " * 600}, "init_text"),  # 3,000 characters, but over 512 tokens
+        ({"processes": 64, "config": {"batch_size": 64}}, "processes"),
+        ({"config": {"batch_size": 100_000}}, "batch_size"),
+        ({"config": {"threads": 4096}}, "threads"),
+        ({"config": {"max_input_tokens": 1_000_000}}, "max_input_tokens"),
+    ],
+)
 def test_training_jobs_beyond_what_this_server_can_run_are_refused_with_the_limit(app_client, fields, field):
     body = {"name": "big", "init": "Classify the sentiment.", "examples": SENTIMENT, **fields}
     with app_client(max_train_processes=2) as client:
@@ -213,7 +238,10 @@ def test_requests_that_need_no_store_never_wait_for_a_database_that_went_away(ap
     url = own_postgres.create_database()
     publish(url, mixing, "math")
     with app_client(store=url) as client:
-        assert client.post("/generate", params={"prompt": "math"}, json={"input": "x", "max_new_tokens": 1}).status_code == 200
+        assert (
+            client.post("/generate", params={"prompt": "math"}, json={"input": "x", "max_new_tokens": 1}).status_code
+            == 200
+        )
         own_postgres.stop("immediate")
         timings, answers = {}, {}
 
@@ -223,9 +251,15 @@ def test_requests_that_need_no_store_never_wait_for_a_database_that_went_away(ap
             timings[label] = time.perf_counter() - started
 
         # the unknown prompt's resolution meets the outage first; the bare requests go beside it
-        calls = [threading.Thread(target=timed, args=("unknown",), kwargs={"params": {"prompt": "other"}, "json": {"input": "x"}})]
-        calls += [threading.Thread(target=timed, args=(f"bare{i}",), kwargs={"json": {"input": "x", "max_new_tokens": 1}})
-                  for i in range(3)]
+        calls = [
+            threading.Thread(
+                target=timed, args=("unknown",), kwargs={"params": {"prompt": "other"}, "json": {"input": "x"}}
+            )
+        ]
+        calls += [
+            threading.Thread(target=timed, args=(f"bare{i}",), kwargs={"json": {"input": "x", "max_new_tokens": 1}})
+            for i in range(3)
+        ]
         for call in calls:
             call.start()
             time.sleep(0.02)

@@ -40,7 +40,7 @@ def _patch(data: bytes, member: str, field: str, fmt: str, value: int) -> bytes:
     name = member.encode()
     local = data.find(name) - 30
     central = data.rfind(name) - 46
-    assert out[local:local + 4] == b"PK\x03\x04" and out[central:central + 4] == b"PK\x01\x02"
+    assert out[local : local + 4] == b"PK\x03\x04" and out[central : central + 4] == b"PK\x01\x02"
     struct.pack_into(fmt, out, local + LOCAL[field], value)
     struct.pack_into(fmt, out, central + CENTRAL[field], value)
     return bytes(out)
@@ -125,7 +125,7 @@ def test_member_smaller_than_declared_is_refused(app_client):
 def test_corrupt_deflate_stream_is_refused(app_client):
     data = bytearray(_zip(compression=zipfile.ZIP_DEFLATED))
     start = data.find(WEIGHTS_NAME.encode()) + len(WEIGHTS_NAME)
-    data[start:start + 8] = b"\xff" * 8  # the deflate stream's first bytes
+    data[start : start + 8] = b"\xff" * 8  # the deflate stream's first bytes
     with app_client() as client:
         _assert_refused(_post(client, bytes(data)), WEIGHTS_NAME)
 

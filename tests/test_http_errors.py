@@ -75,7 +75,14 @@ def test_bad_bodies_are_422_json(app_client):
 
 def test_chat_messages_are_served(app_client):
     with app_client() as client:
-        answer = client.post("/generate", json={"messages": [{"role": "system", "content": "Be brief."},
-                                                             {"role": "user", "content": "What is two plus three?"}],
-                                                "max_new_tokens": 4})
+        answer = client.post(
+            "/generate",
+            json={
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is two plus three?"},
+                ],
+                "max_new_tokens": 4,
+            },
+        )
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 4

@@ -42,14 +42,19 @@ def test_eval_job_scores_versions_and_keeps_the_result_with_them(app_client, ver
         assert [r["reference"] for r in table["results"]] == ["senti-v1", "senti-v2", "text: Classify it.", "(bare)"]
         assert job["step"] == job["total"] == 4 * 5  # 40 examples in chunks of 8, four references
         rows = table["examples"]
-        assert len(rows) == len(ROWS) and table["data"]["examples"] == len(ROWS) and table["data"]["name"] == "test.jsonl"
+        assert (
+            len(rows) == len(ROWS) and table["data"]["examples"] == len(ROWS) and table["data"]["name"] == "test.jsonl"
+        )
         for result in table["results"]:
             assert result["correct"] == sum(row["correct"][result["reference"]] for row in rows)
         assert any(c["only_a"] + c["only_b"] for c in table["comparisons"])
         for pair in table["comparisons"]:
             a = [row["correct"][pair["a"]] for row in rows]
             b = [row["correct"][pair["b"]] for row in rows]
-            assert (pair["only_a"], pair["only_b"]) == (sum(x > y for x, y in zip(a, b)), sum(y > x for x, y in zip(a, b)))
+            assert (pair["only_a"], pair["only_b"]) == (
+                sum(x > y for x, y in zip(a, b)),
+                sum(y > x for x, y in zip(a, b)),
+            )
             assert pair["p_value"] == pytest.approx(mcnemar_exact(pair["only_a"], pair["only_b"]))
         short = client.get(f"/eval/{job_id}", params={"examples": "false"}).json()["table"]
         assert "examples" not in short and short["results"] == table["results"]
@@ -87,8 +92,12 @@ def test_json_body_and_an_idempotent_retry(app_client, versions):
         (dict(task="regression"), 422, "invalid_eval_request", "task"),
         (dict(max_new_tokens="0"), 422, "invalid_eval_request", "max_new_tokens"),
         (dict(max_new_tokens="many"), 422, "invalid_eval_request", "max_new_tokens"),
-        (dict(rows=[r for r in ROWS if r["output"] == "positive"], task="classification"), 422, "invalid_eval_request",
-         "at least 2 labels"),
+        (
+            dict(rows=[r for r in ROWS if r["output"] == "positive"], task="classification"),
+            422,
+            "invalid_eval_request",
+            "at least 2 labels",
+        ),
     ],
 )
 def test_bad_requests_are_refused_before_a_job_exists(app_client, versions, kwargs, status, code, needle):
@@ -105,14 +114,24 @@ def test_other_bad_bodies(app_client, versions):
         assert client.post("/eval", content=b"x", headers={"content-type": "text/plain"}).status_code == 422
         assert client.post("/eval", json={"prompts": ["senti"]}).status_code == 422
         assert client.post("/eval", json={"examples": ROWS, "prompts": "senti"}).status_code == 422
-        for body in ({"bare": True, "max_new_tokens": 1e400}, {"bare": True, "max_new_tokens": True},
-                     {"bare": True, "max_new_tokens": 2.5}, {"bare": "yes"}, {"texts": ["\ud800"]}):
-            answer = client.post("/eval", content=json.dumps({"examples": ROWS, **body}).replace('"\\\\ud800"', '"\\ud800"'),
-                                 headers={"content-type": "application/json"})
+        for body in (
+            {"bare": True, "max_new_tokens": 1e400},
+            {"bare": True, "max_new_tokens": True},
+            {"bare": True, "max_new_tokens": 2.5},
+            {"bare": "yes"},
+            {"texts": ["\ud800"]},
+        ):
+            answer = client.post(
+                "/eval",
+                content=json.dumps({"examples": ROWS, **body}).replace('"\\\\ud800"', '"\\ud800"'),
+                headers={"content-type": "application/json"},
+            )
             assert answer.status_code == 422, (body, answer.text)
         not_objects = client.post("/eval", json={"examples": [1], "bare": True})
         assert not_objects.status_code == 422 and not_objects.json()["error"]["code"] == "invalid_eval_data"
-        bad_utf8 = client.post("/eval", files={"file": ("t.jsonl", b"\xff\xfe", "application/jsonl")}, data={"bare": "1"})
+        bad_utf8 = client.post(
+            "/eval", files={"file": ("t.jsonl", b"\xff\xfe", "application/jsonl")}, data={"bare": "1"}
+        )
         assert bad_utf8.status_code == 422 and bad_utf8.json()["error"]["code"] == "invalid_eval_data"
         assert client.get("/eval/nope").status_code == 404
         assert client.post("/eval/nope/cancel").status_code == 404
@@ -165,5 +184,8 @@ def test_generated_answers_are_what_generate_serves(app_client, versions):
         assert any(p["senti-v1"] != p["(bare)"] for p in predicted)
         for row in table["examples"]:  # the job's answers are the served answers, greedy, same length
             body = {"input": row["input"], "max_new_tokens": 5}
-            assert row["predicted"]["senti-v1"] == client.post("/generate", params={"prompt": "senti-v1"}, json=body).json()["text"]
+            assert (
+                row["predicted"]["senti-v1"]
+                == client.post("/generate", params={"prompt": "senti-v1"}, json=body).json()["text"]
+            )
             assert row["predicted"]["(bare)"] == client.post("/generate", json=body).json()["text"]

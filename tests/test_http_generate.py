@@ -71,8 +71,11 @@ def test_concurrent_requests_for_different_versions_share_a_batch(mixing, tmp_pa
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+
                 async def one(name):
-                    return (await client.post("/generate", params={"prompt": name}, json={**BODY, "max_new_tokens": 16})).json()
+                    return (
+                        await client.post("/generate", params={"prompt": name}, json={**BODY, "max_new_tokens": 16})
+                    ).json()
 
                 solo = [await one(name) for name in names]
                 engine = app.state.softprompt.engine
@@ -107,12 +110,12 @@ def test_engine_speed_settings_reach_the_engine(tokenizer, tmp_path):
     model in place, so each app gets a fresh model here."""
     from fastapi.testclient import TestClient
 
+    from core.modeling import from_loaded
     from server.app import create_app
     from server.engine.attention import NAME
     from server.engine.fused_linear import FusedLinear
     from server.engine.packed_linear import PackedLinear, packing_available
     from tests.engine_helpers import untied_llama
-    from trainer.modeling import from_loaded
 
     def served(**overrides):
         frozen = from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
@@ -121,8 +124,12 @@ def test_engine_speed_settings_reach_the_engine(tokenizer, tmp_path):
             assert client.post("/generate", json=BODY).status_code == 200
         modules = list(frozen.model.modules())
         assert (rewrites["packed_weights_bytes"] > 0) == any(isinstance(m, PackedLinear) for m in modules)
-        return (rewrites["fused_projection_groups"] > 0, any(isinstance(m, PackedLinear) for m in modules),
-                rewrites["attention"] == NAME, any(isinstance(m, FusedLinear) for m in modules))
+        return (
+            rewrites["fused_projection_groups"] > 0,
+            any(isinstance(m, PackedLinear) for m in modules),
+            rewrites["attention"] == NAME,
+            any(isinstance(m, FusedLinear) for m in modules),
+        )
 
     packing = packing_available(untied_llama(len(tokenizer)))  # False on a torch build without oneDNN
     assert served() == (True, packing, True, True)

@@ -33,8 +33,13 @@ def _safetensors(tensor: torch.Tensor) -> bytes:
 
 def _peft_zip(tensor: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": tensor.shape[0],
-              "token_dim": tensor.shape[1], "prompt_tuning_init_text": "Add the numbers."}
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": tensor.shape[0],
+        "token_dim": tensor.shape[1],
+        "prompt_tuning_init_text": "Add the numbers.",
+    }
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("adapter/adapter_config.json", json.dumps(config))
         archive.writestr("adapter/adapter_model.safetensors", _safetensors(tensor))
@@ -69,9 +74,12 @@ def test_alias_set_and_move(app_client, mixing, store_location):
 
 def test_upload_safetensors_and_peft_zip_then_generate(app_client, mixing):
     with app_client() as client:
-        one = client.post("/prompts", data={"name": "up"},
-                          files={"file": ("p.safetensors", _safetensors(torch.randn(5, 64)))})
-        two = client.post("/prompts", data={"name": "up"}, files={"file": ("adapter.zip", _peft_zip(torch.randn(7, 64)))})
+        one = client.post(
+            "/prompts", data={"name": "up"}, files={"file": ("p.safetensors", _safetensors(torch.randn(5, 64)))}
+        )
+        two = client.post(
+            "/prompts", data={"name": "up"}, files={"file": ("adapter.zip", _peft_zip(torch.randn(7, 64)))}
+        )
         served = client.post("/generate", params={"prompt": "up"}, json={"input": "hi", "max_new_tokens": 4}).json()
         stats = client.get("/stats").json()
     assert one.status_code == 201 and one.json()["id"] == "up-v1"
@@ -82,13 +90,19 @@ def test_upload_safetensors_and_peft_zip_then_generate(app_client, mixing):
 
 def test_upload_validation(app_client):
     with app_client(max_prompt_upload_bytes=4000) as client:
-        wrong_width = client.post("/prompts", data={"name": "bad"}, files={"file": ("p.safetensors", _safetensors(torch.randn(3, 32)))})
+        wrong_width = client.post(
+            "/prompts", data={"name": "bad"}, files={"file": ("p.safetensors", _safetensors(torch.randn(3, 32)))}
+        )
         nan = torch.randn(3, 64)
         nan[0, 0] = float("nan")
         non_finite = client.post("/prompts", data={"name": "bad"}, files={"file": ("p.safetensors", _safetensors(nan))})
         garbage = client.post("/prompts", data={"name": "bad"}, files={"file": ("p.safetensors", b"not a tensor")})
-        too_big = client.post("/prompts", data={"name": "bad"}, files={"file": ("p.safetensors", _safetensors(torch.randn(40, 64)))})
-        bad_name = client.post("/prompts", data={"name": "Bad Name"}, files={"file": ("p.safetensors", _safetensors(torch.randn(3, 64)))})
+        too_big = client.post(
+            "/prompts", data={"name": "bad"}, files={"file": ("p.safetensors", _safetensors(torch.randn(40, 64)))}
+        )
+        bad_name = client.post(
+            "/prompts", data={"name": "Bad Name"}, files={"file": ("p.safetensors", _safetensors(torch.randn(3, 64)))}
+        )
         nothing = client.get("/prompts").json()["prompts"]
     assert (wrong_width.status_code, wrong_width.json()["error"]["code"]) == (409, "incompatible_model")
     assert (non_finite.status_code, non_finite.json()["error"]["code"]) == (422, "non_finite_values")
@@ -117,7 +131,9 @@ def test_admin_routes_need_the_api_key(app_client, mixing, store_location):
     with app_client(api_key="s3cret") as client:
         no_key = client.put("/aliases/prod", json={"target": "math-v1"})
         wrong = client.delete("/prompts/math", headers={"Authorization": "Bearer nope"})
-        upload = client.post("/prompts", data={"name": "x"}, files={"file": ("p.safetensors", _safetensors(torch.randn(2, 64)))})
+        upload = client.post(
+            "/prompts", data={"name": "x"}, files={"file": ("p.safetensors", _safetensors(torch.randn(2, 64)))}
+        )
         ok = client.put("/aliases/prod", json={"target": "math-v1"}, headers=KEY)
         public = client.get("/prompts")
         generate = client.post("/generate", params={"prompt": "prod"}, json={"input": "hi", "max_new_tokens": 2})

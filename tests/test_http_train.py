@@ -11,6 +11,8 @@ from server.app import create_app
 from server.settings import Settings
 from tests.jobs_helpers import SENTIMENT, jsonl, save_tiny_model, wait_until
 
+pytestmark = pytest.mark.processes
+
 INIT = "Classify the sentiment."
 
 
@@ -47,7 +49,9 @@ def test_upload_trains_publishes_and_generate_uses_it(client):
     job = wait_until(lambda: finished_job(client, job_id))
     assert job["state"] == "succeeded", job["error"]
     assert job["version"] == "senti-v1" and job["step"] == job["total"] == 4 and job["loss"] is not None
-    generated = client.post("/generate", params={"prompt": "senti"}, json={"input": "A wonderful film.", "max_new_tokens": 4})
+    generated = client.post(
+        "/generate", params={"prompt": "senti"}, json={"input": "A wonderful film.", "max_new_tokens": 4}
+    )
     assert generated.status_code == 200, generated.text
     assert generated.json()["prompt"] == "senti-v1"
     assert client.get("/prompts/senti").json()["meta"]["training_config"]["init_text"] == INIT
@@ -133,6 +137,7 @@ def test_generation_keeps_working_while_a_job_runs(client):
 
 def test_engine_leaves_a_running_job_its_threads(frozen, model_folder, tmp_path):
     with make_client(frozen, model_folder, tmp_path / "store", threads=2, train_threads=1) as client:
+
         def engine_threads() -> int:
             assert client.post("/generate", json={"input": "hello", "max_new_tokens": 2}).status_code == 200
             return client.get("/stats").json()["engine"]["threads"]
@@ -174,12 +179,22 @@ def test_train_routes_need_the_api_key_when_set(frozen, model_folder, tmp_path):
         wait_until(lambda: finished_job(client, answer.json()["id"]))
 
 
-ARITHMETIC = [{"input": f"Compute {a} + {b}.", "output": str(a + b)} for a, b in ((3, 4), (10, 5), (7, 7), (21, 1), (9, 30), (12, 12))]
+ARITHMETIC = [
+    {"input": f"Compute {a} + {b}.", "output": str(a + b)}
+    for a, b in ((3, 4), (10, 5), (7, 7), (21, 1), (9, 30), (12, 12))
+]
 
 
 def test_a_generation_task_trains_and_publishes_over_http(client):
-    answer = upload(client, rows=ARITHMETIC, name="math", init="Answer with the number only.", task="generation",
-                    max_new_tokens="6", config=json.dumps({"eval_every": 2}))
+    answer = upload(
+        client,
+        rows=ARITHMETIC,
+        name="math",
+        init="Answer with the number only.",
+        task="generation",
+        max_new_tokens="6",
+        config=json.dumps({"eval_every": 2}),
+    )
     assert answer.status_code == 202, answer.text
     assert answer.json()["config"]["task"] == "generation" and answer.json()["config"]["max_new_tokens"] == 6
     job = wait_until(lambda: finished_job(client, answer.json()["id"]))
@@ -198,5 +213,12 @@ def test_a_training_job_publishes_to_a_database_store(frozen, model_folder, tmp_
         job_id = upload(client).json()["id"]
         job = wait_until(lambda: finished_job(client, job_id))
         assert job["state"] == "succeeded", job["error"]
-        assert client.post("/generate", params={"prompt": "senti"}, json={"input": "Fine.", "max_new_tokens": 2}).json()["prompt"] == "senti-v1"
-    assert "postgresql://" not in (tmp_path / "jobs" / job_id / "request.json").read_text()  # a URL may carry a password
+        assert (
+            client.post("/generate", params={"prompt": "senti"}, json={"input": "Fine.", "max_new_tokens": 2}).json()[
+                "prompt"
+            ]
+            == "senti-v1"
+        )
+    assert (
+        "postgresql://" not in (tmp_path / "jobs" / job_id / "request.json").read_text()
+    )  # a URL may carry a password

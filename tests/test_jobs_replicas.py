@@ -14,6 +14,8 @@ from server.app import create_app
 from server.settings import Settings
 from tests.jobs_helpers import SENTIMENT, save_tiny_model, wait_until
 
+pytestmark = pytest.mark.processes
+
 LEASE, HEARTBEAT = 4.0, 1.0
 
 
@@ -23,14 +25,26 @@ def model_folder(frozen, tmp_path_factory):
 
 
 def replica(frozen, model_folder, database_url, folder: Path, worker_jobs: str) -> TestClient:
-    settings = Settings(model=model_folder, store=database_url, jobs_dir=folder, worker_jobs=worker_jobs,
-                        job_lease_seconds=LEASE, job_heartbeat_seconds=HEARTBEAT)
+    settings = Settings(
+        model=model_folder,
+        store=database_url,
+        jobs_dir=folder,
+        worker_jobs=worker_jobs,
+        job_lease_seconds=LEASE,
+        job_heartbeat_seconds=HEARTBEAT,
+    )
     return TestClient(create_app(settings, frozen=frozen))
 
 
 def train_body(name: str, steps: int) -> dict:
-    return {"name": name, "init": "Classify the sentiment.", "steps": steps, "examples": SENTIMENT[:5],
-            "eval_examples": SENTIMENT[5:], "config": {"batch_size": 2, "eval_every": 2, "warmup_steps": 1}}
+    return {
+        "name": name,
+        "init": "Classify the sentiment.",
+        "steps": steps,
+        "examples": SENTIMENT[:5],
+        "eval_examples": SENTIMENT[5:],
+        "config": {"batch_size": 2, "eval_every": 2, "warmup_steps": 1},
+    }
 
 
 def job_state(client: TestClient, job_id: str, kind: str = "train") -> dict:
@@ -54,8 +68,10 @@ def sse_events(client: TestClient, path: str, count: int) -> list[tuple[str, dic
 
 
 def test_a_job_submitted_on_a_is_followed_and_cancelled_on_b(frozen, model_folder, database_url, tmp_path):
-    with replica(frozen, model_folder, database_url, tmp_path / "a", "train,eval") as a, \
-            replica(frozen, model_folder, database_url, tmp_path / "b", "none") as b:
+    with (
+        replica(frozen, model_folder, database_url, tmp_path / "a", "train,eval") as a,
+        replica(frozen, model_folder, database_url, tmp_path / "b", "none") as b,
+    ):
         submitted = a.post("/train", json=train_body("followed", steps=100_000))
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["id"]
@@ -79,7 +95,9 @@ def test_a_job_submitted_on_a_is_followed_and_cancelled_on_b(frozen, model_folde
         # an evaluation asked of the serving-only replica runs on A's embedded worker, through A's engine
         asked = b.post("/eval", json={"examples": SENTIMENT, "bare": True})
         assert asked.status_code == 202, asked.text
-        evaluated = wait_until(lambda: (body := job_state(b, asked.json()["id"], "eval"))["state"] in ("succeeded", "failed") and body)
+        evaluated = wait_until(
+            lambda: (body := job_state(b, asked.json()["id"], "eval"))["state"] in ("succeeded", "failed") and body
+        )
         assert evaluated["state"] == "succeeded", evaluated["error"]
         assert evaluated["table"]["results"][0]["n"] == len(SENTIMENT)
 

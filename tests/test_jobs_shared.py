@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from devtools.local_servers import start_worker
+from jobs import JobNotFoundError, JobState, JobStateError
+from jobs.postgres_queue import PostgresQueue, lease_held
+from jobs.queue import new_job_id
+from jobs.records import JobRecord
 from prompt_store import IdempotencyKeyReusedError, open_store
-from server.jobs import JobNotFoundError, JobState, JobStateError
-from server.jobs.job_table import JobTable, lease_held
-from server.jobs.manager import new_job_id
-from server.jobs.records import JobRecord
-from server.jobs.shared_manager import SharedJobManager
-from tests.jobs_helpers import SENTIMENT, jsonl, save_tiny_model, wait_until
-from tests.local_servers import start_worker
+from tests.jobs_helpers import SENTIMENT, job_service, jsonl, save_tiny_model, wait_until
 from trainer.config import TrainConfig
+
+pytestmark = pytest.mark.processes
 
 LEASE, HEARTBEAT = 4.0, 1.0
 FAST_LEASES = {"SOFTPROMPT_JOB_LEASE_SECONDS": str(LEASE), "SOFTPROMPT_JOB_HEARTBEAT_SECONDS": str(HEARTBEAT)}
@@ -35,8 +36,14 @@ def model_folder(frozen, tmp_path_factory):
 @pytest.fixture
 def serving_only(database_url, tmp_path, model_folder):
     """A replica's job manager with no embedded worker: it submits, follows and reaps."""
-    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "replica-jobs", model_spec=model_folder, worker_kinds=[],
-                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE)
+    manager = job_service(
+        database_url,
+        tmp_path / "replica-jobs",
+        model_folder,
+        worker_jobs="none",
+        job_heartbeat_seconds=HEARTBEAT,
+        job_lease_seconds=LEASE,
+    )
     manager.start()
     yield manager
     manager.stop()
@@ -73,18 +80,24 @@ def finished(manager, job_id):
 
 
 def claims_in(log: Path) -> list[str]:
-    return [line.split("job ", 1)[1].split()[0] for line in log.read_text().splitlines() if " claimed by worker " in line]
+    return [
+        line.split("job ", 1)[1].split()[0] for line in log.read_text().splitlines() if " claimed by worker " in line
+    ]
 
 
 def test_concurrent_claims_take_each_job_exactly_once(database_url):
-    tables = [JobTable(database_url) for _ in range(4)]
+    tables = [PostgresQueue(database_url) for _ in range(4)]
     try:
-        ids = [tables[0].insert(JobRecord(id=new_job_id(), name=f"job{i}"), {}, train_data=b"", eval_data=None,
-                                max_attempts=1).id for i in range(24)]
+        ids = [
+            tables[0]
+            .submit(JobRecord(id=new_job_id(), name=f"job{i}"), {}, train_data=b"", eval_data=None, max_attempts=1)
+            .id
+            for i in range(24)
+        ]
         taken: list[tuple[str, str]] = []
         start = threading.Barrier(len(tables))
 
-        def take(table: JobTable, worker: str) -> None:
+        def take(table: PostgresQueue, worker: str) -> None:
             start.wait()
             while (claimed := table.claim(worker, ["train"], 30)) is not None:
                 taken.append((claimed.record.id, worker))
@@ -96,23 +109,29 @@ def test_concurrent_claims_take_each_job_exactly_once(database_url):
             thread.join(60)
         assert Counter(job for job, _ in taken) == Counter(ids)  # every job once, none twice
         records = {r.id: r for r in tables[0].list()}
-        assert all(records[job].state == JobState.running and records[job].worker == worker and records[job].attempts == 1
-                   for job, worker in taken)
+        assert all(
+            records[job].state == JobState.running and records[job].worker == worker and records[job].attempts == 1
+            for job, worker in taken
+        )
         assert tables[0].claim("late", ["train"], 30) is None
     finally:
         for table in tables:
             table.close()
 
 
-def _expire(table: JobTable, job_id: str) -> None:
+def _expire(table: PostgresQueue, job_id: str) -> None:
     with table._db.connection() as conn:
-        conn.execute("UPDATE softprompt_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (job_id,))
+        conn.execute(
+            "UPDATE softprompt_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (job_id,)
+        )
 
 
 def test_an_attempt_that_lost_its_lease_changes_nothing_even_for_the_same_worker(database_url):
-    table = JobTable(database_url)
+    table = PostgresQueue(database_url)
     try:
-        queued = table.insert(JobRecord(id=new_job_id(), name="twice"), {}, train_data=b"", eval_data=None, max_attempts=2)
+        queued = table.submit(
+            JobRecord(id=new_job_id(), name="twice"), {}, train_data=b"", eval_data=None, max_attempts=2
+        )
         first = table.claim("w1", ["train"], 30)
         assert lease_held(database_url, queued.id, "w1", 1, margin_seconds=5)
         _expire(table, queued.id)
@@ -132,9 +151,9 @@ def test_an_attempt_that_lost_its_lease_changes_nothing_even_for_the_same_worker
 
 
 def test_a_cancel_wins_over_a_stopping_workers_hand_back(database_url):
-    table = JobTable(database_url)
+    table = PostgresQueue(database_url)
     try:
-        queued = table.insert(JobRecord(id=new_job_id(), name="c"), {}, train_data=b"", eval_data=None, max_attempts=3)
+        queued = table.submit(JobRecord(id=new_job_id(), name="c"), {}, train_data=b"", eval_data=None, max_attempts=3)
         claimed = table.claim("w1", ["train"], 30)
         assert table.cancel(queued.id).state == JobState.running  # running: flagged for its worker
         table.release("w1", claimed.record, "interrupted: worker w1 stopped")
@@ -144,8 +163,7 @@ def test_a_cancel_wins_over_a_stopping_workers_hand_back(database_url):
 
 
 def test_an_idempotency_key_finds_the_job_through_any_replica(database_url, tmp_path, model_folder):
-    replicas = [SharedJobManager(database_url, jobs_dir=tmp_path / name, model_spec=model_folder, worker_kinds=[])
-                for name in ("a", "b")]
+    replicas = [job_service(database_url, tmp_path / name, model_folder, worker_jobs="none") for name in ("a", "b")]
     try:
         first = submit(replicas[0], "once", steps=3, idempotency=("key-1", "sha-of-request"))
         again = submit(replicas[1], "once", steps=3, idempotency=("key-1", "sha-of-request"))
@@ -159,21 +177,29 @@ def test_an_idempotency_key_finds_the_job_through_any_replica(database_url, tmp_
             replicas[0].get("nope")
     finally:
         for replica in replicas:
-            replica.table.close()
+            replica.queue.close()
 
 
 def test_a_worker_that_lost_its_lease_stops_the_job_and_publishes_nothing(database_url, tmp_path, model_folder):
-    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "jobs", model_spec=model_folder, worker_kinds=["train"],
-                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE)
+    manager = job_service(
+        database_url,
+        tmp_path / "jobs",
+        model_folder,
+        worker_jobs="train",
+        job_heartbeat_seconds=HEARTBEAT,
+        job_lease_seconds=LEASE,
+    )
     manager.start()
-    other = JobTable(database_url)
+    other = PostgresQueue(database_url)
     try:
         job = submit(manager, "fenced", steps=100_000)
         wait_until(lambda: manager.get(job.id).step >= 1, timeout=120)
         trainer = manager.worker._running[job.id, 1].proc
         # as if this worker had been cut off for longer than its lease: another process reaps the job
         with other._db.connection() as conn:
-            conn.execute("UPDATE softprompt_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (job.id,))
+            conn.execute(
+                "UPDATE softprompt_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (job.id,)
+            )
         assert other.reap() == [(job.id, "failed")]
         trainer.wait(timeout=2 * HEARTBEAT + 5)  # killed at the worker's next renewal
         record = manager.get(job.id)
@@ -208,14 +234,25 @@ def test_two_workers_run_six_jobs_each_exactly_once(serving_only, workers, datab
 
 def test_a_worker_without_an_engine_runs_evaluations_in_a_process_of_its_own(serving_only, workers, frozen):
     from trainer.batches import Encoder
-    from trainer.compare import choose_task, data_identity, load_references, model_scorer, reference_specs, run_comparison
+    from trainer.compare import (
+        choose_task,
+        data_identity,
+        load_references,
+        model_scorer,
+        reference_specs,
+        run_comparison,
+    )
     from trainer.data import parse_examples
 
     workers("worker-a")
     data = jsonl(SENTIMENT)
     specs = reference_specs(texts=["Classify the sentiment."], bare=True)
-    request = {"references": [{"kind": s.kind, "value": s.value} for s in specs], "task": "classification",
-               "max_new_tokens": None, "data": data_identity(data, "sentiment.jsonl", len(SENTIMENT))}
+    request = {
+        "references": [{"kind": s.kind, "value": s.value} for s in specs],
+        "task": "classification",
+        "max_new_tokens": None,
+        "data": data_identity(data, "sentiment.jsonl", len(SENTIMENT)),
+    }
     job = serving_only.submit_eval(request, data, num_examples=len(SENTIMENT))
     record = wait_until(lambda: finished(serving_only, job.id), timeout=120)
     assert record.state == JobState.succeeded, record.error
@@ -224,10 +261,17 @@ def test_a_worker_without_an_engine_runs_evaluations_in_a_process_of_its_own(ser
 
     examples = parse_examples(data.decode().splitlines())  # the same comparison in this process, on the same model
     task = choose_task([], examples, "classification")
-    here = run_comparison(model_scorer(frozen, Encoder(frozen), task, max_new_tokens=16), load_references(frozen, None, specs),
-                          examples, task, data=request["data"], max_new_tokens=16)
-    assert [(r["reference"], r["correct"], r["n"]) for r in table["results"]] == \
-        [(r["reference"], r["correct"], r["n"]) for r in here["results"]]
+    here = run_comparison(
+        model_scorer(frozen, Encoder(frozen), task, max_new_tokens=16),
+        load_references(frozen, None, specs),
+        examples,
+        task,
+        data=request["data"],
+        max_new_tokens=16,
+    )
+    assert [(r["reference"], r["correct"], r["n"]) for r in table["results"]] == [
+        (r["reference"], r["correct"], r["n"]) for r in here["results"]
+    ]
 
 
 def _children(pid: int) -> list[int]:
@@ -261,8 +305,15 @@ def test_a_killed_workers_job_fails_within_lease_and_heartbeat(serving_only, wor
 
 
 def test_a_killed_workers_job_runs_again_elsewhere_when_attempts_remain(database_url, tmp_path, model_folder, workers):
-    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "replica-jobs", model_spec=model_folder, worker_kinds=[],
-                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE, max_attempts=2)
+    manager = job_service(
+        database_url,
+        tmp_path / "replica-jobs",
+        model_folder,
+        worker_jobs="none",
+        job_heartbeat_seconds=HEARTBEAT,
+        job_lease_seconds=LEASE,
+        job_max_attempts=2,
+    )
     manager.start()
     try:
         processes = {process.pid: process for process in (workers("worker-a"), workers("worker-b"))}
@@ -273,7 +324,9 @@ def test_a_killed_workers_job_runs_again_elsewhere_when_attempts_remain(database
         requeued = wait_until(lambda: (r := manager.get(job.id)).attempts == 2 and r, timeout=LEASE + HEARTBEAT + 10)
         assert requeued.worker != running.worker
         record = wait_until(lambda: finished(manager, job.id), timeout=300)
-        assert record.state == JobState.succeeded and record.attempts == 2 and record.version == "retried-v1", record.error
+        assert record.state == JobState.succeeded and record.attempts == 2 and record.version == "retried-v1", (
+            record.error
+        )
         assert record.history[0]["step"] == 1 and record.step == 600  # the curve is the second attempt's, from step 1
         with open_store(database_url) as store:
             assert [v.id.version for v in store.versions("retried")] == [1]
@@ -282,8 +335,14 @@ def test_a_killed_workers_job_runs_again_elsewhere_when_attempts_remain(database
 
 
 def test_a_job_can_run_on_two_processes(database_url, tmp_path, model_folder):
-    manager = SharedJobManager(database_url, jobs_dir=tmp_path / "jobs", model_spec=model_folder, worker_kinds=["train"],
-                               heartbeat_seconds=HEARTBEAT, lease_seconds=LEASE)
+    manager = job_service(
+        database_url,
+        tmp_path / "jobs",
+        model_folder,
+        worker_jobs="train",
+        job_heartbeat_seconds=HEARTBEAT,
+        job_lease_seconds=LEASE,
+    )
     manager.start()
     try:
         job = submit(manager, "ranks", steps=3, processes=2)
@@ -297,11 +356,14 @@ def test_a_job_can_run_on_two_processes(database_url, tmp_path, model_folder):
         manager.stop()
 
 
-@pytest.mark.parametrize(("arguments", "needle"), [
-    (["--store", "./some-folder"], "postgresql:// URL"),
-    (["--store", "postgresql://nobody@127.0.0.1:1/x", "--jobs", "bake"], "unknown job kind 'bake'"),
-    (["--store", "postgresql://nobody@127.0.0.1:1/x", "--jobs", "none"], "names no kind of job"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "needle"),
+    [
+        (["--store", "./some-folder"], "postgresql:// URL"),
+        (["--store", "postgresql://nobody@127.0.0.1:1/x", "--jobs", "bake"], "unknown job kind 'bake'"),
+        (["--store", "postgresql://nobody@127.0.0.1:1/x", "--jobs", "none"], "names no kind of job"),
+    ],
+)
 def test_softprompt_worker_refuses_what_it_cannot_run(arguments, needle, capsys):
     from server.cli import main
 
@@ -310,8 +372,8 @@ def test_softprompt_worker_refuses_what_it_cannot_run(arguments, needle, capsys)
 
 
 def test_softprompt_worker_says_when_the_database_is_away(capsys):
+    from devtools.postgres import free_port
     from server.cli import main
-    from tests.postgres_cluster import free_port
 
     assert main(["worker", "--store", f"postgresql://nobody@127.0.0.1:{free_port()}/none"]) == 1
     assert "cannot be reached" in capsys.readouterr().err

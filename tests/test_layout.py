@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.layout import ChatLayout
+from core.layout import ChatLayout
 
 
 def test_soft_prompt_opens_the_user_turn(tokenizer):

@@ -17,8 +17,11 @@ HI = [{"role": "user", "content": "What is two plus three?"}]
 def scrape(client) -> dict[tuple, float]:
     answer = client.get("/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(answer.text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
 
 
 def moved(before: dict, after: dict, name: str, **labels) -> float:
@@ -31,9 +34,14 @@ def test_request_metrics_move_by_exactly_the_requests_made(app_client, mixing, t
     with app_client() as client:
         client.post("/generate", params={"prompt": "math"}, json={"input": "warm up", "max_new_tokens": 2})
         before = scrape(client)
-        answers = [client.post("/generate", params={"prompt": "math"},
-                               json={"input": f"question {i}", "max_new_tokens": 4, "ignore_eos": True}).json()
-                   for i in range(3)]
+        answers = [
+            client.post(
+                "/generate",
+                params={"prompt": "math"},
+                json={"input": f"question {i}", "max_new_tokens": 4, "ignore_eos": True},
+            ).json()
+            for i in range(3)
+        ]
         assert client.post("/generate", params={"prompt": "nope"}, json={"input": "x"}).status_code == 404
         after = scrape(client)
     prompt_tokens = sum(a["usage"]["prompt_tokens"] for a in answers)
@@ -46,8 +54,9 @@ def test_request_metrics_move_by_exactly_the_requests_made(app_client, mixing, t
     assert moved(before, after, "softprompt_http_requests_total", handler="/generate", method="POST", status="2xx") == 3
     assert moved(before, after, "softprompt_http_requests_total", handler="/generate", method="POST", status="4xx") == 1
     assert moved(before, after, "softprompt_prefix_cache_hits_total") == 3
-    assert not any(name.startswith("softprompt_requests_finished") and ("prompt", "nope") in labels
-                   for name, labels in after)  # unknown references never become labels
+    assert not any(
+        name.startswith("softprompt_requests_finished") and ("prompt", "nope") in labels for name, labels in after
+    )  # unknown references never become labels
     assert after[("softprompt_requests_running", ())] == 0 and after[("softprompt_model_loads_total", ())] == 1
     assert after[("softprompt_prompt_versions_loaded", ())] == 1
     assert after[("softprompt_training_jobs", (("state", "queued"),))] == 0
@@ -75,13 +84,19 @@ def test_v1_and_generate_requests_share_one_batch(app_client, mixing, tmp_path):
         engine.pause()
         results = {}
         calls = {
-            "generate": lambda: client.post("/generate", params={"prompt": "math"}, json={"messages": HI, "max_new_tokens": 6}),
-            "chat": lambda: client.post("/v1/chat/completions", json={"model": "math", "messages": HI, "max_tokens": 6,
-                                                                      "temperature": 0}),
-            "completion": lambda: client.post("/v1/completions", json={"model": "math", "prompt": HI[0]["content"],
-                                                                       "max_tokens": 6, "temperature": 0}),
+            "generate": lambda: client.post(
+                "/generate", params={"prompt": "math"}, json={"messages": HI, "max_new_tokens": 6}
+            ),
+            "chat": lambda: client.post(
+                "/v1/chat/completions", json={"model": "math", "messages": HI, "max_tokens": 6, "temperature": 0}
+            ),
+            "completion": lambda: client.post(
+                "/v1/completions", json={"model": "math", "prompt": HI[0]["content"], "max_tokens": 6, "temperature": 0}
+            ),
         }
-        threads = [threading.Thread(target=lambda k=k, f=f: results.__setitem__(k, f().json())) for k, f in calls.items()]
+        threads = [
+            threading.Thread(target=lambda k=k, f=f: results.__setitem__(k, f().json())) for k, f in calls.items()
+        ]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 30

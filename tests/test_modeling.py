@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.modeling import ModelSpecError, load_frozen_model, resolve_spec
+from core.modeling import ModelSpecError, load_frozen_model, resolve_spec
 
 
 def test_unknown_spec_says_what_is_expected(tmp_path):

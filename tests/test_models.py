@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
-from prompt_store.settings import MODEL_NAMES
-from trainer.models import ALIASES, MODELS, ModelSpecError, NamedModel, named_model
+from core.models import ALIASES, MODELS, ModelSpecError, NamedModel, named_model
+from core.settings import MODEL_NAMES
 
 
 def _parts(tmp_path, monkeypatch, contents: list[bytes]) -> NamedModel:
@@ -21,9 +21,15 @@ def _parts(tmp_path, monkeypatch, contents: list[bytes]) -> NamedModel:
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path / "cache"))
     whole = b"".join(contents)
-    return NamedModel(name="toy", model_id="toy (parts)", gguf_file="toy.gguf",
-                      parts=tuple((f"part_pkg_{n}", "data/part.bin") for n in range(len(contents))),
-                      size=len(whole), sha256=hashlib.sha256(whole).hexdigest(), install="make toy")
+    return NamedModel(
+        name="toy",
+        model_id="toy (parts)",
+        gguf_file="toy.gguf",
+        parts=tuple((f"part_pkg_{n}", "data/part.bin") for n in range(len(contents))),
+        size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(),
+        install="make toy",
+    )
 
 
 def test_parts_are_joined_in_order_into_the_cache_once(tmp_path, monkeypatch):
@@ -44,8 +50,15 @@ def test_a_changed_part_is_refused_and_nothing_is_left_under_the_name(tmp_path, 
 
 
 def test_a_model_whose_packages_are_missing_says_how_to_install_it():
-    model = NamedModel(name="absent", model_id="absent", gguf_file="absent.gguf", parts=(("no_such_package_x", "f"),),
-                       size=1, sha256="0", install="make absent")
+    model = NamedModel(
+        name="absent",
+        model_id="absent",
+        gguf_file="absent.gguf",
+        parts=(("no_such_package_x", "f"),),
+        size=1,
+        sha256="0",
+        install="make absent",
+    )
     with pytest.raises(ModelSpecError, match="make absent"):
         model.ensure()
 

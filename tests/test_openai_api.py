@@ -34,13 +34,20 @@ def store_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(mixing, store_root):
-    settings = make_settings(store_root.parent, max_new_tokens_limit=32, max_batch_size=8, max_queue=32,
-                             client_keys=f"other-key, {CLIENT_KEY}", api_key=ADMIN_KEY)
+    settings = make_settings(
+        store_root.parent,
+        max_new_tokens_limit=32,
+        max_batch_size=8,
+        max_queue=32,
+        client_keys=f"other-key, {CLIENT_KEY}",
+        api_key=ADMIN_KEY,
+    )
     publish(settings.store, mixing, "math", vectors=4, seed=0)
     publish(settings.store, mixing, "math", vectors=6, seed=1)
     open_store(settings.store).set_alias("math-prod", "math-v1")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, frozen=mixing), host="127.0.0.1", port=_free_port(),
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, frozen=mixing), host="127.0.0.1", port=_free_port(), log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -58,8 +65,13 @@ def client(base_url):
 
 
 def _generate(base_url: str, prompt: str | None, **body) -> dict:
-    answer = httpx.post(f"{base_url}/generate", params={"prompt": prompt} if prompt else None, json=body,
-                        headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=60)
+    answer = httpx.post(
+        f"{base_url}/generate",
+        params={"prompt": prompt} if prompt else None,
+        json=body,
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        timeout=60,
+    )
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -83,8 +95,12 @@ def test_versions_published_or_deleted_show_up_without_a_restart(client, mixing,
 def test_chat_greedy_text_equals_generate_streamed_or_not(client, base_url):
     reference = _generate(base_url, "math", messages=HI, max_new_tokens=12)
     whole = client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0)
-    pieces = [chunk for chunk in client.chat.completions.create(model="math", messages=HI, max_tokens=12, temperature=0,
-                                                                  stream=True)]
+    pieces = [
+        chunk
+        for chunk in client.chat.completions.create(
+            model="math", messages=HI, max_tokens=12, temperature=0, stream=True
+        )
+    ]
     streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
     assert whole.choices[0].message.content == reference["text"] == streamed
     assert whole.model == "math-v2" and whole.choices[0].finish_reason == reference["finish_reason"]
@@ -102,8 +118,12 @@ def test_n_choices_stop_and_seeded_sampling(client):
     stopped = client.chat.completions.create(model="math-prod", messages=HI, max_tokens=8, temperature=0, stop=[stop])
     assert stopped.choices[0].message.content == text[: text.find(stop)]
     assert stopped.choices[0].finish_reason == "stop"
-    sampled = [client.chat.completions.create(model="math", messages=HI, max_tokens=8, temperature=1.0, seed=42)
-               .choices[0].message.content for _ in range(2)]
+    sampled = [
+        client.chat.completions.create(model="math", messages=HI, max_tokens=8, temperature=1.0, seed=42)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     other_seed = client.chat.completions.create(model="math", messages=HI, max_tokens=8, temperature=1.0, seed=43)
     assert sampled[0] == sampled[1]
     assert other_seed.choices[0].message.content != sampled[0] or len(sampled[0]) == 0
@@ -117,8 +137,11 @@ def test_completions_with_a_list_of_prompts_equal_generate_per_prompt(client, ba
         reference = _generate(base_url, "math", input=prompt, max_new_tokens=6)["text"]
         assert answer.choices[2 * i].text == answer.choices[2 * i + 1].text == reference
     single = _generate(base_url, "math", input=prompts[0], max_new_tokens=6)
-    assert answer.usage.prompt_tokens == single["usage"]["prompt_tokens"] + _generate(
-        base_url, "math", input=prompts[1], max_new_tokens=6)["usage"]["prompt_tokens"]
+    assert (
+        answer.usage.prompt_tokens
+        == single["usage"]["prompt_tokens"]
+        + _generate(base_url, "math", input=prompts[1], max_new_tokens=6)["usage"]["prompt_tokens"]
+    )
 
 
 def test_the_base_model_id_means_no_soft_prompt(client, base_url):
@@ -128,14 +151,18 @@ def test_the_base_model_id_means_no_soft_prompt(client, base_url):
 
 
 def test_logprobs_and_usage_in_the_last_stream_chunk(client):
-    answer = client.chat.completions.create(model="math", messages=HI, max_tokens=5, temperature=0, logprobs=True,
-                                            top_logprobs=3)
+    answer = client.chat.completions.create(
+        model="math", messages=HI, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = answer.choices[0].logprobs.content
     assert len(content) == answer.usage.completion_tokens == 5
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
     assert content[0].token == content[0].top_logprobs[0].token  # greedy picks the most likely token
-    chunks = list(client.chat.completions.create(model="math", messages=HI, max_tokens=5, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="math", messages=HI, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert all(c.usage is None for c in chunks[:-1])
     legacy = client.completions.create(model="math", prompt="hi", max_tokens=4, temperature=0, logprobs=2)
@@ -145,8 +172,9 @@ def test_logprobs_and_usage_in_the_last_stream_chunk(client):
 def test_async_client_streams(base_url):
     async def run() -> str:
         async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=CLIENT_KEY, max_retries=0) as client:
-            stream = await client.chat.completions.create(model="math", messages=HI, max_tokens=10, temperature=0,
-                                                          stream=True)
+            stream = await client.chat.completions.create(
+                model="math", messages=HI, max_tokens=10, temperature=0, stream=True
+            )
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     assert asyncio.run(run()) == _generate(base_url, "math", messages=HI, max_new_tokens=10)["text"]
@@ -159,7 +187,9 @@ def test_sdk_errors_are_the_right_classes(client, base_url):
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.chat.completions.create(model="math", messages=HI, logit_bias={"5": 10})
     with pytest.raises(openai.BadRequestError, match="tools"):
-        client.chat.completions.create(model="math", messages=HI, tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(
+            model="math", messages=HI, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="math", messages=HI, temperature=7)
     with pytest.raises(openai.BadRequestError, match="context"):

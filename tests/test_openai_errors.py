@@ -25,7 +25,9 @@ def test_a_full_queue_is_429_with_retry_after(app_client):
         engine.resume()
     assert chat.status_code == 429 and chat.headers["retry-after"] == "4"
     assert _openai_error(chat)["type"] == "rate_limit_error"
-    assert generate.status_code == 503 and generate.json()["error"]["code"] == "queue_full"  # /generate keeps its own shape
+    assert (
+        generate.status_code == 503 and generate.json()["error"]["code"] == "queue_full"
+    )  # /generate keeps its own shape
 
 
 def test_more_rows_than_the_queue_holds_is_a_bad_request_not_a_retry(app_client, mixing, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.openapi_responses import ErrorResponse
+from server.http.openapi_responses import ErrorResponse
 from tests.http_helpers import app_client, make_settings, mixing  # noqa: F401
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
@@ -62,8 +62,14 @@ def test_routes_list_the_statuses_they_can_give(document):
 
 
 def test_admin_routes_document_401_and_403(document):
-    admin = ["POST /prompts", "PUT /aliases/{alias}", "DELETE /aliases/{alias}", "DELETE /prompts/{ref}",
-             "POST /train", "POST /train/{job_id}/cancel"]
+    admin = [
+        "POST /prompts",
+        "PUT /aliases/{alias}",
+        "DELETE /aliases/{alias}",
+        "DELETE /prompts/{ref}",
+        "POST /train",
+        "POST /train/{job_id}/cancel",
+    ]
     ops = dict(_operations(document))
     for label in admin:
         assert {401, 403} <= _error_statuses(ops[label]), label
@@ -81,9 +87,11 @@ def test_routes_with_parameters_or_a_body_document_422(document):
 
 def test_error_answers_match_the_documented_body(app_client):
     with app_client() as client:
-        answers = [client.post("/generate", params={"prompt": "nope"}, json={"input": "hi"}),
-                   client.post("/generate", json={"max_new_tokens": 0}),
-                   client.get("/train/nope")]
+        answers = [
+            client.post("/generate", params={"prompt": "nope"}, json={"input": "hi"}),
+            client.post("/generate", json={"max_new_tokens": 0}),
+            client.get("/train/nope"),
+        ]
     assert [a.status_code for a in answers] == [404, 422, 404]
     for answer in answers:
         ErrorResponse.model_validate(answer.json())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from core.modeling import from_loaded
+from core.prepend import prepend_soft_prompt
 from tests.tiny import tiny_llama
-from trainer.modeling import from_loaded
-from trainer.prepend import prepend_soft_prompt
 
 
 def test_peft_loads_exported_version_with_same_logits(tokenizer, store, tmp_path):

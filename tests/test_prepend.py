@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.layout import ChatLayout
-from trainer.prepend import IGNORE_INDEX, prepend_soft_prompt
+from core.layout import ChatLayout
+from core.prepend import IGNORE_INDEX, prepend_soft_prompt
 
 
 def test_left_padding_gives_pad_soft_query_layout():

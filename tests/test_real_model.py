@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.layout import ChatLayout
-from trainer.models import MODELS
-from trainer.prepend import prepend_soft_prompt
+from core.layout import ChatLayout
+from core.models import MODELS
+from core.prepend import prepend_soft_prompt
 
 pytestmark = pytest.mark.real_model
 
@@ -44,7 +44,9 @@ def test_soft_prompt_from_text_embeddings_generates_like_the_text(real_model):
     for row, query in enumerate(layouts):
         ids = torch.tensor([head + text_ids + list(query.tail_ids)])
         with torch.no_grad():
-            as_text = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+            as_text = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+            )
         expected = tokenizer.decode(as_text[0, ids.shape[1] :], skip_special_tokens=True)
         got = tokenizer.decode(with_soft[row], skip_special_tokens=True)
         assert got == expected and expected.strip()

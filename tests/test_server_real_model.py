@@ -6,13 +6,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from core.layout import ChatLayout
+from core.modeling import load_frozen_model
 from prompt_store import open_store
 from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
 from tests.engine_helpers import make_job
-from trainer.layout import ChatLayout
-from trainer.modeling import load_frozen_model
 
 pytestmark = pytest.mark.real_model
 
@@ -33,14 +33,24 @@ def test_http_generate_with_a_text_initialised_prompt_matches_hf_generate(real_m
     text_ids = plain.tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
     ids = torch.tensor([list(layout.head_ids) + text_ids + list(layout.tail_ids)])
     with torch.no_grad():
-        out = plain.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                   do_sample=False, pad_token_id=plain.tokenizer.pad_token_id)
-    expected = plain.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = plain.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=plain.tokenizer.pad_token_id,
+        )
+    expected = plain.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     del plain, out
 
     store = open_store(tmp_path / "store")
-    store.publish("adder", _text_prompt(real_model, INSTRUCTION), fingerprint=real_model.fingerprint,
-                  base_model=real_model.base_model, init_text=INSTRUCTION)
+    store.publish(
+        "adder",
+        _text_prompt(real_model, INSTRUCTION),
+        fingerprint=real_model.fingerprint,
+        base_model=real_model.base_model,
+        init_text=INSTRUCTION,
+    )
     settings = Settings(store=tmp_path / "store", store_poll_seconds=0.2, api_key=None)
     with TestClient(create_app(settings, frozen=real_model)) as client:
         soft = client.post("/generate", params={"prompt": "adder"}, json={"input": QUESTION, "max_new_tokens": 12})
@@ -76,22 +86,34 @@ def test_real_model_eval_job_scores_what_generate_serves(real_model, tmp_path):
 
     problems = load_examples("examples/data/arithmetic.test.jsonl")[:12]
     store = open_store(tmp_path / "store")
-    store.publish("adder", _text_prompt(real_model, INSTRUCTION), fingerprint=real_model.fingerprint,
-                  base_model=real_model.base_model, init_text=INSTRUCTION,
-                  training_config={"task": "generation", "max_new_tokens": 8})
+    store.publish(
+        "adder",
+        _text_prompt(real_model, INSTRUCTION),
+        fingerprint=real_model.fingerprint,
+        base_model=real_model.base_model,
+        init_text=INSTRUCTION,
+        training_config={"task": "generation", "max_new_tokens": 8},
+    )
     lines = "".join(f'{{"input": "{p.input}", "output": "{p.output}"}}\n' for p in problems).encode()
     settings = Settings(store=tmp_path / "store", store_poll_seconds=0.2, api_key=None)
     with TestClient(create_app(settings, frozen=real_model)) as client:
-        job = client.post("/eval", files={"file": ("problems.jsonl", lines, "application/jsonl")},
-                          data={"prompt": ["adder"], "text": [INSTRUCTION], "bare": "true"}).json()
-        done = wait_until(lambda: (b := client.get(f"/eval/{job['id']}").json())["state"] in ("succeeded", "failed") and b,
-                          timeout=300)
+        job = client.post(
+            "/eval",
+            files={"file": ("problems.jsonl", lines, "application/jsonl")},
+            data={"prompt": ["adder"], "text": [INSTRUCTION], "bare": "true"},
+        ).json()
+        done = wait_until(
+            lambda: (b := client.get(f"/eval/{job['id']}").json())["state"] in ("succeeded", "failed") and b,
+            timeout=300,
+        )
         assert done["state"] == "succeeded", done["error"]
         table = done["table"]
         assert table["task"] == "generation" and table["max_new_tokens"] == 8
         for row in table["examples"]:
             assert row["predicted"]["adder"] == row["predicted"][f"text: {INSTRUCTION}"]
-            served = client.post("/generate", params={"prompt": "adder"}, json={"input": row["input"], "max_new_tokens": 8})
+            served = client.post(
+                "/generate", params={"prompt": "adder"}, json={"input": row["input"], "max_new_tokens": 8}
+            )
             assert row["predicted"]["adder"] == served.json()["text"]
         scores = {r["reference"]: r["score"] for r in table["results"]}
         assert scores["adder"] == scores[f"text: {INSTRUCTION}"]

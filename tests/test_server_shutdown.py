@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from core.modeling import from_loaded
 from tests.jobs_helpers import save_tiny_model, wait_until
 from tests.tiny import tiny_llama
-from trainer.modeling import from_loaded
+
+pytestmark = pytest.mark.processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,12 +41,30 @@ def _long_context_model(tokenizer, folder: Path) -> str:
 
 def test_sigterm_with_long_requests_in_flight_stops_within_seconds(tokenizer, tmp_path):
     port = _free_port()
-    env = {**os.environ, "SOFTPROMPT_MAX_NEW_TOKENS_LIMIT": "8000", "SOFTPROMPT_SHUTDOWN_TIMEOUT_S": "2",
-           "SOFTPROMPT_PACKED_WEIGHTS": "false", "SOFTPROMPT_THREADS": "1"}
+    env = {
+        **os.environ,
+        "SOFTPROMPT_MAX_NEW_TOKENS_LIMIT": "8000",
+        "SOFTPROMPT_SHUTDOWN_TIMEOUT_S": "2",
+        "SOFTPROMPT_PACKED_WEIGHTS": "false",
+        "SOFTPROMPT_THREADS": "1",
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model", _long_context_model(tokenizer, tmp_path / "model"),
-         "--store", str(tmp_path / "store"), "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--model",
+            _long_context_model(tokenizer, tmp_path / "model"),
+            "--store",
+            str(tmp_path / "store"),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -65,7 +65,9 @@ def test_exported_version_is_a_peft_adapter_folder(store, tmp_path):
     assert json.loads((folder / "meta.json").read_text()) == version.meta
     from safetensors.torch import load_file
 
-    assert torch.equal(load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"], store.load(version).embeddings)
+    assert torch.equal(
+        load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"], store.load(version).embeddings
+    )
 
 
 def test_published_files_are_read_only(folder_store):
@@ -118,10 +120,13 @@ def tamper(store, version) -> None:
         import psycopg
 
         with psycopg.connect(store.url, autocommit=True) as conn:
-            conn.execute("UPDATE prompt_versions SET weights = overlay(weights PLACING "
-                         "set_byte(substring(weights FROM length(weights) FOR 1), 0, "
-                         "get_byte(weights, length(weights) - 1) # 255) FROM length(weights) FOR 1) "
-                         "WHERE name = %s AND version = %s", (version.id.name, version.id.version))
+            conn.execute(
+                "UPDATE prompt_versions SET weights = overlay(weights PLACING "
+                "set_byte(substring(weights FROM length(weights) FOR 1), 0, "
+                "get_byte(weights, length(weights) - 1) # 255) FROM length(weights) FOR 1) "
+                "WHERE name = %s AND version = %s",
+                (version.id.name, version.id.version),
+            )
         return
     weights = version.path / "adapter_model.safetensors"
     weights.chmod(0o644)
@@ -206,7 +211,10 @@ def _publish_many(location: str, count: int, queue) -> None:
 def test_concurrent_publishers_get_distinct_versions(store_location):
     open_store(store_location).close()
     queue = multiprocessing.get_context("spawn").Queue()
-    procs = [multiprocessing.get_context("spawn").Process(target=_publish_many, args=(store_location, 5, queue)) for _ in range(3)]
+    procs = [
+        multiprocessing.get_context("spawn").Process(target=_publish_many, args=(store_location, 5, queue))
+        for _ in range(3)
+    ]
     for proc in procs:
         proc.start()
     results = [queue.get(timeout=120) for _ in procs]

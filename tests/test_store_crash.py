@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from prompt_store import FolderStore, open_store
+
+pytestmark = pytest.mark.processes
 
 KILLS = 25
 

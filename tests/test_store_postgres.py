@@ -15,8 +15,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from core.schema import known_migrations, schema_version
 from prompt_store import ModelFingerprint, PromptStoreError, SchemaVersionError, StoreUnavailableError, open_store
-from prompt_store.schema import known_migrations, schema_version
 from server.app import create_app
 from tests.http_helpers import make_settings, mixing, publish  # noqa: F401
 from tests.jobs_helpers import wait_until
@@ -45,10 +45,17 @@ def test_a_newer_schema_is_refused_by_the_store_and_the_server(database_url, mix
             pass
 
 
-@pytest.mark.parametrize("url", ["postgresql://u:hunter2@h:5432/db", "postgresql://u@h/db?password=hunter2",
-                                 "postgresql://:hunter2@h/db", "postgres://u:hunter2@h/db?sslmode=require"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2@h:5432/db",
+        "postgresql://u@h/db?password=hunter2",
+        "postgresql://:hunter2@h/db",
+        "postgres://u:hunter2@h/db?sslmode=require",
+    ],
+)
 def test_the_url_password_never_reaches_messages(url):
-    from prompt_store.pg_database import redact
+    from core.database import redact
 
     assert "hunter2" not in redact(url) and redact(url).startswith("postgresql://")
 
@@ -61,8 +68,14 @@ def test_other_url_schemes_are_refused_not_taken_for_folders(tmp_path, monkeypat
 
 
 def test_metadata_json_cannot_hold_is_stored_alike_by_both_backends(store):
-    version = store.publish("odd", torch.randn(2, 8), fingerprint=FP, base_model="tiny", init_text="a\x00b",
-                            metrics={"train_loss_last": float("nan"), "inf": float("inf"), "ok": 0.5})
+    version = store.publish(
+        "odd",
+        torch.randn(2, 8),
+        fingerprint=FP,
+        base_model="tiny",
+        init_text="a\x00b",
+        metrics={"train_loss_last": float("nan"), "inf": float("inf"), "ok": 0.5},
+    )
     assert version.meta["metrics"] == {"train_loss_last": None, "inf": None, "ok": 0.5}
     assert store.resolve("odd").meta["init_text"] == "a\ufffdb"
     store.record_evaluation("odd", {"score": float("nan")})
@@ -79,10 +92,18 @@ def test_deleting_a_name_with_many_versions_notifies_once(database_url):
 
 def test_publishing_keeps_numbers_right_under_a_stricter_default_isolation(database_url):
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"ALTER DATABASE {database_url.rsplit('/', 1)[1]} SET default_transaction_isolation = 'serializable'")
+        conn.execute(
+            f"ALTER DATABASE {database_url.rsplit('/', 1)[1]} SET default_transaction_isolation = 'serializable'"
+        )
     with open_store(database_url) as first, open_store(database_url) as second:
-        threads = [threading.Thread(target=lambda s=s: [s.publish("iso", torch.randn(1, 8), fingerprint=FP, base_model="tiny")
-                                                        for _ in range(5)]) for s in (first, second)]
+        threads = [
+            threading.Thread(
+                target=lambda s=s: [
+                    s.publish("iso", torch.randn(1, 8), fingerprint=FP, base_model="tiny") for _ in range(5)
+                ]
+            )
+            for s in (first, second)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -93,7 +114,7 @@ def test_publishing_keeps_numbers_right_under_a_stricter_default_isolation(datab
 def test_a_busy_database_fails_the_call_not_the_store(database_url, monkeypatch):
     """A lock held elsewhere: the call waits at most lock_timeout and fails with 503, but the
     store is not marked away, so the next call works."""
-    from prompt_store import pg_database
+    from core import database as pg_database
 
     monkeypatch.setitem(pg_database.SESSION, "options", "-c lock_timeout=300ms")  # not 10 s here
     with open_store(database_url) as store, psycopg.connect(database_url) as holder:
@@ -135,18 +156,27 @@ def test_replicas_on_one_database_agree(mixing, tmp_path, database_url):
     b = TestClient(create_app(make_settings(tmp_path / "b", store=database_url), frozen=mixing))
     with a, b:
         publish(database_url, mixing, "math", seed=1)
-        uploaded = a.post("/prompts", data={"name": "math"},
-                          files={"file": ("p.safetensors", _weights(mixing), "application/octet-stream")})
+        uploaded = a.post(
+            "/prompts",
+            data={"name": "math"},
+            files={"file": ("p.safetensors", _weights(mixing), "application/octet-stream")},
+        )
         assert uploaded.status_code == 201, uploaded.text
         served = b.post("/generate", params={"prompt": "math"}, json={"input": "2+2", "max_new_tokens": 2})
         assert served.status_code == 200 and served.json()["prompt"] == "math-v2"
         assert b.put("/aliases/prod", json={"target": "math-v1"}).status_code == 200
-        assert a.post("/generate", params={"prompt": "prod"}, json={"input": "x", "max_new_tokens": 1}).json()["prompt"] == "math-v1"
+        assert (
+            a.post("/generate", params={"prompt": "prod"}, json={"input": "x", "max_new_tokens": 1}).json()["prompt"]
+            == "math-v1"
+        )
         assert a.get("/prompts").json() == b.get("/prompts").json()
         assert a.delete("/prompts/math-v2").status_code == 200
         missing = b.post("/generate", params={"prompt": "math-v2"}, json={"input": "x", "max_new_tokens": 1})
         assert missing.status_code == 404
-        assert b.post("/generate", params={"prompt": "math"}, json={"input": "x", "max_new_tokens": 1}).json()["prompt"] == "math-v1"
+        assert (
+            b.post("/generate", params={"prompt": "math"}, json={"input": "x", "max_new_tokens": 1}).json()["prompt"]
+            == "math-v1"
+        )
 
 
 def _weights(frozen) -> bytes:
@@ -164,6 +194,7 @@ def test_the_server_rides_out_a_database_restart(own_postgres, mixing, tmp_path)
     publish(url, mixing, "math", seed=1)
     settings = make_settings(tmp_path, store=url, store_poll_seconds=60)  # only NOTIFY can warm a new version soon
     with TestClient(create_app(settings, frozen=mixing)) as client:
+
         def generate(prompt="math"):
             return client.post("/generate", params={"prompt": prompt}, json={"input": "2+2", "max_new_tokens": 2})
 
@@ -183,8 +214,11 @@ def test_the_server_rides_out_a_database_restart(own_postgres, mixing, tmp_path)
             for _ in range(5):  # prompts already loaded keep serving
                 answer = generate()
                 assert answer.status_code == 200 and answer.json()["prompt"] == "math-v1"
-            for response in (client.get("/prompts"), client.put("/aliases/prod", json={"target": "math-v1"}),
-                             generate("never-loaded")):
+            for response in (
+                client.get("/prompts"),
+                client.put("/aliases/prod", json={"target": "math-v1"}),
+                generate("never-loaded"),
+            ):
                 assert response.status_code == 503, response.text
                 assert response.json()["error"]["code"] == "store_unavailable" and "hunter2" not in response.text
                 assert response.headers["retry-after"]
@@ -245,24 +279,34 @@ def test_store_operations_fail_fast_when_the_database_is_away(own_postgres):
 def test_two_server_processes_on_one_database(frozen, database_url, tmp_path):
     """Real `softprompt serve` processes (the tiny model): A publishes, B serves it at once;
     an alias moved on B is followed by A; /v1/models and GET /prompts agree."""
+    from devtools.local_servers import start_server
+    from devtools.postgres import free_port
     from tests.jobs_helpers import save_tiny_model
-    from tests.local_servers import start_server
-    from tests.postgres_cluster import free_port
 
     model = save_tiny_model(frozen, tmp_path / "tiny-model")
     ports = [free_port(), free_port()]
     processes = []
     try:
         for name, port in zip("ab", ports):  # a 60 s poll: only NOTIFY warms a new version within the test
-            processes.append(start_server(database_url, tmp_path / name, port, model=model, timeout=120, poll_seconds=60))
+            processes.append(
+                start_server(database_url, tmp_path / name, port, model=model, timeout=120, poll_seconds=60)
+            )
         a, b = (f"http://127.0.0.1:{port}" for port in ports)
         with httpx.Client(timeout=30) as client:
             for seed in (1, 2):
                 torch.manual_seed(seed)
                 weights = _weights(frozen)
-                assert client.post(f"{a}/prompts", data={"name": "math"},
-                                   files={"file": ("p.safetensors", weights, "application/octet-stream")}).status_code == 201
-                served = client.post(f"{b}/generate", params={"prompt": "math"}, json={"input": "1+1", "max_new_tokens": 2})
+                assert (
+                    client.post(
+                        f"{a}/prompts",
+                        data={"name": "math"},
+                        files={"file": ("p.safetensors", weights, "application/octet-stream")},
+                    ).status_code
+                    == 201
+                )
+                served = client.post(
+                    f"{b}/generate", params={"prompt": "math"}, json={"input": "1+1", "max_new_tokens": 2}
+                )
                 assert served.json()["prompt"] == f"math-v{seed}"
             assert client.put(f"{b}/aliases/prod", json={"target": "math-v1"}).status_code == 200
             followed = client.post(f"{a}/generate", params={"prompt": "prod"}, json={"input": "x", "max_new_tokens": 1})
@@ -271,9 +315,17 @@ def test_two_server_processes_on_one_database(frozen, database_url, tmp_path):
             models = [sorted(m["id"] for m in client.get(f"{base}/v1/models").json()["data"]) for base in (a, b)]
             assert models[0] == models[1] and {"math-v1", "math-v2", "prod"} <= set(models[0])
             torch.manual_seed(3)
-            assert client.post(f"{a}/prompts", data={"name": "late"},
-                               files={"file": ("p.safetensors", _weights(frozen), "application/octet-stream")}).status_code == 201
-            wait_until(lambda: "late-v1" in client.get(f"{b}/stats").json()["watcher"]["warmed"], timeout=20)  # NOTIFY reached B
+            assert (
+                client.post(
+                    f"{a}/prompts",
+                    data={"name": "late"},
+                    files={"file": ("p.safetensors", _weights(frozen), "application/octet-stream")},
+                ).status_code
+                == 201
+            )
+            wait_until(
+                lambda: "late-v1" in client.get(f"{b}/stats").json()["watcher"]["warmed"], timeout=20
+            )  # NOTIFY reached B
     finally:
         for process in processes:
             process.terminate()

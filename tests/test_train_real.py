@@ -21,7 +21,12 @@ def test_real_model_training_smoke_run_publishes_a_loadable_version(real_model, 
     weights = real_model.embedding.weight.detach().clone()
     config = TrainConfig(
         init_text="Classify the sentiment of this review as positive or negative.",
-        steps=3, lr=1e-2, batch_size=4, warmup_steps=1, eval_every=3, eval_batch_size=8,
+        steps=3,
+        lr=1e-2,
+        batch_size=4,
+        warmup_steps=1,
+        eval_every=3,
+        eval_batch_size=8,
     )
     result = train_prompt(real_model, train, val, config)
     version = publish_result(store, "sentiment", real_model, result)
@@ -34,14 +39,22 @@ def test_real_model_training_smoke_run_publishes_a_loadable_version(real_model, 
     assert loaded.version.meta["metrics"]["val_before"] is not None
 
 
-
 def test_real_model_arithmetic_loss_falls_in_a_few_steps(real_model):
     """Generation task, loss on the answer tokens only: the text prompt's model wants to write a
     sentence, so the first steps' loss on "62<end of turn>" is high, and it falls as the prompt learns the format."""
     examples = load_examples("examples/data/arithmetic.train.jsonl")
     train, val = examples[:96], examples[96:104]
-    config = TrainConfig(init_text="Solve the problem. Answer with the number only.", task="generation", max_new_tokens=8,
-                         steps=12, lr=3e-2, batch_size=8, warmup_steps=1, eval_every=12, eval_batch_size=8)
+    config = TrainConfig(
+        init_text="Solve the problem. Answer with the number only.",
+        task="generation",
+        max_new_tokens=8,
+        steps=12,
+        lr=3e-2,
+        batch_size=8,
+        warmup_steps=1,
+        eval_every=12,
+        eval_batch_size=8,
+    )
     result = train_prompt(real_model, train, val, config)
     losses = [h["loss"] for h in result.history if h["split"] == "train"]
     first, last = sum(losses[:2]) / 2, sum(losses[-3:]) / 3

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from core.modeling import from_loaded
 from tests.tiny import tiny_llama
 from trainer.batches import Encoder, collate, prefix_block, target_loss
 from trainer.config import TrainConfig
 from trainer.data import Example
 from trainer.evaluate import Task, answers_match, detect_task, evaluate, is_degenerate, score_labels
 from trainer.loop import TrainingCancelled, init_embeddings, lr_factor, train_prompt
-from trainer.modeling import from_loaded
 from trainer.trust_region import project_to_cone, row_cosines
 
 INIT = "Classify the sentiment"
@@ -56,7 +56,10 @@ def test_training_lowers_the_loss_and_keeps_the_model_frozen(learnable):
     before_weights = weights_snapshot(learnable.model)
     config = TrainConfig(init_text=INIT, steps=25, lr=0.05, warmup_steps=2, eval_every=5, batch_size=8)
     result = train_prompt(learnable, train, train[:8], config)
-    init_loss, final_loss = mean_loss(learnable, result.init_embeddings, train), mean_loss(learnable, result.embeddings, train)
+    init_loss, final_loss = (
+        mean_loss(learnable, result.init_embeddings, train),
+        mean_loss(learnable, result.embeddings, train),
+    )
     assert final_loss < 0.5 * init_loss, (init_loss, final_loss)
     train_losses = [row["loss"] for row in result.history if row["split"] == "train"]
     assert sum(train_losses[-5:]) < 0.5 * sum(train_losses[:5])
@@ -134,7 +137,15 @@ def test_label_scoring_with_a_repeated_cache_matches_full_forward_passes(frozen)
 def test_generation_task_reports_exact_match_and_loops(frozen):
     encoder = Encoder(frozen)
     examples = [Example("What is two plus three?", "5"), Example("Yes or No?", "Yes")]
-    result = evaluate(frozen, encoder, init_embeddings(frozen, INIT), examples, Task("generation"), max_new_tokens=8, keep_predictions=2)
+    result = evaluate(
+        frozen,
+        encoder,
+        init_embeddings(frozen, INIT),
+        examples,
+        Task("generation"),
+        max_new_tokens=8,
+        keep_predictions=2,
+    )
     assert result["name"] == "exact_match" and 0 <= result["metric"] <= 1
     assert 0 <= result["degenerate_fraction"] <= 1 and len(result["samples"]) == 2
 
@@ -163,5 +174,7 @@ def test_long_inputs_keep_their_end(frozen):
     encoder = Encoder(frozen, max_input_tokens=6)
     long_text = "the movie was great fun " * 10 + "Yes or No?"
     query = frozen.tokenizer.decode(encoder.query_ids(long_text))
-    assert query.startswith(frozen.tokenizer.decode(frozen.tokenizer(long_text, add_special_tokens=False).input_ids[-6:]))
+    assert query.startswith(
+        frozen.tokenizer.decode(frozen.tokenizer(long_text, add_special_tokens=False).input_ids[-6:])
+    )
     assert query.endswith("<|im_start|>assistant\n") and "Yes or No?" in query

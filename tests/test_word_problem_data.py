@@ -40,11 +40,15 @@ def test_every_step_of_every_solution_is_right_and_no_problem_is_in_both_splits(
             for step in steps:
                 a, op, b, result = STEP.fullmatch(step).groups()
                 a, b, result = int(a), int(b), int(result)
-                assert result == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] and (op != "/" or a % b == 0), row
+                assert result == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] and (op != "/" or a % b == 0), (
+                    row
+                )
                 results.append(result)
             assert results[0] in {int(n) for n in re.findall(r"\d+", steps[1])}  # step 2 uses step 1's result
             assert str(results[-1]) == row["answer"] and int(row["answer"]) > 0
-            assert set(map(int, re.findall(r"\d+", row["input"]))) <= {int(n) for n in re.findall(r"\d+", row["output"])}
+            assert set(map(int, re.findall(r"\d+", row["input"]))) <= {
+                int(n) for n in re.findall(r"\d+", row["output"])
+            }
         seen[split] = {row["output"].rsplit(". The answer", 1)[0] for row in rows}  # the calculation
         assert len(seen[split]) == size
     assert not seen["train"] & seen["test"]

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import Example
-from .layout import ChatLayout
-from .modeling import FrozenModel
-from .prepend import IGNORE_INDEX, PrependedBatch, prepend_soft_prompt
+from core.layout import ChatLayout
+from core.modeling import FrozenModel
+from core.prepend import IGNORE_INDEX, PrependedBatch, prepend_soft_prompt
+from trainer.data import Example
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ def collate(rows: Sequence[Encoded], pad_id: int, *, with_targets: bool = True) 
 PLACEMENTS = ("user_turn", "sequence_start")
 
 
-def prefix_block(frozen: FrozenModel, head_ids: Sequence[int], soft: torch.Tensor, placement: str = "user_turn") -> torch.Tensor:
+def prefix_block(
+    frozen: FrozenModel, head_ids: Sequence[int], soft: torch.Tensor, placement: str = "user_turn"
+) -> torch.Tensor:
     """The fixed block before every query: embedded template head, then the soft prompt
     ("user_turn", ours); or the soft prompt before the whole sequence ("sequence_start",
     where HF PEFT prompt tuning puts it; used to evaluate PEFT prompts)."""
@@ -111,5 +113,7 @@ def target_loss(frozen: FrozenModel, prefix: torch.Tensor, batch: TokenBatch) ->
         use_cache=False,
     ).logits[:, :-1]  # [B, K, V]
     labels = laid.labels[:, -batch.target_len :]  # [B, K]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((labels != IGNORE_INDEX).sum())

@@ -9,18 +9,30 @@ import sys
 import time
 from pathlib import Path
 
-from prompt_store.settings import CommonSettings
-
-from .config import TrainConfig, TrainConfigError
-from .data import DataError, load_examples, split_examples
+from core.settings import CommonSettings
+from trainer.config import TrainConfig, TrainConfigError
+from trainer.data import DataError, load_examples, split_examples
 
 logger = logging.getLogger(__name__)
 
 # CLI flag -> TrainConfig field, for every optional setting (None means "config default").
 _CONFIG_FLAGS = {
-    "steps": int, "lr": float, "min_cosine": float, "batch_size": int, "grad_accum": int, "warmup_steps": int,
-    "eval_fraction": float, "eval_every": int, "patience": int, "seed": int, "task": str, "max_new_tokens": int,
-    "threads": int, "weight_decay": float, "max_input_tokens": int, "max_eval_examples": int,
+    "steps": int,
+    "lr": float,
+    "min_cosine": float,
+    "batch_size": int,
+    "grad_accum": int,
+    "warmup_steps": int,
+    "eval_fraction": float,
+    "eval_every": int,
+    "patience": int,
+    "seed": int,
+    "task": str,
+    "max_new_tokens": int,
+    "threads": int,
+    "weight_decay": float,
+    "max_input_tokens": int,
+    "max_eval_examples": int,
 }
 _HELP = {
     "steps": "optimizer steps (default 200)",
@@ -44,15 +56,31 @@ _HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `softprompt train` (also used by `python -m trainer`)."""
-    parser.add_argument("--data", required=True, type=Path, help='training JSONL: {"input": ..., "output": ...[, "split": "train"|"validation"]} per line')
-    parser.add_argument("--init", required=True, help='init text whose token embeddings start the prompt, e.g. "Please reason step by step."')
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help='training JSONL: {"input": ..., "output": ...[, "split": "train"|"validation"]} per line',
+    )
+    parser.add_argument(
+        "--init",
+        required=True,
+        help='init text whose token embeddings start the prompt, e.g. "Please reason step by step."',
+    )
     parser.add_argument("--name", required=True, help="prompt name in the store; publishes NAME-vN")
-    parser.add_argument("--eval", type=Path, default=None, help="held-out JSONL (e.g. a test split): metric before and after is measured on it and stored")
+    parser.add_argument(
+        "--eval",
+        type=Path,
+        default=None,
+        help="held-out JSONL (e.g. a test split): metric before and after is measured on it and stored",
+    )
     for flag, kind in _CONFIG_FLAGS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None, help=_HELP[flag])
     parser.add_argument("--store", default=None, help="store root (default $SOFTPROMPT_STORE or ./prompt-store)")
     parser.add_argument("--model", default=None, help="model spec (default $SOFTPROMPT_MODEL or the embedded SmolLM2)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("softprompt-runs"), help="where curves are written (a folder per run)")
+    parser.add_argument(
+        "--runs-dir", type=Path, default=Path("softprompt-runs"), help="where curves are written (a folder per run)"
+    )
     parser.add_argument("--parent", default=None, help="record this version as the parent (e.g. sentiment-v1)")
     parser.add_argument("--dry-run", action="store_true", help="train and report, but do not publish")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -73,18 +101,17 @@ def run(args: argparse.Namespace) -> int:
     except (TrainConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from prompt_store import open_store
-
-    from .distributed import init_from_environment, shutdown
-
-    from prompt_store import PromptStoreError
+    from prompt_store import PromptStoreError, open_store
+    from trainer.distributed import init_from_environment, shutdown
 
     settings = CommonSettings()
     ranks = init_from_environment()  # under torchrun: this process's rank; else rank 0 of 1
     try:
         if config.batch_size < ranks.world:
-            print(f"error: batch_size {config.batch_size} is smaller than the {ranks.world} processes sharing each batch",
-                  file=sys.stderr)
+            print(
+                f"error: batch_size {config.batch_size} is smaller than the {ranks.world} processes sharing each batch",
+                file=sys.stderr,
+            )
             return 2
         if not ranks.is_main:  # rank 0 alone logs the run's progress
             logging.getLogger("trainer").setLevel(logging.WARNING)
@@ -106,12 +133,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_and_publish(args, config, train, val, held_out, store, ranks, settings) -> int:
-    from prompt_store import PromptStoreError
     from safetensors.torch import save_file
 
-    from .modeling import load_frozen_model
+    from core.modeling import load_frozen_model
+    from prompt_store import PromptStoreError
 
-    frozen = load_frozen_model(args.model or settings.model, device=ranks.device if ranks.device.type == "cuda" else None)
+    frozen = load_frozen_model(
+        args.model or settings.model, device=ranks.device if ranks.device.type == "cuda" else None
+    )
     try:
         result = _train_with_progress(frozen, train, val, config, show=not args.no_progress and ranks.is_main)
     except KeyboardInterrupt:
@@ -121,7 +150,7 @@ def _train_and_publish(args, config, train, val, held_out, store, ranks, setting
         return 0
     if held_out is not None:
         result.metrics.update(evaluate_held_out(frozen, result, held_out, config, source=str(args.eval)))
-    from .curves import write_curves
+    from trainer.curves import write_curves
 
     run_dir = args.runs_dir / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     curves = write_curves(result.history, run_dir)
@@ -132,15 +161,20 @@ def _train_and_publish(args, config, train, val, held_out, store, ranks, setting
     if args.dry_run:
         print("dry run: not published")
         return 0
-    from .publish import publish_result
+    from trainer.publish import publish_result
 
     saved = run_dir / "prompt_embeddings.safetensors"  # kept whatever happens to the publish
     save_file({"prompt_embeddings": result.embeddings.contiguous()}, str(saved))
     try:
-        version = publish_result(store, args.name, frozen, result, parent=args.parent, extra={"curves": str(curves["json"].resolve())})
+        version = publish_result(
+            store, args.name, frozen, result, parent=args.parent, extra={"curves": str(curves["json"].resolve())}
+        )
     except PromptStoreError as error:
-        print(f"error ({error.code}): {error}\nthe trained prompt is saved in {saved}; publish it later with "
-              f"softprompt prompts import or POST /prompts", file=sys.stderr)
+        print(
+            f"error ({error.code}): {error}\nthe trained prompt is saved in {saved}; publish it later with "
+            f"softprompt prompts import or POST /prompts",
+            file=sys.stderr,
+        )
         return 1
     print(f"published {version.id} to {store.location}")
     return 0
@@ -149,7 +183,7 @@ def _train_and_publish(args, config, train, val, held_out, store, ranks, setting
 def _train_with_progress(frozen, train, val, config: TrainConfig, *, show: bool):
     from tqdm import tqdm
 
-    from .loop import train_prompt
+    from trainer.loop import train_prompt
 
     state = {"val": None}
     with tqdm(total=config.steps, desc="train", unit="step", disable=not show, file=sys.stderr) as bar:
@@ -168,9 +202,9 @@ def _train_with_progress(frozen, train, val, config: TrainConfig, *, show: bool)
 
 def evaluate_held_out(frozen, result, examples, config: TrainConfig, *, source: str) -> dict:
     """Metric on a held-out file for the init text, the trained prompt and its hard prompt."""
-    from .batches import Encoder
-    from .evaluate import Task, evaluate
-    from .interpret import hard_prompt
+    from trainer.batches import Encoder
+    from trainer.evaluate import Task, evaluate
+    from trainer.interpret import hard_prompt
 
     task = Task(result.metrics["task"], tuple(result.metrics["labels"]))
     encoder = Encoder(frozen, use_chat_template=config.use_chat_template, max_input_tokens=config.max_input_tokens)
@@ -178,8 +212,15 @@ def evaluate_held_out(frozen, result, examples, config: TrainConfig, *, source: 
     fitted = result.config or config  # the trainer fitted max_new_tokens to the targets when none was given
 
     def metric(vectors):
-        return evaluate(frozen, encoder, vectors, examples, task, batch_size=config.eval_batch_size,
-                        max_new_tokens=fitted.max_new_tokens)["metric"]
+        return evaluate(
+            frozen,
+            encoder,
+            vectors,
+            examples,
+            task,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=fitted.max_new_tokens,
+        )["metric"]
 
     logger.info("evaluating %d held-out examples from %s", len(examples), source)
     return {
@@ -193,9 +234,15 @@ def evaluate_held_out(frozen, result, examples, config: TrainConfig, *, source: 
 
 def _report(metrics: dict) -> None:
     name = metrics["metric_name"]
-    lines = [f"validation {name}: {metrics['val_before']:.4f} (init text) -> {metrics['val_after']:.4f} (best step {metrics['best_step']})"]
+    lines = [
+        f"validation {name}: {metrics['val_before']:.4f} (init text) -> {metrics['val_after']:.4f} (best step "
+        f"{metrics['best_step']})"
+    ]
     if "test_after" in metrics:
-        lines.append(f"held-out {name}: {metrics['test_before']:.4f} -> {metrics['test_after']:.4f} (hard prompt {metrics['test_hard_prompt']:.4f}, n={metrics['test_examples']})")
+        lines.append(
+            f"held-out {name}: {metrics['test_before']:.4f} -> {metrics['test_after']:.4f} (hard prompt "
+            f"{metrics['test_hard_prompt']:.4f}, n={metrics['test_examples']})"
+        )
     lines.append(f"cosine to init: mean {metrics['cosine_mean']:.4f}, min {metrics['cosine_min']:.4f}")
     lines.append(f"hard prompt: {metrics['hard_prompt_text']!r}")
     print("\n".join(lines))

@@ -17,18 +17,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
+from core.modeling import FrozenModel
+from core.untrusted import is_text
 from prompt_store import PromptNotFoundError, PromptStore
-from prompt_store.untrusted import is_text
-
-from .batches import Encoder
-from .data import Example
-from .evaluate import Task, detect_task, evaluate
-from .modeling import FrozenModel
-from .stats import compare_paired, wilson_interval
+from trainer.batches import Encoder
+from trainer.data import Example
+from trainer.evaluate import Task, detect_task, evaluate
+from trainer.stats import compare_paired, wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +66,16 @@ class TaskHint:
     max_new_tokens: int | None = None
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "TaskHint":
+    def from_meta(cls, meta: dict) -> TaskHint:
         config, metrics = meta.get("training_config") or {}, meta.get("metrics") or {}
         task = metrics.get("task") or config.get("task")
         labels = metrics.get("labels") or ()
         max_new = config.get("max_new_tokens")
-        return cls(task if task in ("classification", "generation") else None,
-                   tuple(str(label) for label in labels if isinstance(label, str)) if isinstance(labels, list) else (),
-                   max_new if isinstance(max_new, int) and not isinstance(max_new, bool) and max_new > 0 else None)
+        return cls(
+            task if task in ("classification", "generation") else None,
+            tuple(str(label) for label in labels if isinstance(label, str)) if isinstance(labels, list) else (),
+            max_new if isinstance(max_new, int) and not isinstance(max_new, bool) and max_new > 0 else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,27 @@ def reference_specs(prompts: Sequence[str] = (), texts: Sequence[str] = (), bare
 
 def load_references(frozen: FrozenModel, store: PromptStore, specs: Sequence[ReferenceSpec]) -> list[Reference]:
     """Resolve and load every reference (store errors pass through: unknown or incompatible prompt)."""
-    from .loop import init_embeddings
+    from trainer.loop import init_embeddings
 
     references = []
     for spec in specs:
         if spec.kind == "prompt":
             loaded = store.load(spec.value, expect=frozen.fingerprint)
-            references.append(Reference(spec, loaded.embeddings.float(), str(loaded.version.id), loaded.version.checksum,
-                                        TaskHint.from_meta(loaded.version.meta), loaded.cache_key))
+            references.append(
+                Reference(
+                    spec,
+                    loaded.embeddings.float(),
+                    str(loaded.version.id),
+                    loaded.version.checksum,
+                    TaskHint.from_meta(loaded.version.meta),
+                    loaded.cache_key,
+                )
+            )
         elif spec.kind == "text":
             digest = hashlib.sha256(spec.value.encode()).hexdigest()
-            references.append(Reference(spec, init_embeddings(frozen, spec.value), cache_key=(f"text:{digest[:16]}", 0, digest)))
+            references.append(
+                Reference(spec, init_embeddings(frozen, spec.value), cache_key=(f"text:{digest[:16]}", 0, digest))
+            )
         else:
             references.append(Reference(spec, torch.zeros(0, frozen.embedding.weight.shape[1])))
     return references
@@ -209,12 +220,29 @@ def run_comparison(
             done += 1
             if on_progress is not None:
                 on_progress(ComparisonProgress(done, total, time.perf_counter() - started))
-    return comparison_table(references, examples, task, outcomes, predictions, data=data, max_new_tokens=max_new_tokens,
-                            seconds=time.perf_counter() - started)
+    return comparison_table(
+        references,
+        examples,
+        task,
+        outcomes,
+        predictions,
+        data=data,
+        max_new_tokens=max_new_tokens,
+        seconds=time.perf_counter() - started,
+    )
 
 
-def comparison_table(references, examples, task: Task, outcomes: dict, predictions: dict, *, data: dict,
-                     max_new_tokens: int, seconds: float) -> dict:
+def comparison_table(
+    references,
+    examples,
+    task: Task,
+    outcomes: dict,
+    predictions: dict,
+    *,
+    data: dict,
+    max_new_tokens: int,
+    seconds: float,
+) -> dict:
     """Accuracy with a 95 % Wilson interval per reference, and McNemar's exact test per pair."""
     n = len(examples)
     metric = "accuracy" if task.kind == "classification" else "exact_match"
@@ -222,23 +250,41 @@ def comparison_table(references, examples, task: Task, outcomes: dict, predictio
     for reference in references:
         correct = sum(outcomes[reference.label])
         low, high = wilson_interval(correct, n)
-        results.append({"reference": reference.label, "kind": reference.spec.kind, "version": reference.version,
-                        "checksum": reference.checksum, "correct": correct, "n": n,
-                        "score": correct / n if n else 0.0, "ci95": [low, high]})
+        results.append(
+            {
+                "reference": reference.label,
+                "kind": reference.spec.kind,
+                "version": reference.version,
+                "checksum": reference.checksum,
+                "correct": correct,
+                "n": n,
+                "score": correct / n if n else 0.0,
+                "ci95": [low, high],
+            }
+        )
     comparisons = []
     for i, a in enumerate(references):
         for b in references[i + 1 :]:
             paired = compare_paired(outcomes[a.label], outcomes[b.label])
             comparisons.append({"a": a.label, "b": b.label, **paired.as_dict()})
     return {
-        "task": task.kind, "labels": list(task.labels), "metric": metric, "max_new_tokens": max_new_tokens,
-        "data": data, "seconds": round(seconds, 3),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "results": results, "comparisons": comparisons,
+        "task": task.kind,
+        "labels": list(task.labels),
+        "metric": metric,
+        "max_new_tokens": max_new_tokens,
+        "data": data,
+        "seconds": round(seconds, 3),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "results": results,
+        "comparisons": comparisons,
         "examples": [
-            {"index": k, "input": examples[k].input[:200], "output": examples[k].output,
-             "predicted": {r.label: predictions[r.label][k] for r in references},
-             "correct": {r.label: outcomes[r.label][k] for r in references}}
+            {
+                "index": k,
+                "input": examples[k].input[:200],
+                "output": examples[k].output,
+                "predicted": {r.label: predictions[r.label][k] for r in references},
+                "correct": {r.label: outcomes[r.label][k] for r in references},
+            }
             for k in range(n)
         ],
     }
@@ -246,9 +292,19 @@ def comparison_table(references, examples, task: Task, outcomes: dict, predictio
 
 def evaluation_record(table: dict, result: dict, *, source: str) -> dict:
     """What is kept with a version: which data, when, the score (and who measured it)."""
-    return {"data": table["data"], "metric": table["metric"], "task": table["task"], "score": result["score"],
-            "correct": result["correct"], "n": result["n"], "ci95": result["ci95"], "checksum": result["checksum"],
-            "max_new_tokens": table["max_new_tokens"], "at": table["finished_at"], "source": source}
+    return {
+        "data": table["data"],
+        "metric": table["metric"],
+        "task": table["task"],
+        "score": result["score"],
+        "correct": result["correct"],
+        "n": result["n"],
+        "ci95": result["ci95"],
+        "checksum": result["checksum"],
+        "max_new_tokens": table["max_new_tokens"],
+        "at": table["finished_at"],
+        "source": source,
+    }
 
 
 def record_results(store: PromptStore, table: dict, *, source: str) -> list[str]:
@@ -269,18 +325,26 @@ def record_results(store: PromptStore, table: dict, *, source: str) -> list[str]
 def format_table(table: dict) -> str:
     """The comparison as plain text: one line per reference, then one per pair."""
     data = table["data"]
-    lines = [f"{data['name']} ({data['examples']} examples, sha256 {data['sha256'][:12]}), {table['task']}: {table['metric']}", ""]
+    lines = [
+        f"{data['name']} ({data['examples']} examples, sha256 {data['sha256'][:12]}), {table['task']}: "
+        f"{table['metric']}",
+        "",
+    ]
     width = max(len("reference"), *(len(r["reference"][:48]) for r in table["results"]))
     lines.append(f"{'reference':<{width}}  {'score':>7}  {'95 % interval':>15}  {'correct':>9}")
     for r in table["results"]:
         low, high = r["ci95"]
-        lines.append(f"{r['reference'][:48]:<{width}}  {100 * r['score']:6.1f}%  [{100 * low:5.1f}, {100 * high:5.1f}]  "
-                     f"{r['correct']:>4}/{r['n']:<4}")
+        lines.append(
+            f"{r['reference'][:48]:<{width}}  {100 * r['score']:6.1f}%  [{100 * low:5.1f}, {100 * high:5.1f}]  "
+            f"{r['correct']:>4}/{r['n']:<4}"
+        )
     if table["comparisons"]:
         lines += ["", "paired (McNemar's exact test on the examples where the two disagree):"]
         for c in table["comparisons"]:
-            lines.append(f"  {c['a'][:40]} vs {c['b'][:40]}: {100 * c['difference']:+.1f} points "
-                         f"({c['only_a']} only A, {c['only_b']} only B), p = {_p(c['p_value'])}")
+            lines.append(
+                f"  {c['a'][:40]} vs {c['b'][:40]}: {100 * c['difference']:+.1f} points "
+                f"({c['only_a']} only A, {c['only_b']} only B), p = {_p(c['p_value'])}"
+            )
     return "\n".join(lines)
 
 
@@ -288,11 +352,21 @@ def _p(value: float) -> str:
     return "1" if value >= 0.9995 else f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
 
 
-def model_scorer(frozen: FrozenModel, encoder: Encoder, task: Task, *, max_new_tokens: int, batch_size: int = 16) -> ScoreFn:
+def model_scorer(
+    frozen: FrozenModel, encoder: Encoder, task: Task, *, max_new_tokens: int, batch_size: int = 16
+) -> ScoreFn:
     """Score a chunk with `evaluate` on `frozen` (the caller decides which thread runs it)."""
 
     def score(reference: Reference, chunk: list[Example]) -> dict:
-        return evaluate(frozen, encoder, reference.vectors, chunk, task, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, per_example=True)
+        return evaluate(
+            frozen,
+            encoder,
+            reference.vectors,
+            chunk,
+            task,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            per_example=True,
+        )
 
     return score

@@ -6,15 +6,25 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
-from prompt_store.untrusted import is_text
+from core.untrusted import is_text
 
 TASKS = ("auto", "classification", "generation")
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 # Upper bounds on any machine (a server bounds its jobs further by what it can run: server/jobs/limits.py).
 MAX_INIT_CHARS = 4000  # the init text becomes one vector per token
-UPPER_BOUNDS = {"steps": 1_000_000, "warmup_steps": 1_000_000, "eval_every": 1_000_000, "patience": 1_000_000,
-                "batch_size": 4096, "eval_batch_size": 4096, "grad_accum": 4096, "max_new_tokens": 4096,
-                "max_input_tokens": 131_072, "threads": 1024, "max_eval_examples": 10_000_000}
+UPPER_BOUNDS = {
+    "steps": 1_000_000,
+    "warmup_steps": 1_000_000,
+    "eval_every": 1_000_000,
+    "patience": 1_000_000,
+    "batch_size": 4096,
+    "eval_batch_size": 4096,
+    "grad_accum": 4096,
+    "max_new_tokens": 4096,
+    "max_input_tokens": 131_072,
+    "threads": 1024,
+    "max_eval_examples": 10_000_000,
+}
 
 
 class TrainConfigError(ValueError):
@@ -55,12 +65,17 @@ class TrainConfig:
         if not isinstance(self.init_text, str) or not self.init_text.strip():
             raise TrainConfigError("init_text", "must be a non-empty text (its token embeddings start the prompt)")
         if not is_text(self.init_text):
-            raise TrainConfigError("init_text", "is not valid Unicode text (it holds a lone surrogate escape like \\ud800)")
+            raise TrainConfigError(
+                "init_text", "is not valid Unicode text (it holds a lone surrogate escape like \\ud800)"
+            )
         if "\x00" in self.init_text:
             raise TrainConfigError("init_text", "holds a NUL character (\\u0000); send plain text")
         if len(self.init_text) > MAX_INIT_CHARS:
-            raise TrainConfigError("init_text", f"is {len(self.init_text)} characters; the limit is {MAX_INIT_CHARS} (each "
-                                   "token becomes one prompt vector)")
+            raise TrainConfigError(
+                "init_text",
+                f"is {len(self.init_text)} characters; the limit is {MAX_INIT_CHARS} (each "
+                "token becomes one prompt vector)",
+            )
         _positive_int(self, "steps", "batch_size", "grad_accum", "eval_every", "max_input_tokens", "eval_batch_size")
         _non_negative_int(self, "warmup_steps", "seed")
         if self.seed > MAX_SEED:
@@ -77,7 +92,9 @@ class TrainConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise TrainConfigError(name, f"must be a positive integer or None, got {value!r}")
         if self.use_chat_template is not None and not isinstance(self.use_chat_template, bool):
-            raise TrainConfigError("use_chat_template", f"must be true, false or null (auto), got {self.use_chat_template!r}")
+            raise TrainConfigError(
+                "use_chat_template", f"must be true, false or null (auto), got {self.use_chat_template!r}"
+            )
         if not isinstance(self.task, str) or self.task not in TASKS:
             raise TrainConfigError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name, limit in UPPER_BOUNDS.items():
@@ -89,7 +106,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         """Build from a dict (e.g. a JSON request), refusing unknown keys by name."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

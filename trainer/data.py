@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prompt_store.untrusted import is_text, parse_json
+from core.untrusted import is_text, parse_json
 
 SPLITS = ("train", "validation")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "dev": "validation"}
@@ -44,14 +44,18 @@ def parse_examples(lines: Iterable[str], source: str = "<upload>") -> list[Examp
         except ValueError as error:
             raise DataError(f"{where}: {error}") from None
         if not isinstance(record, dict):
-            raise DataError(f'{where}: expected a JSON object like {{"input": "...", "output": "..."}}, got {type(record).__name__}')
+            raise DataError(
+                f'{where}: expected a JSON object like {{"input": "...", "output": "..."}}, got {type(record).__name__}'
+            )
         for key in ("input", "output"):
             if key not in record:
                 raise DataError(f"{where}: missing field {key!r}")
             if not isinstance(record[key], str):
                 raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
             if not is_text(record[key]):
-                raise DataError(f"{where}: field {key!r} is not valid Unicode text (it holds a lone surrogate escape like \\ud800)")
+                raise DataError(
+                    f"{where}: field {key!r} is not valid Unicode text (it holds a lone surrogate escape like \\ud800)"
+                )
         if not record["output"].strip():
             raise DataError(f"{where}: field 'output' is empty")
         split = record.get("split")

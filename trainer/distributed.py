@@ -84,8 +84,10 @@ def init_from_environment() -> Ranks:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
-                               "start at most one process per GPU")
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
+                "start at most one process per GPU"
+            )
         torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl", timeout=GROUP_TIMEOUT, device_id=torch.device("cuda", local_rank))
     else:

@@ -16,38 +16,60 @@ import logging
 import sys
 from pathlib import Path
 
-from prompt_store.settings import CommonSettings
-
-from .config import TASKS
-from .data import DataError, parse_examples
+from core.settings import CommonSettings
+from trainer.config import TASKS
+from trainer.data import DataError, parse_examples
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help='labeled JSONL: {"input": ..., "output": ...} per line')
-    parser.add_argument("--prompt", action="append", default=[], metavar="REF",
-                        help="a published version, alias or name (newest); repeat to compare several")
-    parser.add_argument("--text", action="append", default=[], metavar="TEXT",
-                        help="a plain text prompt in the soft prompt's place (e.g. the init text); repeatable")
+    parser.add_argument(
+        "--data", required=True, type=Path, help='labeled JSONL: {"input": ..., "output": ...} per line'
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="a published version, alias or name (newest); repeat to compare several",
+    )
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a plain text prompt in the soft prompt's place (e.g. the init text); repeatable",
+    )
     parser.add_argument("--bare", action="store_true", help="also score the query with no prompt at all")
-    parser.add_argument("--task", choices=TASKS, default="auto",
-                        help="auto (default): the task the first prompt was trained for, else from the data")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="generation length (default: the first prompt's training setting, else 16)")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="auto",
+        help="auto (default): the task the first prompt was trained for, else from the data",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation length (default: the first prompt's training setting, else 16)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the whole result (per-example outcomes) here")
-    parser.add_argument("--no-record", action="store_true", help="do not keep the scores with the versions in the store")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the whole result (per-example outcomes) here"
+    )
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not keep the scores with the versions in the store"
+    )
     parser.add_argument("--store", default=None, help="store root (default $SOFTPROMPT_STORE or ./prompt-store)")
     parser.add_argument("--model", default=None, help="model spec (default $SOFTPROMPT_MODEL or the embedded SmolLM2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from prompt_store import open_store, PromptStoreError
-
-    from .compare import ReferenceError, reference_specs
+    from prompt_store import PromptStoreError, open_store
+    from trainer.compare import ReferenceError, reference_specs
 
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -71,11 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args, store, specs, examples, data, settings) -> int:
-    from prompt_store import PromptStoreError
-
     import torch
 
-    from .modeling import load_frozen_model
+    from core.modeling import load_frozen_model
+    from prompt_store import PromptStoreError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +106,7 @@ def _run(args, store, specs, examples, data, settings) -> int:
     except (PromptStoreError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from .compare import format_table, record_results
+    from trainer.compare import format_table, record_results
 
     print(format_table(table))
     try:
@@ -116,8 +137,15 @@ def _read(path: Path) -> bytes:
 def _score(frozen, store, specs, examples, data: bytes, args) -> dict:
     from tqdm import tqdm
 
-    from .batches import Encoder
-    from .compare import choose_max_new_tokens, choose_task, data_identity, load_references, model_scorer, run_comparison
+    from trainer.batches import Encoder
+    from trainer.compare import (
+        choose_max_new_tokens,
+        choose_task,
+        data_identity,
+        load_references,
+        model_scorer,
+        run_comparison,
+    )
 
     references = load_references(frozen, store, specs)
     hints = [r.hint for r in references]
@@ -130,5 +158,12 @@ def _score(frozen, store, specs, examples, data: bytes, args) -> dict:
             bar.total = progress.total
             bar.update(progress.done - bar.n)
 
-        return run_comparison(score, references, examples, task, data=data_identity(data, args.data.name, len(examples)),
-                              max_new_tokens=max_new_tokens, on_progress=on_progress)
+        return run_comparison(
+            score,
+            references,
+            examples,
+            task,
+            data=data_identity(data, args.data.name, len(examples)),
+            max_new_tokens=max_new_tokens,
+            on_progress=on_progress,
+        )

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .batches import Encoded, Encoder, collate, lay_out, prefix_block
-from .data import Example
-from .modeling import FrozenModel
+from core.modeling import FrozenModel
+from trainer.batches import Encoded, Encoder, collate, lay_out, prefix_block
+from trainer.data import Example
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +105,18 @@ def is_degenerate(token_ids: Sequence[int], *, min_len: int = 8) -> bool:
 
 
 @torch.no_grad()
-def score_labels(frozen: FrozenModel, prefix: torch.Tensor, queries: Sequence[Encoded], label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+def score_labels(
+    frozen: FrozenModel, prefix: torch.Tensor, queries: Sequence[Encoded], label_ids: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """Summed log-prob of each label's tokens after each query: [B, L]."""
     batch = collate(queries, frozen.tokenizer.pad_token_id, with_targets=False)
     laid = lay_out(frozen, prefix, batch)
     out = frozen.model(
-        inputs_embeds=laid.inputs_embeds, attention_mask=laid.attention_mask, position_ids=laid.position_ids,
-        use_cache=True, logits_to_keep=1,
+        inputs_embeds=laid.inputs_embeds,
+        attention_mask=laid.attention_mask,
+        position_ids=laid.position_ids,
+        use_cache=True,
+        logits_to_keep=1,
     )
     rows, n_labels, device = len(queries), len(label_ids), frozen.device
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
@@ -130,21 +135,33 @@ def score_labels(frozen: FrozenModel, prefix: torch.Tensor, queries: Sequence[En
     feed, wanted = feed.repeat(rows, 1).to(device), wanted.repeat(rows, 1).to(device)  # [B*L, n-1]
     mask = torch.cat([laid.attention_mask.repeat_interleave(n_labels, 0), (wanted >= 0).long()], dim=1)
     positions = laid.position_ids[:, -1:].repeat_interleave(n_labels, 0) + 1 + torch.arange(longest - 1, device=device)
-    logits = frozen.model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, wanted.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B*L, n-1]
+    logits = frozen.model(
+        input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    ).logits
+    logp = (
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, wanted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    )  # [B*L, n-1]
     rest = (logp * (wanted >= 0)).sum(-1).view(rows, n_labels)  # [B, L]
     return scores + rest
 
 
 @torch.no_grad()
-def generate(frozen: FrozenModel, prefix: torch.Tensor, queries: Sequence[Encoded], max_new_tokens: int) -> list[list[int]]:
+def generate(
+    frozen: FrozenModel, prefix: torch.Tensor, queries: Sequence[Encoded], max_new_tokens: int
+) -> list[list[int]]:
     """Greedy continuation of each query (new token ids, without end-of-turn and padding)."""
     batch = collate(queries, frozen.tokenizer.pad_token_id, with_targets=False)
     laid = lay_out(frozen, prefix, batch)
     out = frozen.model.generate(
-        inputs_embeds=laid.inputs_embeds, attention_mask=laid.attention_mask, max_new_tokens=max_new_tokens,
-        do_sample=False, temperature=None, top_p=None, top_k=None,
-        pad_token_id=frozen.tokenizer.pad_token_id, eos_token_id=frozen.tokenizer.eos_token_id,
+        inputs_embeds=laid.inputs_embeds,
+        attention_mask=laid.attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=frozen.tokenizer.pad_token_id,
+        eos_token_id=frozen.tokenizer.eos_token_id,
     )
     stop = {frozen.tokenizer.pad_token_id, frozen.tokenizer.eos_token_id}
     results = []
@@ -159,8 +176,16 @@ def generate(frozen: FrozenModel, prefix: torch.Tensor, queries: Sequence[Encode
 
 
 def evaluate(
-    frozen: FrozenModel, encoder: Encoder, soft: torch.Tensor, examples: Sequence[Example], task: Task,
-    *, batch_size: int = 16, max_new_tokens: int = 16, keep_predictions: int = 0, placement: str = "user_turn",
+    frozen: FrozenModel,
+    encoder: Encoder,
+    soft: torch.Tensor,
+    examples: Sequence[Example],
+    task: Task,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    keep_predictions: int = 0,
+    placement: str = "user_turn",
     per_example: bool = False,
 ) -> dict:
     """Metric of `soft` ([P, D]) on `examples`: {"metric", "name", "n", ...}. Batches are
@@ -194,7 +219,11 @@ def evaluate(
         predictions.update(zip(chunk, texts))
         outcomes.update(zip(chunk, hits))
     n = len(examples)
-    result = {"metric": correct / n if n else 0.0, "name": "accuracy" if task.kind == "classification" else "exact_match", "n": n}
+    result = {
+        "metric": correct / n if n else 0.0,
+        "name": "accuracy" if task.kind == "classification" else "exact_match",
+        "n": n,
+    }
     if per_example:  # in the order of `examples`
         result["correct"] = [outcomes[i] for i in range(n)]
         result["predictions"] = [predictions[i] for i in range(n)]
@@ -203,7 +232,12 @@ def evaluate(
     if task.kind == "generation":
         result["degenerate_fraction"] = degenerate / n if n else 0.0
         if result["degenerate_fraction"] > 0.2:
-            logger.warning("%.0f%% of generated outputs loop or collapse (repetition guard)", 100 * result["degenerate_fraction"])
+            logger.warning(
+                "%.0f%% of generated outputs loop or collapse (repetition guard)", 100 * result["degenerate_fraction"]
+            )
     if keep_predictions:
-        result["samples"] = [{"input": examples[i].input[:200], "output": examples[i].output, "predicted": predictions[i]} for i in range(min(keep_predictions, n))]
+        result["samples"] = [
+            {"input": examples[i].input[:200], "output": examples[i].output, "predicted": predictions[i]}
+            for i in range(min(keep_predictions, n))
+        ]
     return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import FrozenModel
+from core.modeling import FrozenModel
 
 
 @torch.no_grad()
@@ -20,7 +20,12 @@ def nearest_tokens(frozen: FrozenModel, vectors: torch.Tensor) -> list[dict]:
     rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [P, D]
     cos, ids = (rows @ table.T).max(dim=-1)  # [P]
     return [
-        {"token_id": int(i), "token": frozen.tokenizer.convert_ids_to_tokens(int(i)), "text": frozen.tokenizer.decode([int(i)]), "cosine": round(float(c), 4)}
+        {
+            "token_id": int(i),
+            "token": frozen.tokenizer.convert_ids_to_tokens(int(i)),
+            "text": frozen.tokenizer.decode([int(i)]),
+            "cosine": round(float(c), 4),
+        }
         for i, c in zip(ids, cos)
     ]
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .batches import Encoded, Encoder, collate, prefix_block, target_loss
-from .config import TrainConfig
-from .data import Example
-from .distributed import current as current_ranks
-from .evaluate import detect_task, evaluate
-from .interpret import hard_prompt, nearest_tokens
-from .modeling import FrozenModel
-from .trust_region import cosine_stats, project_to_cone
+from core.modeling import FrozenModel
+from trainer.batches import Encoded, Encoder, collate, prefix_block, target_loss
+from trainer.config import TrainConfig
+from trainer.data import Example
+from trainer.distributed import current as current_ranks
+from trainer.evaluate import detect_task, evaluate
+from trainer.interpret import hard_prompt, nearest_tokens
+from trainer.trust_region import cosine_stats, project_to_cone
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,15 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
     val_set = list(val)[: config.max_eval_examples] if config.max_eval_examples else list(val)
 
     def run_eval(vectors: torch.Tensor) -> dict:
-        return evaluate(frozen, encoder, vectors, val_set, task, batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
+        return evaluate(
+            frozen,
+            encoder,
+            vectors,
+            val_set,
+            task,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
+        )
 
     init = init_embeddings(frozen, config.init_text)  # [P, D]
     soft = torch.nn.Parameter(init.clone().to(frozen.device))  # [P, D] fp32, the only trainable tensor
@@ -147,12 +155,26 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     batches = _batches([encoder.encode(e) for e in train], config.batch_size, config.seed)
     pad_id = frozen.tokenizer.pad_token_id
-    logger.info("EmbedGrad: %s task, %d train / %d validation examples, %d prompt vectors, %d steps",
-                task.kind, len(train), len(val_set), init.shape[0], config.steps)
+    logger.info(
+        "EmbedGrad: %s task, %d train / %d validation examples, %d prompt vectors, %d steps",
+        task.kind,
+        len(train),
+        len(val_set),
+        init.shape[0],
+        config.steps,
+    )
 
     before = run_eval(init) if ranks.is_main else {"name": "", "metric": 0.0}
     best = {"key": (before["metric"], -before.get("loss", 0.0)), "step": 0, "eval": before, "vectors": init.clone()}
-    history = [{"step": 0, "split": "validation", "val_metric": before["metric"], "val_loss": before.get("loss"), "elapsed_seconds": time.perf_counter() - started}]
+    history = [
+        {
+            "step": 0,
+            "split": "validation",
+            "val_metric": before["metric"],
+            "val_loss": before.get("loss"),
+            "elapsed_seconds": time.perf_counter() - started,
+        }
+    ]
     logger.info("step 0: validation %s %.4f (init text)", before["name"], before["metric"])
     stale, stopped_early, step = 0, False, 0
     loop_started = time.perf_counter()
@@ -163,12 +185,17 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
         step_loss = 0.0
         for _ in range(config.grad_accum):
             rows = ranks.shard(next(batches))  # every rank draws the same global batch
-            loss_sum, tokens = (target_loss(frozen, prefix_block(frozen, encoder.head_ids, soft), collate(rows, pad_id))
-                                if rows else (None, 0))  # an epoch's last batch may leave a rank nothing
+            loss_sum, tokens = (
+                target_loss(frozen, prefix_block(frozen, encoder.head_ids, soft), collate(rows, pad_id))
+                if rows
+                else (None, 0)
+            )  # an epoch's last batch may leave a rank nothing
             total = ranks.sum(tokens)  # the global batch's target tokens: the single-process normalisation
             if loss_sum is not None:
                 (loss_sum / total / config.grad_accum).backward()
-            step_loss += ranks.sum(float(loss_sum.detach()) if loss_sum is not None else 0.0) / total / config.grad_accum
+            step_loss += (
+                ranks.sum(float(loss_sum.detach()) if loss_sum is not None else 0.0) / total / config.grad_accum
+            )
         if soft.grad is None:
             soft.grad = torch.zeros_like(soft)
         ranks.sum_(soft.grad)
@@ -180,7 +207,15 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
         scheduler.step()
         moved = project_to_cone(soft.data, init.to(soft.device), config.min_cosine)
         elapsed = time.perf_counter() - started
-        row = {"step": step, "split": "train", "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "projected_rows": moved, "elapsed_seconds": elapsed}
+        row = {
+            "step": step,
+            "split": "train",
+            "loss": step_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "projected_rows": moved,
+            "elapsed_seconds": elapsed,
+        }
         val_metric = None
         if ranks.is_main and (step % config.eval_every == 0 or step == config.steps):
             result = run_eval(soft.detach().cpu())
@@ -192,12 +227,22 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
                 stale = 0
             else:
                 stale += 1
-            logger.info("step %d/%d: loss %.4f, validation %s %.4f (best %.4f at step %d)",
-                        step, config.steps, step_loss, result["name"], val_metric, best["eval"]["metric"], best["step"])
+            logger.info(
+                "step %d/%d: loss %.4f, validation %s %.4f (best %.4f at step %d)",
+                step,
+                config.steps,
+                step_loss,
+                result["name"],
+                val_metric,
+                best["eval"]["metric"],
+                best["step"],
+            )
         history.append(row)
         per_step = (time.perf_counter() - loop_started) / step
         if callback is not None and ranks.is_main:
-            callback(TrainProgress(step, config.steps, step_loss, val_metric, per_step * (config.steps - step), elapsed))
+            callback(
+                TrainProgress(step, config.steps, step_loss, val_metric, per_step * (config.steps - step), elapsed)
+            )
         if ranks.decide(config.patience is not None and stale >= config.patience):
             stopped_early = True
             logger.info("early stop at step %d: no validation improvement in %d evaluations", step, stale)
@@ -237,6 +282,14 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
     for key in ("degenerate_fraction",):
         if key in best["eval"]:
             metrics[f"val_{key}"] = best["eval"][key]
-    logger.info("done in %.0f s: validation %s %.4f -> %.4f (hard prompt %.4f), cosine mean %.4f min %.4f",
-                metrics["train_seconds"], before["name"], before["metric"], metrics["val_after"], hard["metric"], stats["cosine_mean"], stats["cosine_min"])
+    logger.info(
+        "done in %.0f s: validation %s %.4f -> %.4f (hard prompt %.4f), cosine mean %.4f min %.4f",
+        metrics["train_seconds"],
+        before["name"],
+        before["metric"],
+        metrics["val_after"],
+        hard["metric"],
+        stats["cosine_mean"],
+        stats["cosine_min"],
+    )
     return TrainResult(vectors, init, metrics, history, stats["cosines"], config, final_embeddings=final)

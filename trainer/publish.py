@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 
+from core.modeling import FrozenModel
 from prompt_store import PromptStore, PromptVersion
-
-from .loop import TrainResult
-from .modeling import FrozenModel
+from trainer.loop import TrainResult
 
 logger = logging.getLogger(__name__)
 
 
 def publish_result(
-    store: PromptStore, name: str, frozen: FrozenModel, result: TrainResult, *, parent: str | None = None, extra: dict | None = None
+    store: PromptStore,
+    name: str,
+    frozen: FrozenModel,
+    result: TrainResult,
+    *,
+    parent: str | None = None,
+    extra: dict | None = None,
 ) -> PromptVersion:
     """Publish `result.embeddings` as the next version of `name`.
 
@@ -37,5 +42,11 @@ def publish_result(
         num_layers=getattr(model_config, "num_hidden_layers", None),
         num_attention_heads=getattr(model_config, "num_attention_heads", None),
     )
-    logger.info("published %s: validation %s %.4f -> %.4f", version.id, metrics.get("metric_name"), metrics.get("val_before", 0.0), metrics.get("val_after", 0.0))
+    logger.info(
+        "published %s: validation %s %.4f -> %.4f",
+        version.id,
+        metrics.get("metric_name"),
+        metrics.get("val_before", 0.0),
+        metrics.get("val_after", 0.0),
+    )
     return version

@@ -42,8 +42,15 @@ class PairedComparison:
         return (self.only_a - self.only_b) / self.total if self.total else 0.0
 
     def as_dict(self) -> dict:
-        return {"both": self.both, "only_a": self.only_a, "only_b": self.only_b, "neither": self.neither,
-                "difference": self.difference, "p_value": self.p_value, "test": "mcnemar_exact"}
+        return {
+            "both": self.both,
+            "only_a": self.only_a,
+            "only_b": self.only_b,
+            "neither": self.neither,
+            "difference": self.difference,
+            "p_value": self.p_value,
+            "test": "mcnemar_exact",
+        }
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

@@ -24,18 +24,33 @@ logger = logging.getLogger(__name__)
 NAME = "softprompt_sdpa"
 
 
-def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def gqa_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """query [B, H, q, d], key/value [B, H_kv, k, d] -> ([B, q, H, d], None), as transformers' SDPA."""
-    plain = (query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1 or attention_mask is None
-             or query.device.type != "cpu" or kwargs.get("position_bias") is not None
-             or kwargs.get("softcap") is not None)
+    plain = (
+        query.shape[2] == 1
+        or getattr(module, "num_key_value_groups", 1) == 1
+        or attention_mask is None
+        or query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+    )
     if plain:  # decode steps, models without groups, CUDA, and anything this function does not cover
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, enable_gqa=True)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

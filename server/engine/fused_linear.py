@@ -71,8 +71,9 @@ class FusedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         start, end = group.bounds[index], group.bounds[index + 1]
         self.weight = nn.Parameter(group.weight[start:end], requires_grad=linear.weight.requires_grad)
-        self.bias = None if group.bias is None else nn.Parameter(group.bias[start:end],
-                                                                 requires_grad=linear.bias.requires_grad)
+        self.bias = (
+            None if group.bias is None else nn.Parameter(group.bias[start:end], requires_grad=linear.bias.requires_grad)
+        )
         self.group, self.index = group, index
         self._view_ptr = self.weight.data_ptr()  # where the view starts in the group's matrix
 
@@ -102,7 +103,10 @@ def fuse_projections(model: nn.Module) -> int:
             linears = [getattr(module, name, None) for name in names]
             if not all(type(linear) is nn.Linear for linear in linears):
                 continue
-            if len({linear.in_features for linear in linears}) != 1 or len({linear.bias is None for linear in linears}) != 1:
+            if (
+                len({linear.in_features for linear in linears}) != 1
+                or len({linear.bias is None for linear in linears}) != 1
+            ):
                 continue
             if any(param.requires_grad for linear in linears for param in linear.parameters()):
                 continue

@@ -48,7 +48,9 @@ def pad_left(kv: KV, n: int) -> KV:
     return out
 
 
-def stack_rows(parts: list[tuple[KV | None, torch.Tensor]], template: KV | None = None) -> tuple[KV | None, torch.Tensor]:
+def stack_rows(
+    parts: list[tuple[KV | None, torch.Tensor]], template: KV | None = None
+) -> tuple[KV | None, torch.Tensor]:
     """Concatenate (kv, mask) parts on the batch axis, left-padding each to the longest.
 
     A part's kv may be None (no cached columns: its mask is `[b, 0]`); `template` (or any
@@ -62,7 +64,10 @@ def stack_rows(parts: list[tuple[KV | None, torch.Tensor]], template: KV | None 
     for kv, mask in parts:
         rows = mask.shape[0]
         if kv is None:
-            kv = [(k.new_zeros(rows, k.shape[1], 0, k.shape[3]), v.new_zeros(rows, v.shape[1], 0, v.shape[3])) for k, v in shape_of]
+            kv = [
+                (k.new_zeros(rows, k.shape[1], 0, k.shape[3]), v.new_zeros(rows, v.shape[1], 0, v.shape[3]))
+                for k, v in shape_of
+            ]
         missing = width - mask.shape[1]
         padded.append(pad_left(kv, missing))
         masks.append(torch.cat([mask.new_zeros(rows, missing), mask], dim=1))  # [b, width]

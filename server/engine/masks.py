@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from trainer.prepend import position_ids
+from core.prepend import position_ids
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -33,6 +33,7 @@ def sliding_window(config) -> int | None:
 def within_window(positions: torch.Tensor, window: int):
     """A mask function (transformers' signature) that keeps keys fewer than `window` real tokens
     behind the query; `positions` [B, L] is every cache column's position in its row."""
+
     def inner(batch_idx, head_idx, q_idx, kv_idx):
         return positions[batch_idx, kv_idx] > positions[batch_idx, q_idx] - window
 
@@ -49,8 +50,9 @@ def attention_mask(model, inputs_embeds: torch.Tensor, mask: torch.Tensor, cache
     if window is None:
         return mask
     common = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": mask, "cache": cache}
-    sliding = create_causal_mask(**common, and_mask_function=within_window(position_ids(mask), window),
-                                 allow_is_causal_skip=False)
+    sliding = create_causal_mask(
+        **common, and_mask_function=within_window(position_ids(mask), window), allow_is_causal_skip=False
+    )
     if getattr(config, "layer_types", None) is None:
         return sliding
     return {SLIDING: sliding, FULL: create_causal_mask(**common)}

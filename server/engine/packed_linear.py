@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_linear import FusedLinear
+from server.engine.fused_linear import FusedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,12 @@ logger = logging.getLogger(__name__)
 def packing_available(model: nn.Module) -> bool:
     """oneDNN's packed linear exists in this torch build and the model is fp32 on the CPU."""
     ops = getattr(torch.ops, "mkldnn", None)
-    has_ops = (torch.backends.mkldnn.is_available() and ops is not None
-               and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+    has_ops = (
+        torch.backends.mkldnn.is_available()
+        and ops is not None
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
     param = next(model.parameters(), None)
     return bool(has_ops and param is not None and _packable(param))
 
@@ -70,8 +74,9 @@ class PackedLinear(nn.Linear):
     def _weight_state(self) -> tuple:
         """Storage and in-place version of the weight and bias. A packed weight always has a version;
         one replaced by an inference tensor (which keeps none) reads None, so it never matches."""
-        return tuple((t.data_ptr(), None if t.is_inference() else t._version)
-                     for t in (self.weight, self.bias) if t is not None)
+        return tuple(
+            (t.data_ptr(), None if t.is_inference() else t._version) for t in (self.weight, self.bias) if t is not None
+        )
 
     @property
     def is_packed(self) -> bool:
@@ -80,14 +85,18 @@ class PackedLinear(nn.Linear):
 
     def _still_packed(self) -> bool:
         if self._packed is not None and self._weight_state() != self._packed_from:
-            logger.info("PackedLinear(%d -> %d): weight replaced or changed in place since packing; "
-                        "F.linear from now on", self.in_features, self.out_features)
+            logger.info(
+                "PackedLinear(%d -> %d): weight replaced or changed in place since packing; F.linear from now on",
+                self.in_features,
+                self.out_features,
+            )
             self._packed, self._sources = None, ()
         return self._packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+            x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
         if needs_grad or x.dtype != torch.float32 or not self._still_packed():
             return F.linear(x, self.weight, self.bias)
         self.packed_calls += 1
@@ -112,8 +121,11 @@ def pack_linear_layers(model: nn.Module, rows: int) -> int:
             if type(child) is nn.Linear and _packable(child.weight):
                 setattr(parent, name, PackedLinear(child, rows))
                 added += child.weight.numel() * child.weight.element_size()
-            elif (isinstance(child, FusedLinear) and type(child.group.product) is nn.Linear
-                  and _packable(child.group.product.weight)):
+            elif (
+                isinstance(child, FusedLinear)
+                and type(child.group.product) is nn.Linear
+                and _packable(child.group.product.weight)
+            ):
                 product = child.group.product
                 child.group.product = PackedLinear(product, rows)
                 added += product.weight.numel() * product.weight.element_size()

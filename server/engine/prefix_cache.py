@@ -11,7 +11,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 
-from . import kv as kvops
+from server.engine import kv as kvops
 
 
 def head_hash(head_ids: tuple[int, ...]) -> str:
@@ -60,7 +60,8 @@ class PrefixCache:
         """Drop entries of a deleted prompt (all its versions when `version` is None)."""
         with self._lock:
             doomed = [
-                k for k in self._items
+                k
+                for k in self._items
                 if k[0] is not None and k[0][0] == name and (version is None or k[0][1] == version)
             ]
             for k in doomed:
@@ -69,5 +70,10 @@ class PrefixCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"entries": len(self._items), "bytes": self._bytes, "max_bytes": self.max_bytes,
-                    "hits": self.hits, "misses": self.misses}
+            return {
+                "entries": len(self._items),
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+            }

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .attention import use_gqa_sdpa
-from .fused_linear import fuse_projections
-from .packed_linear import pack_linear_layers
+from server.engine.attention import use_gqa_sdpa
+from server.engine.fused_linear import fuse_projections
+from server.engine.packed_linear import pack_linear_layers
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,14 @@ class ServingRewrites:
         return asdict(self)
 
 
-def prepare_for_serving(model, *, fused_projections: bool = True, packed_weights: bool = True,
-                        gqa_attention: bool = True, max_batch_size: int = 16) -> ServingRewrites:
+def prepare_for_serving(
+    model,
+    *,
+    fused_projections: bool = True,
+    packed_weights: bool = True,
+    gqa_attention: bool = True,
+    max_batch_size: int = 16,
+) -> ServingRewrites:
     """Rewrite `model` in place for serving (each rewrite is idempotent) and say what was done.
     Fusing comes first: it skips layers that are already packed."""
     fused = fuse_projections(model) if fused_projections else 0

@@ -1,6 +1,6 @@
 """How a batch runs: pure steps over (model, key/values, mask, positions), no threads, no queues.
 
-Every row is laid out as the trainer lays it out (trainer.prepend):
+Every row is laid out as the trainer lays it out (core.prepend):
 
     cache columns  [pad][template head + soft prompt][pad][tail][generated...]
 
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from trainer.modeling import FrozenModel
-from trainer.prepend import left_pad, position_ids, prepend_soft_prompt
-
-from . import kv as kvops
-from .masks import attention_mask
+from core.modeling import FrozenModel
+from core.prepend import left_pad, position_ids, prepend_soft_prompt
+from server.engine import kv as kvops
+from server.engine.masks import attention_mask
 
 
 def embed_block(frozen: FrozenModel, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> torch.Tensor:
@@ -45,8 +44,14 @@ def compute_prefix(model, block: torch.Tensor) -> kvops.KV:
     no_query = block.new_zeros(1, 0, block.shape[1])  # [1, 0, D]
     pre = prepend_soft_prompt(block, no_query, torch.ones(1, 0, dtype=torch.long, device=block.device))
     cache = kvops.to_cache(None)  # every layer keeps its whole history, sliding ones too
-    out = model(inputs_embeds=pre.inputs_embeds, attention_mask=attention_mask(model, pre.inputs_embeds, pre.attention_mask, cache),
-                position_ids=pre.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        inputs_embeds=pre.inputs_embeds,
+        attention_mask=attention_mask(model, pre.inputs_embeds, pre.attention_mask, cache),
+        position_ids=pre.position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return kvops.from_cache(out.past_key_values)
 
 
@@ -60,9 +65,14 @@ def prefill(model, rows: list[tuple[kvops.KV | None, torch.Tensor]], pad: torch.
     embeds, input_mask = left_pad([inputs for _, inputs in rows], pad)  # [b, T, D], [b, T]
     mask = torch.cat([prefix_mask, input_mask], dim=1)  # [b, P+T]
     cache = kvops.to_cache(prefix_kv)
-    out = model(inputs_embeds=embeds, attention_mask=attention_mask(model, embeds, mask, cache),
-                position_ids=position_ids(mask)[:, prefix_mask.shape[1]:], past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask(model, embeds, mask, cache),
+        position_ids=position_ids(mask)[:, prefix_mask.shape[1] :],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return kvops.from_cache(out.past_key_values), mask, out.logits[:, -1].float()
 
 
@@ -74,6 +84,12 @@ def decode_step(model, last_tokens: list[int], mask: torch.Tensor, cache):
     positions = mask.sum(dim=1, keepdim=True)  # [B, 1]
     mask = torch.cat([mask, mask.new_ones(len(last_tokens), 1)], dim=1)  # [B, L+1]
     shape = torch.empty(len(last_tokens), 1, 0, dtype=model.dtype, device=mask.device)  # [B, 1, -]: what the masks need
-    out = model(input_ids=ids, attention_mask=attention_mask(model, shape, mask, cache), position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=attention_mask(model, shape, mask, cache),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1].float(), out.past_key_values, mask

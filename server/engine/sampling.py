@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SamplingError
+from server.engine.errors import SamplingError
 
 SEEDS = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
@@ -38,7 +38,9 @@ class SamplingParams:
         return gen
 
 
-def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int | Exception]:
+def choose_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int | Exception]:
     """One token per row of `logits` [B, V] (fp32); greedy rows in one argmax.
 
     A row whose sampling fails gets its exception in place of a token, so one bad row never

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from .sampling import SamplingParams, TokenLogprob
+from server.engine.sampling import SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class GenerationRequest:
     """What the engine needs to serve one request (built by the caller, validated already).
 
     `prompt_key` identifies the soft prompt (None for the bare model); `soft` is its `[P, D]`
-    tensor; `head_ids` go before it and `tail_ids` after it (see trainer.layout).
+    tensor; `head_ids` go before it and `tail_ids` after it (see core.layout).
     """
 
     prompt_key: tuple | None
@@ -156,7 +156,9 @@ class Sequence:
     def _emit(self, *, final: bool) -> None:
         upto = len(self.text) if final else max(self.emitted, len(self.text) - self._hold)
         if upto > self.emitted:
-            self.request.send(TokenEvent(self.text[self.emitted : upto], self.ids[-1], self.logprobs[self._logprobs_sent :]))
+            self.request.send(
+                TokenEvent(self.text[self.emitted : upto], self.ids[-1], self.logprobs[self._logprobs_sent :])
+            )
             self.emitted, self._logprobs_sent = upto, len(self.logprobs)
 
     def finish(self) -> None:
