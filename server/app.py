@@ -25,6 +25,7 @@ from server.http.errors import register_error_handlers
 from server.http.openapi_responses import openai_routes_answer_400
 from server.http.routes import eval as eval_routes
 from server.http.routes import generate, health, openai, prompts, train
+from server.http.routes.ui import mount_console
 from server.services.evaluation import ResidentEvalRunner
 from server.services.metrics import RequestMetrics, StateCollector, served_methods_only
 from server.services.state import AppState
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     app.include_router(train.router)
     app.include_router(eval_routes.router)
     app.include_router(openai.router)
+    mount_console(app)
     openai_routes_answer_400(app)
     return app
 

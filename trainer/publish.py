@@ -24,11 +24,12 @@ def publish_result(
 
     Metadata: the training config, metrics (validation before/after, hard-prompt metric,
     test metrics when the caller added them, cosine stats and per-vector cosines, nearest
-    tokens), the init text, the model fingerprint and base model, and layer/head counts for
-    the PEFT adapter config.
+    tokens, the curve: step, loss and validation metric), the init text, the model fingerprint
+    and base model, and layer/head counts for the PEFT adapter config.
     """
     model_config = frozen.model.config
-    metrics = {**result.metrics, "cosines": list(result.cosines)}
+    curve = [{k: row[k] for k in ("step", "loss", "val_metric") if row.get(k) is not None} for row in result.history]
+    metrics = {**result.metrics, "cosines": list(result.cosines), "curve": curve}
     version = store.publish(
         name,
         result.embeddings,

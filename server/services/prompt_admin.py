@@ -47,7 +47,7 @@ def version_info(version: PromptVersion) -> dict:
         "checksum": version.checksum,
         "init_text": meta.get("init_text"),
         "parent": meta.get("parent"),
-        "metrics": meta.get("metrics", {}),
+        "metrics": {k: v for k, v in meta.get("metrics", {}).items() if k != "curve"},  # the curve: GET /prompts/{ref}
         "training_config": meta.get("training_config", {}),
     }
 
