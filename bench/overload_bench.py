@@ -51,10 +51,11 @@ class Connection:
     than the server does, or the latencies it reports are its own: httpx spends about a
     millisecond of Python per request, this a few tens of microseconds."""
 
-    def __init__(self, host: str, port: int, path: str, body: bytes):
+    def __init__(self, host: str, port: int, path: str, body: bytes, key: str | None = None):
         self.host, self.port = host, port
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
         self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         self.reader = self.writer = None

@@ -19,7 +19,7 @@ from prometheus_fastapi_instrumentator import Instrumentator, metrics
 
 from core.modeling import FrozenModel
 from jobs import JobService
-from server.http.admission import QueueGate
+from server.http.admission import AdmissionGate
 from server.http.body_limit import BodySizeLimit
 from server.http.errors import register_error_handlers
 from server.http.openapi_responses import openai_routes_answer_400
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, *, frozen: FrozenModel | None =
     registry.register(StateCollector(lambda: _running_parts(app)))
     register_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit_for=body_limits(settings))
-    app.add_middleware(QueueGate, paths=GENERATION_PATHS)  # before routing: a refusal costs nothing else
+    app.add_middleware(AdmissionGate, paths=GENERATION_PATHS)  # before routing: a refusal costs nothing else
     # outermost: per-route request counts, sizes and latencies (softprompt_http_*), the gate's and
     # the body limit's refusals included; /metrics itself is not counted
     http_metrics = metrics.default(metric_namespace="softprompt", registry=registry)

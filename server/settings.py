@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import logging
+import math
 import os
 
 from pydantic import Field, field_validator, model_validator
 
 from core.settings import settings_from as _settings_from
 from jobs.settings import JobSettings
+from server.engine.fair_queue import POLICIES
+from server.engine.sequence import DEFAULT_TENANT
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,53 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+ADMIN = "admin"  # the key name of requests with the admin key
+ANONYMOUS = DEFAULT_TENANT  # without client keys configured, every request is this one's
+LIMIT_FIELDS = ("concurrent", "requests_per_second", "tokens_per_minute")
+
+
+def key_name(key: str) -> str:
+    return f"key-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def parse_client_keys(text: str | None) -> dict[str, str]:
+    """`name=key,key2` -> {name: key, key-<hash>: key2}; names are unique."""
+    keys: dict[str, str] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, key = item.partition("=")
+        name, key = (name.strip(), key.strip()) if sep else (key_name(item), item)
+        if not key or not name or name in keys or name in (ANONYMOUS, ADMIN):
+            raise ValueError(
+                f"SOFTPROMPT_CLIENT_KEYS: each entry is name=key with a name of its own (not "
+                f"{ANONYMOUS!r} or {ADMIN!r}); {name or 'an entry'!r} is not"
+            )
+        keys[name] = key
+    return keys
+
+
+def parse_limits(text: str | None) -> dict[str, dict[str, float]]:
+    if not text:
+        return {}
+    try:
+        limits = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"SOFTPROMPT_KEY_LIMITS is not JSON: {error}") from None
+    if not isinstance(limits, dict) or not all(isinstance(v, dict) for v in limits.values()):
+        raise ValueError('SOFTPROMPT_KEY_LIMITS: use {"default": {"concurrent": 8, ...}, "<key name>": {...}}')
+    for name, values in limits.items():
+        for limit, value in values.items():
+            if limit not in LIMIT_FIELDS:
+                raise ValueError(
+                    f"SOFTPROMPT_KEY_LIMITS[{name!r}]: unknown limit {limit!r} (use {', '.join(LIMIT_FIELDS)})"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"SOFTPROMPT_KEY_LIMITS[{name!r}][{limit!r}] must be a positive number, got {value!r}")
+    return limits
+
+
 RETIRED = {"SOFTPROMPT_PACKED_DECODE": "SOFTPROMPT_PACKED_WEIGHTS (oneDNN packing, on by default)"}
 
 
@@ -35,9 +87,23 @@ class Settings(JobSettings):
     )
     client_keys: str | None = Field(
         None,
-        description="comma-separated keys: when set, /generate and /v1 need "
-        "'Authorization: Bearer <key>' with one of them (or the admin key)",
+        description="comma-separated name=key pairs (a bare key is named key-<hash>): when set, /generate and /v1 "
+        "need 'Authorization: Bearer <key>' with one of them (or the admin key); metrics and logs show the name",
     )
+    key_limits: str | None = Field(
+        None,
+        description='JSON limits per key name: {"default": {"concurrent": 8, "requests_per_second": 20, '
+        '"tokens_per_minute": 20000}, "<name>": {...}}; a key over one gets 429 with Retry-After',
+    )
+    scheduling: str = Field("fair", description="waiting requests: 'fair' (key names served in turn) or 'fifo'")
+    refusal_delay_ms: float = Field(
+        250.0,
+        ge=0,
+        le=5000,
+        description="a key refused more than SOFTPROMPT_REFUSAL_BURST times within a second has its further refusals "
+        "answered after this long, so clients that retry at once cannot spend the server's CPU on refusals",
+    )
+    refusal_burst: int = Field(20, ge=0, description="refusals a second a key gets at once (see refusal_delay_ms)")
     served_model_name: str | None = Field(
         None,
         description="the base model's id on /v1 (default: the model's name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)",
@@ -114,9 +180,33 @@ class Settings(JobSettings):
             )
         return key
 
+    @field_validator("client_keys")
+    @classmethod
+    def _named_keys(cls, value: str | None) -> str | None:
+        parse_client_keys(value)
+        return value
+
+    @field_validator("key_limits")
+    @classmethod
+    def _limits(cls, value: str | None) -> str | None:
+        parse_limits(value)
+        return value
+
+    @field_validator("scheduling")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"SOFTPROMPT_SCHEDULING: use {' or '.join(POLICIES)}, got {value!r}")
+        return value
+
     @property
-    def client_key_list(self) -> list[str]:
-        return [key.strip() for key in (self.client_keys or "").split(",") if key.strip()]
+    def client_key_map(self) -> dict[str, str]:
+        """Key name -> key."""
+        return parse_client_keys(self.client_keys)
+
+    @property
+    def key_limit_map(self) -> dict[str, dict[str, float]]:
+        return parse_limits(self.key_limits)
 
     @property
     def admin_open_without_key(self) -> bool:

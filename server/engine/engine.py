@@ -24,7 +24,7 @@ from server.engine.errors import EngineError, ShuttingDownError
 from server.engine.prefill import Prefiller
 from server.engine.prefix_cache import PrefixCache
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import GenerationRequest, Sequence
+from server.engine.sequence import DEFAULT_TENANT, GenerationRequest, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Engine:
         retry_after: int = 1,
         growing_cache: bool = True,
         batch_window_ms: float = 0.0,
+        scheduling: str = "fair",
         reserved_threads: Callable[[], int] | None = None,
         threads: int | None = None,
     ):
@@ -97,7 +98,7 @@ class Engine:
             "requests_failed": 0,
             "prewarms": 0,
         }
-        self.scheduler = Scheduler(max_queue=max_queue, retry_after=retry_after)
+        self.scheduler = Scheduler(max_queue=max_queue, retry_after=retry_after, policy=scheduling)
         self.prefiller = Prefiller(frozen, self.prefix_cache, use_prefix_cache=use_prefix_cache, pad_id=int(pad))
         self.batch = Batch(self.model, self.counters, growing_cache=growing_cache)
         self._inbox: queue.Queue[Message] = queue.Queue()
@@ -129,27 +130,31 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
-    def reserve(self, count: int = 1) -> None:
+    def reserve(self, count: int = 1, tenant: str = DEFAULT_TENANT) -> None:
         """Take `count` places in the queue for requests still being built (thread-safe, never waits).
 
         Raises QueueFullError at once when they do not all fit, so overload is refused before any
         tokenizing or prompt loading. Hand each place to `submit(request, reserved=True)` or give
         them back with `release(count)`."""
-        self.scheduler.reserve(count, alive=self.alive)
+        self.scheduler.reserve(count, alive=self.alive, tenant=tenant)
 
     @property
     def queue_full(self) -> bool:
-        return self.scheduler.full
+        return self.scheduler.refuses()
 
-    def release(self, count: int = 1) -> None:
-        self.scheduler.release(count)
+    def refuses(self, tenant: str) -> bool:
+        """Whether a request of `tenant` would find no place now (a lock-free read, to refuse early)."""
+        return self.scheduler.refuses(tenant)
+
+    def release(self, count: int = 1, tenant: str = DEFAULT_TENANT) -> None:
+        self.scheduler.release(count, tenant)
 
     def submit(self, request: GenerationRequest, *, reserved: bool = False) -> None:
         """Queue a request (thread-safe). Raises QueueFullError when too many are waiting.
 
         Once queued, the request gets exactly one final event (done or failed), whatever happens."""
         if not reserved:
-            self.reserve()
+            self.reserve(tenant=request.tenant)
         self.scheduler.hand_over(request, self._inbox.put)
 
     def cancel(self, request: GenerationRequest) -> None:

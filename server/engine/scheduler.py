@@ -1,47 +1,59 @@
 """Who runs next: the waiting queue, its places, cancellation and admission (no model, no tensors).
 
 A request holds a queue place from `reserve` (before it is even built, so a full queue is
-refused at once) until it joins the batch, is cancelled, or fails. `admit` hands the engine's
-loop the next waiting requests, first come first served, up to the batch's free rows; a
-request cancelled while it waited ends there with finish reason "cancelled".
+refused at once) until it joins the batch, is cancelled, or fails. Places are shared fairly:
+once the queue is full, a tenant (client key) still gets a place while it holds fewer than its
+share, `max_queue` divided by the tenants holding places, so a flood from one key fills only
+its own share. `admit` hands the engine's loop the next waiting requests, tenants in turn
+(fair_queue.py), up to the batch's free rows; a request cancelled while it waited ends there
+with finish reason "cancelled".
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import deque
+from collections import Counter
 
 from server.engine.errors import EngineNotReadyError, QueueFullError, ShuttingDownError
-from server.engine.sequence import DoneEvent, GenerationRequest
+from server.engine.fair_queue import FairQueue
+from server.engine.sequence import DEFAULT_TENANT, DoneEvent, GenerationRequest
 
 
 class Scheduler:
-    def __init__(self, *, max_queue: int, retry_after: int):
+    def __init__(self, *, max_queue: int, retry_after: int, policy: str = "fair"):
         self.max_queue, self.retry_after = max_queue, retry_after
-        self.waiting: deque[GenerationRequest] = deque()  # the loop's, in arrival order
+        self.waiting = FairQueue(policy)  # the loop's
         self.places = 0  # queue places taken: reserved, or held by a waiting request
+        self.held: Counter[str] = Counter()  # places by tenant
         self.closed = False  # set once the loop has ended: no more submissions
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------ any thread
-    def reserve(self, count: int, *, alive: bool) -> None:
-        """Take `count` places for requests still being built; QueueFullError at once when they do not all fit."""
+    def reserve(self, count: int, *, alive: bool, tenant: str = DEFAULT_TENANT) -> None:
+        """Take `count` places for requests of `tenant` still being built; QueueFullError at once
+        when the queue is full and they do not fit the tenant's fair share."""
         with self.lock:
             if self.closed or not alive:
                 raise EngineNotReadyError("The generation engine is not running.")
-            if self.places + count > self.max_queue:
+            if self.refuses(tenant, count):
                 raise QueueFullError(self.places, self.max_queue, self.retry_after)
             self.places += count
+            self.held[tenant] += count
 
-    @property
-    def full(self) -> bool:
-        """Whether a request now would be refused (a lock-free read: callers only use it to refuse early)."""
-        return self.places >= self.max_queue
+    def refuses(self, tenant: str = DEFAULT_TENANT, count: int = 1) -> bool:
+        """Whether `count` more places for `tenant` would be refused now (reads without the lock
+        are only used to refuse early)."""
+        if self.places + count <= self.max_queue:
+            return False
+        active = len({name for name, n in self.held.items() if n > 0} | {tenant})
+        return self.held[tenant] + count > math.ceil(self.max_queue / active)
 
-    def release(self, count: int) -> None:
+    def release(self, count: int, tenant: str = DEFAULT_TENANT) -> None:
         """Give back places taken by `reserve` for requests that will not be submitted."""
         with self.lock:
             self.places -= count
+            self.held[tenant] -= count
 
     def hand_over(self, request: GenerationRequest, deliver) -> None:
         """A reserved place passes to `request`, which `deliver` puts in the loop's inbox, in one step
@@ -49,6 +61,7 @@ class Scheduler:
         with self.lock:
             if self.closed:
                 self.places -= 1
+                self.held[request.tenant] -= 1
                 raise ShuttingDownError("The server is shutting down.")
             request.holds_queue_place = True
             deliver(request)
@@ -72,11 +85,10 @@ class Scheduler:
     def admit(self, free_rows: int) -> list[GenerationRequest]:
         """The waiting requests that join the batch now (their places freed); cancelled ones end here."""
         if any(request.cancelled for request in self.waiting):  # ended now, not when a batch row frees up
-            for request in [r for r in self.waiting if r.cancelled]:
+            for request in self.waiting.drop(lambda r: r.cancelled):
                 with self.lock:
                     self._give_back_place(request)
                 request.send(cancelled_event(request))
-            self.waiting = deque(r for r in self.waiting if not r.cancelled)
         admitted: list[GenerationRequest] = []
         while self.waiting and len(admitted) < free_rows:
             request = self.waiting.popleft()
@@ -93,6 +105,7 @@ class Scheduler:
         if request.holds_queue_place:
             request.holds_queue_place = False
             self.places -= 1
+            self.held[request.tenant] -= 1
 
 
 def cancelled_event(request: GenerationRequest) -> DoneEvent:

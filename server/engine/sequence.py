@@ -18,6 +18,8 @@ from server.engine.sampling import SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TENANT = "anonymous"  # the requests of no client key in particular
+
 
 @dataclass
 class TokenEvent:
@@ -70,6 +72,7 @@ class GenerationRequest:
     submitted_at: float = field(default_factory=time.perf_counter)
     closed: bool = False  # a final event (done or failed) was sent; nothing follows it
     holds_queue_place: bool = False  # queued and not yet admitted or cancelled (the engine's lock guards it)
+    tenant: str = DEFAULT_TENANT  # the client key's name: whose share of the queue and turn in admission it takes
 
     def send(self, event: Event) -> None:
         """Deliver an event. The first final event closes the request: every request gets exactly

@@ -18,7 +18,7 @@ from server.http.openai.serving import OpenAIServing, model_id
 from server.services.generation import GenerationService
 from server.services.prompt_admin import PromptAdmin
 from server.services.state import AppState
-from server.settings import Settings
+from server.settings import ANONYMOUS, Settings
 
 
 async def get_state(request: Request) -> AppState:
@@ -66,16 +66,9 @@ async def require_admin(request: Request, state: State) -> None:
 
 
 async def require_client(request: Request, state: State) -> None:
-    """/generate and /v1 need a client key (or the admin key) when SOFTPROMPT_CLIENT_KEYS is set.
-    Every key is compared, in constant time, whatever the first comparisons found."""
-    settings = state.settings
-    keys = settings.client_key_list
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    allowed = keys + ([settings.api_key] if settings.api_key else [])
-    matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in allowed]
-    if scheme.lower() != "bearer" or not any(matches):
+    """/generate and /v1 need a client key (or the admin key) when SOFTPROMPT_CLIENT_KEYS is set
+    (server/services/tenants.py compares every key in constant time)."""
+    if state.tenants.identify(request.headers.get("authorization", "")) is None:
         raise UnauthorizedError(
             "This route needs 'Authorization: Bearer <key>' with a client key "
             "(SOFTPROMPT_CLIENT_KEYS) or the admin key."
@@ -96,7 +89,13 @@ async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
+async def get_tenant(request: Request) -> str:
+    """The name of the client key the admission gate let this request in with (server/http/admission.py)."""
+    return getattr(request.state, "tenant", ANONYMOUS)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+Tenant = Annotated[str, Depends(get_tenant)]
 Generation = Annotated[GenerationService, Depends(get_generation)]
 Admin = Annotated[PromptAdmin, Depends(get_admin)]
 AdminAuth = Depends(require_admin)

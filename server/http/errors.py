@@ -44,6 +44,7 @@ from server.engine import (
 )
 from server.http.openai.errors import UnsupportedParameterError, openai_error_body, openai_status
 from server.services.errors import PayloadTooLargeError
+from server.services.tenants import RateLimitedError
 from trainer.config import TrainConfigError
 from trainer.data import DataError
 
@@ -92,6 +93,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (InputTooLongError, 422),
     (InvalidGenerationRequestError, 422),
     (QueueFullError, 503),
+    (RateLimitedError, 429),
     (EngineNotReadyError, 503),
     (StoreUnavailableError, 503),
     (PromptStoreError, 400),
@@ -117,6 +119,8 @@ def error_body(exc: Exception) -> dict:
         body.update(limit=exc.limit, prompt_tokens=exc.prompt_tokens, max_new_tokens=exc.max_new_tokens)
     elif isinstance(exc, QueueFullError):
         body.update(waiting=exc.waiting, limit=exc.limit, retry_after=exc.retry_after)
+    elif isinstance(exc, RateLimitedError):
+        body.update(key_name=exc.tenant, limit_name=exc.limit, retry_after=exc.retry_after)
     elif isinstance(exc, (PayloadTooLargeError, UploadTooLargeError)):
         body.update(limit=exc.limit)
     elif isinstance(exc, TrainConfigError):
@@ -137,7 +141,7 @@ def error_answer(path: str, exc: Exception) -> tuple[int, dict, dict[str, str]]:
     """(status, JSON body, headers) for a domain error on `path`: the one mapping every handler
     and middleware uses."""
     status, body, headers = status_of(exc), error_body(exc), {}
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, (QueueFullError, RateLimitedError)):
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, StoreUnavailableError):
         headers["Retry-After"] = "5"

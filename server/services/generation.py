@@ -25,8 +25,10 @@ from server.engine import (
     SamplingParams,
     TokenEvent,
 )
+from server.engine.sequence import DEFAULT_TENANT
 from server.services.metrics import RequestMetrics
 from server.services.prompt_cache import PromptCache
+from server.services.tenants import Tenants
 
 RESOLVER_THREADS = 4  # prompt references resolved at once (each may wait on the store's database)
 
@@ -39,9 +41,15 @@ class RequestHandle:
     and on a 2-core machine that Python work competes with the decode step's threads)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, engine: Engine, *, stream: bool, metrics: RequestMetrics | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        engine: Engine,
+        *,
+        stream: bool,
+        metrics: RequestMetrics | None,
+        tenants: Tenants | None = None,
     ):
-        self.engine = engine
+        self.engine, self.tenants = engine, tenants
         self.request: GenerationRequest | None = None  # set once built, before the engine sees it
         self.done: DoneEvent | None = None  # the final event, once a reader has seen it
         self.prompt_label: str | None = None  # the resolved version, e.g. "math-v3"
@@ -51,6 +59,8 @@ class RequestHandle:
     def sink(self, event: Event) -> None:
         if self._metrics is not None and not isinstance(event, TokenEvent):
             self._metrics.observe(self.request, event)
+        if self.tenants is not None and isinstance(event, DoneEvent):  # its tokens-per-minute bucket pays
+            self.tenants.charge(self.request.tenant, event.completion_tokens)
         if self._stream or not isinstance(event, TokenEvent):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
@@ -98,8 +108,10 @@ class GenerationService:
         *,
         max_new_tokens_limit: int = 512,
         metrics: RequestMetrics | None = None,
+        tenants: Tenants | None = None,
     ):
         self.frozen, self.engine, self.prompts, self.metrics = frozen, engine, prompts, metrics
+        self.tenants = tenants  # whose tokens-per-minute a finished request is charged to
         self.max_new_tokens_limit = max_new_tokens_limit
         self.layout = ChatLayout(frozen.tokenizer)
         # Building a request (chat template, tokenizer) is Python that holds the GIL: one thread
@@ -127,7 +139,7 @@ class GenerationService:
         except ValueError as exc:
             raise InvalidGenerationRequestError(str(exc)) from exc
 
-    def _build(self, loaded: LoadedPrompt | None, request: GenerationInput, handle: RequestHandle) -> None:
+    def _build(self, loaded: LoadedPrompt | None, request: GenerationInput, handle: RequestHandle, tenant: str) -> None:
         if request.params.max_new_tokens > self.max_new_tokens_limit:
             raise InvalidGenerationRequestError(
                 f"max_new_tokens {request.params.max_new_tokens} is above this server's limit "
@@ -141,6 +153,7 @@ class GenerationService:
             tail_ids=layout.tail_ids,
             params=request.params,
             sink=handle.sink,
+            tenant=tenant,
         )
         limit = self.frozen.context_length
         if (
@@ -153,18 +166,25 @@ class GenerationService:
         handle.request, handle.prompt_label = engine_request, (str(loaded.version.id) if loaded else None)
 
     def _build_all(
-        self, loaded: LoadedPrompt | None, requests: list[GenerationInput], handles: list[RequestHandle]
+        self, loaded: LoadedPrompt | None, requests: list[GenerationInput], handles: list[RequestHandle], tenant: str
     ) -> None:
         for request, handle in zip(requests, handles):
-            self._build(loaded, request, handle)
+            self._build(loaded, request, handle, tenant)
 
-    async def start(self, prompt_ref: str | None, request: GenerationInput, *, stream: bool = True) -> RequestHandle:
+    async def start(
+        self, prompt_ref: str | None, request: GenerationInput, *, stream: bool = True, tenant: str = DEFAULT_TENANT
+    ) -> RequestHandle:
         """Resolve, validate and queue a request; raises the domain error if it cannot be served."""
-        [handle] = await self.start_many(prompt_ref, [request], stream=stream)
+        [handle] = await self.start_many(prompt_ref, [request], stream=stream, tenant=tenant)
         return handle
 
     async def start_many(
-        self, prompt_ref: str | None, requests: list[GenerationInput], *, stream: bool = True
+        self,
+        prompt_ref: str | None,
+        requests: list[GenerationInput],
+        *,
+        stream: bool = True,
+        tenant: str = DEFAULT_TENANT,
     ) -> list[RequestHandle]:
         """Queue several requests for one prompt reference (OpenAI's `n`, a list of prompts): all
         of them or, when one cannot be served, none."""
@@ -174,13 +194,17 @@ class GenerationService:
                 f"({self.engine.max_queue})."
             )
         loop = asyncio.get_running_loop()
-        handles = [RequestHandle(loop, self.engine, stream=stream, metrics=self.metrics) for _ in requests]
-        self.engine.reserve(len(requests))  # a full queue answers at once, before any tokenizing or prompt loading
+        handles = [
+            RequestHandle(loop, self.engine, stream=stream, metrics=self.metrics, tenants=self.tenants)
+            for _ in requests
+        ]
+        # a full queue (or this tenant's full share of it) answers at once, before any tokenizing or prompt loading
+        self.engine.reserve(len(requests), tenant)
         try:
             loaded = await loop.run_in_executor(self._resolver, self.prompts.get, prompt_ref) if prompt_ref else None
-            await loop.run_in_executor(self._builder, self._build_all, loaded, requests, handles)
+            await loop.run_in_executor(self._builder, self._build_all, loaded, requests, handles, tenant)
         except BaseException:  # a refused request or a client that left: give the places back
-            self.engine.release(len(requests))
+            self.engine.release(len(requests), tenant)
             raise
         for handle in handles:
             self.engine.submit(handle.request, reserved=True)

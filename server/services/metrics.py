@@ -78,6 +78,28 @@ class RequestMetrics:
             ["prompt", "finish_reason"],
             registry=registry,
         )
+        # per client key, by its name (never the key): `anonymous` without client keys, `admin`, or
+        # `unknown` for a wrong key; names are configured, so the label set stays small
+        self.key_requests = Counter(
+            "softprompt_key_requests", "Generation requests admitted, by key name.", ["key"], registry=registry
+        )
+        self.key_refusals = Counter(
+            "softprompt_key_refusals",
+            "Generation requests refused before routing, by key name and reason (concurrent, requests_per_second, "
+            "tokens_per_minute, queue_full, unauthorized).",
+            ["key", "reason"],
+            registry=registry,
+        )
+        self.key_tokens = Counter(
+            "softprompt_key_generation_tokens", "Generated tokens, by key name.", ["key"], registry=registry
+        )
+
+    def count_request(self, key: str, refused: str | None) -> None:
+        """One generation request of `key` admitted (`refused` None) or refused, with the reason."""
+        if refused is None:
+            self.key_requests.labels(key).inc()
+        else:
+            self.key_refusals.labels(key, refused).inc()
 
     def observe(self, request: GenerationRequest | None, event: DoneEvent | FailedEvent) -> None:
         """Record one finished request (called once per request, from the engine thread)."""
@@ -88,6 +110,8 @@ class RequestMetrics:
         self.finished.labels(prompt, event.finish_reason).inc()
         self.prompt_tokens.labels(prompt).inc(event.prompt_tokens)
         self.generation_tokens.labels(prompt).inc(event.completion_tokens)
+        if request is not None and request.tenant:
+            self.key_tokens.labels(request.tenant).inc(event.completion_tokens)
         if event.finish_reason == "cancelled":
             return  # its latencies say when the client left, not how fast the server was
         self.queue.labels(prompt).observe(event.queue_ms / 1e3)

@@ -18,6 +18,7 @@ from server.services.generation import GenerationService
 from server.services.metrics import RequestMetrics
 from server.services.prompt_admin import PromptAdmin
 from server.services.prompt_cache import PromptCache
+from server.services.tenants import Tenants
 from server.services.watcher import StoreWatcher
 from server.settings import Settings
 
@@ -30,6 +31,7 @@ class AppState:
     def __init__(self, settings: Settings, *, metrics: RequestMetrics | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.tenants = Tenants(settings.client_key_map, settings.api_key, settings.key_limit_map)
         self.store = open_store(settings.store)
         collected = self.store.collect_garbage()
         if collected:
@@ -97,6 +99,7 @@ class AppState:
                 batch_window_ms=settings.batch_window_ms,
                 reserved_threads=self.reserved_threads,
                 threads=settings.threads,
+                scheduling=settings.scheduling,
             )
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(
@@ -105,6 +108,7 @@ class AppState:
                 self.prompts,
                 max_new_tokens_limit=settings.max_new_tokens_limit,
                 metrics=self.metrics,
+                tenants=self.tenants,
             )
             self.engine.start()
             if settings.prewarm and settings.use_prefix_cache:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from server.engine import DoneEvent, SamplingParams, TokenEvent
 from server.engine.sampling import SEEDS, TokenLogprob
+from server.engine.sequence import DEFAULT_TENANT
 from server.http.openai.errors import UnsupportedParameterError
 from server.http.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.services.generation import GenerationInput, GenerationService, RequestHandle
@@ -81,8 +82,12 @@ class OpenAIServing:
             for i in range(request.n)
         ]
 
-    async def start(self, request: SamplingFields, inputs: list[GenerationInput]) -> list[RequestHandle]:
-        return await self.generation.start_many(self.prompt_ref(request.model), inputs, stream=request.stream)
+    async def start(
+        self, request: SamplingFields, inputs: list[GenerationInput], tenant: str = DEFAULT_TENANT
+    ) -> list[RequestHandle]:
+        return await self.generation.start_many(
+            self.prompt_ref(request.model), inputs, stream=request.stream, tenant=tenant
+        )
 
     # ---------------------------------------------------------------- whole answers
     def chat_response(

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sse_starlette.sse import EventSourceResponse
 
 from server.engine import DoneEvent, SamplingParams, TokenEvent
-from server.http.deps import ClientAuth, Generation
+from server.http.deps import ClientAuth, Generation, Tenant
 from server.http.errors import error_body
 from server.http.openapi_responses import error_responses, event_stream
 from server.http.schemas import GenerateRequest, GenerateResponse, Timings, Usage
@@ -28,6 +28,7 @@ router = APIRouter(tags=["generate"], dependencies=[ClientAuth])  # a client key
 async def generate(
     body: GenerateRequest,
     service: Generation,
+    tenant: Tenant,
     prompt: str | None = Query(
         None, description="prompt reference: 'math-v3', 'math' (newest), an alias; none = bare model"
     ),
@@ -46,7 +47,7 @@ async def generate(
         ),
     )
     stream = stream or body.stream
-    handle = await service.start(prompt or None, request, stream=stream)
+    handle = await service.start(prompt or None, request, stream=stream, tenant=tenant)
     if stream:
         return EventSourceResponse(_sse(handle), ping=15)
     return _response(await handle.result(), handle.prompt_label)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.http.deps import ClientAuth, OpenAI, State
+from server.http.deps import ClientAuth, OpenAI, State, Tenant
 from server.http.errors import error_answer
 from server.http.openai.models import list_models
 from server.http.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -40,16 +40,16 @@ async def models(state: State, openai: OpenAI) -> dict:
 
 
 @router.post("/chat/completions", responses={200: {"content": STREAM}, **ERRORS})
-async def chat_completions(body: ChatCompletionRequest, openai: OpenAI, request: Request):
-    handles = await openai.start(body, openai.chat_inputs(body))
+async def chat_completions(body: ChatCompletionRequest, openai: OpenAI, request: Request, tenant: Tenant):
+    handles = await openai.start(body, openai.chat_inputs(body), tenant)
     if body.stream:
         return EventSourceResponse(_sse(request, openai.chat_stream(body, handles)), ping=15)
     return openai.chat_response(body, handles, await _results(handles))
 
 
 @router.post("/completions", responses={200: {"content": STREAM}, **ERRORS})
-async def completions(body: CompletionRequest, openai: OpenAI, request: Request):
-    handles = await openai.start(body, openai.completion_inputs(body))
+async def completions(body: CompletionRequest, openai: OpenAI, request: Request, tenant: Tenant):
+    handles = await openai.start(body, openai.completion_inputs(body), tenant)
     if body.stream:
         return EventSourceResponse(_sse(request, openai.completion_stream(body, handles)), ping=15)
     return openai.completion_response(body, handles, await _results(handles))

@@ -1,0 +1,169 @@
+"""Two tenants, one flooding: does the polite one still get served, and does the flood hurt itself?
+
+    .venv/bin/python bench/tenants_bench.py                    # the default model, ~4 minutes
+
+Starts `softprompt serve` with two client keys (`polite`, `flood`) twice, side by side in one
+run: without the tenancy rules (SOFTPROMPT_SCHEDULING=fifo, no refusal delay, no limits: one
+shared first-come queue, refusals answered at once) and with them (the defaults: keys served in
+turn, a fair share of the queue per key, slow refusals for a key refused over 20 times a second,
+and a per-key concurrency limit). On each it measures, `--seconds` each, short greedy requests
+(8 new tokens):
+
+1. `polite` alone: 4 clients that back off 0.5 s after a refusal;
+2. the same 4 beside 120 keep-alive `flood` connections that retry at once;
+3. one key: 160 clients that retry at once; 4. the same 160 backing off 0.5 s.
+
+It prints completed requests (goodput) per group, the ratios the issue asks for (polite under
+flood / polite alone; flood retrying at once / flood backing off), every status seen, and the
+server's RSS. Clients speak bare HTTP from two processes (bench/overload_bench.py's Connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+
+from bench.overload_bench import Connection, rss_mb  # noqa: E402
+from bench.serve_bench import QUERIES, free_port, host_line, start_server, wait_ready  # noqa: E402
+
+KEYS = {"polite": "bench-polite-key", "flood": "bench-flood-key"}
+WITHOUT = {"SOFTPROMPT_SCHEDULING": "fifo", "SOFTPROMPT_REFUSAL_DELAY_MS": "0"}
+WITH = {"SOFTPROMPT_KEY_LIMITS": json.dumps({"default": {"concurrent": 48}})}
+
+
+async def _group(port: int, key: str, clients: int, seconds: float, backoff_s: float, offset: int) -> Counter:
+    """`clients` loops of one key until the deadline; outcome -> count."""
+    outcomes: Counter = Counter()
+    deadline = time.monotonic() + seconds
+
+    async def loop(i: int):
+        jitter = random.Random(offset + i)
+        body = json.dumps({"input": QUERIES[(offset + i) % len(QUERIES)], "max_new_tokens": 8}).encode()
+        connection = Connection("127.0.0.1", port, "/generate", body, key=KEYS[key])
+        while time.monotonic() < deadline:
+            try:
+                outcome = await asyncio.wait_for(connection.post(), timeout=120)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+                outcome = type(exc).__name__
+                connection.close()
+            outcomes[outcome] += 1
+            if outcome in ("429", "503") and backoff_s:
+                await asyncio.sleep(jitter.uniform(0.5, 1.5) * backoff_s)
+        connection.close()
+
+    await asyncio.gather(*(loop(i) for i in range(clients)))
+    return outcomes
+
+
+def _run(job: tuple) -> list[Counter]:
+    """One client process: its share of each group, run together."""
+    port, groups, seconds = job
+
+    async def together():
+        return await asyncio.gather(*(_group(port, key, n, seconds, backoff, off) for key, n, backoff, off in groups))
+
+    return asyncio.run(together())
+
+
+def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float) -> list[Counter]:
+    """Each (key, clients, backoff seconds) group split over two client processes; outcomes per group."""
+    halves = [
+        [
+            (key, n // 2 + (n % 2 if half == 0 else 0), backoff, 1000 * g + half * 500)
+            for g, (key, n, backoff) in enumerate(groups)
+        ]
+        for half in (0, 1)
+    ]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        parts = pool.map(_run, [(port, half, seconds) for half in halves])
+    return [parts[0][g] + parts[1][g] for g in range(len(groups))]
+
+
+def measure(model: str, settings: dict, seconds: float) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="tenants-bench-"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "SOFTPROMPT_STORE": str(workdir / "store"),
+        "SOFTPROMPT_MODEL": model,
+        "SOFTPROMPT_DEVICE": "cpu",
+        "SOFTPROMPT_CLIENT_KEYS": ",".join(f"{k}={v}" for k, v in KEYS.items()),
+        **settings,
+    }
+    server = start_server(env, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(server, base)
+        for _ in range(3):
+            httpx.post(
+                f"{base}/generate",
+                json={"input": QUERIES[0], "max_new_tokens": 8},
+                timeout=60,
+                headers={"Authorization": f"Bearer {KEYS['polite']}"},
+            )
+        rss_before = rss_mb(server.pid)
+        alone = scenario(port, [("polite", 4, 0.5)], seconds)[0]
+        polite, flood = scenario(port, [("polite", 4, 0.5), ("flood", 120, 0.0)], seconds)
+        at_once = scenario(port, [("flood", 160, 0.0)], seconds)[0]
+        backing_off = scenario(port, [("flood", 160, 0.5)], seconds)[0]
+        time.sleep(1)
+        rss_after = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {
+        "alone": alone,
+        "polite": polite,
+        "flood": flood,
+        "at_once": at_once,
+        "backing_off": backing_off,
+        "rss": (rss_before, rss_after),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    print(host_line(), flush=True)
+    results = {
+        name: measure(args.model, settings, args.seconds)
+        for name, settings in (("without the rules", WITHOUT), ("with the rules", WITH))
+    }
+    rows = []
+    for name, r in results.items():
+        served = {k: r[k]["200"] for k in ("alone", "polite", "flood", "at_once", "backing_off")}
+        errors = sum(
+            n for c in (r[k] for k in served) for status, n in c.items() if status.startswith("5") and status != "503"
+        )
+        rows += [
+            f"{name}:",
+            f"  polite alone {served['alone']} completed; beside the flood {served['polite']} "
+            f"({served['polite'] / max(1, served['alone']):.2f}x, target >= 0.8x); "
+            f"the flood completed {served['flood']}",
+            f"  one key, 160 clients: retrying at once {served['at_once']}, backing off {served['backing_off']} "
+            f"({served['at_once'] / max(1, served['backing_off']):.2f}x, target >= 0.8x)",
+            "  statuses: " + "; ".join(f"{k} {dict(sorted(r[k].items()))}" for k in served),
+            f"  5xx other than 503: {errors}; server RSS {r['rss'][0]:.0f} -> {r['rss'][1]:.0f} MB "
+            f"({r['rss'][1] / r['rss'][0] - 1:+.1%}, target within 20 %)",
+        ]
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The waiting requests, one queue per tenant (client key name), served round-robin.
+
+With the `fair` policy a tenant that sends more waits longer, not everyone else: admission
+takes the next request of each tenant in turn. `fifo` keeps one queue in arrival order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+
+from server.engine.sequence import GenerationRequest
+
+POLICIES = ("fair", "fifo")
+
+
+class FairQueue:
+    def __init__(self, policy: str = "fair"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r} (use {', '.join(POLICIES)})")
+        self.policy = policy
+        self._queues: OrderedDict[str, deque[GenerationRequest]] = OrderedDict()  # rotation order
+
+    def _key(self, request: GenerationRequest) -> str:
+        return request.tenant if self.policy == "fair" else ""
+
+    def append(self, request: GenerationRequest) -> None:
+        self._queues.setdefault(self._key(request), deque()).append(request)
+
+    def popleft(self) -> GenerationRequest:
+        """The next tenant's oldest request; that tenant goes to the back of the rotation."""
+        key, queue = next(iter(self._queues.items()))
+        request = queue.popleft()
+        del self._queues[key]
+        if queue:
+            self._queues[key] = queue
+        return request
+
+    def drop(self, unwanted) -> list[GenerationRequest]:
+        """Remove and return the requests for which `unwanted(request)` holds."""
+        dropped = []
+        for key in list(self._queues):
+            kept = deque()
+            for request in self._queues[key]:
+                (dropped if unwanted(request) else kept).append(request)
+            if kept:
+                self._queues[key] = kept
+            else:
+                del self._queues[key]
+        return dropped
+
+    def clear(self) -> None:
+        self._queues.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def __iter__(self) -> Iterator[GenerationRequest]:
+        for queue in self._queues.values():
+            yield from queue
