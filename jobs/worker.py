@@ -20,14 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.settings import absolute, absolute_model_spec
@@ -36,46 +31,14 @@ from jobs.files import CANCEL_FLAG, EVAL_DATA, REQUEST, RESULT, TRAIN_DATA
 from jobs.launch import Lease, launch_process
 from jobs.limits import machine_cores
 from jobs.queue import ClaimedJob, JobQueue
-from jobs.records import JobRecord, JobState
+from jobs.records import JobState
+from jobs.running import RunningJob, worker_id
 from prompt_store import StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_WRITE_SECONDS = 0.25  # progress reaches the database at most this often per job (and at every heartbeat)
 FINISH_RETRY_SECONDS = 1.0
-
-
-def worker_id() -> str:
-    """Names the worker in job records and lease errors: host, process, and a nonce for restarts."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
-
-
-@dataclass
-class RunningJob:
-    record: JobRecord  # record.attempts is this attempt's fencing token
-    folder: Path
-    threads: int  # CPU threads it holds (its processes' together)
-    lease_deadline: float  # monotonic; past it without a renewal the job is stopped (its lease may be gone)
-    proc: subprocess.Popen | None = None
-    stop_requested: threading.Event = field(default_factory=threading.Event)
-    final: tuple[JobState, str | None] | None = None
-    table: dict | None = None  # an evaluation's result, kept with the job's end
-    cancel_requested: bool = False
-    kill_at: float | None = None  # a cancelled job that has not stopped by then is killed
-    lost: bool = False  # the lease is gone: write nothing more for this job
-    ended: bool = False  # its process is gone; the end is being recorded
-    dirty: bool = False
-    last_write: float = 0.0
-    threads_per_process: int = 1
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.record.id, self.record.attempts
-
-    def kill(self) -> None:
-        self.stop_requested.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
 
 
 class Worker:
@@ -252,7 +215,9 @@ class Worker:
     # ----------------------------------------------------------------- one job
     def _start(self, claimed: ClaimedJob, *, lease_deadline: float) -> None:
         record = claimed.record
-        folder = self.scratch / (record.id if record.attempts == 1 else f"{record.id}.{record.attempts}")
+        # a shared queue's attempt runs in a folder of its own; a local queue's job has one folder, its upload in it
+        again = record.attempts > 1 and self.queue.shared
+        folder = self.scratch / (f"{record.id}.{record.attempts}" if again else record.id)
         folder.mkdir(parents=True, exist_ok=True)
         # Written once, where the training process reads them: a local queue wrote them at submission.
         for name, data in ((TRAIN_DATA, claimed.train_data), (EVAL_DATA, claimed.eval_data)):

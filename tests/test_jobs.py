@@ -140,3 +140,21 @@ def test_a_folder_queue_fails_the_jobs_a_stopped_server_left_running(tmp_path, m
         assert [r.id for r in second.list()] == [crashed["id"], done.id]
     finally:
         second.stop()
+
+
+def test_a_folder_queue_job_handed_back_runs_again_from_its_own_folder(tmp_path, model_folder):
+    first = job_service(tmp_path / "store", tmp_path / "jobs", model_folder, job_max_attempts=2)
+    first.start()
+    job = submit(first, steps=100_000)
+    wait_until(lambda: first.get(job.id).step >= 1)
+    first.stop()  # the worker hands the job back: attempts remain, so it waits again
+    assert first.get(job.id).state == JobState.queued
+    second = job_service(tmp_path / "store", tmp_path / "jobs", model_folder, job_max_attempts=2)
+    second.start()
+    try:
+        again = wait_until(lambda: (r := second.get(job.id)).attempts == 2 and r.step >= 1 and r)
+        assert again.state == JobState.running  # the second attempt found the upload where the first did
+        second.cancel(job.id)
+        assert wait_until(lambda: finished(second, job.id)).state == JobState.cancelled
+    finally:
+        second.stop()
