@@ -115,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--results", type=Path, default=Path("bench/results-qwen"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-test", type=int, default=None, help="only the first N held-out problems (a quick check)")
     args = parser.parse_args(argv)
     summary = json.loads((args.results / "word_problems" / "summary.json").read_text())
     run = json.loads((args.results / "word_problems" / f"embedgrad-lr{summary['lr']:g}.json").read_text())
     settings = run["config"]  # the settings train_bench chose on validation (seed 0)
     test_path = DATA / "word_problems.test.jsonl"
-    test = load_examples(test_path)
+    test = load_examples(test_path)[: args.max_test]
+    if args.max_test is not None:
+        test_path = Path(tempfile.mkdtemp()) / test_path.name
+        test_path.write_text("".join(json.dumps({"input": e.input, "output": e.output}) + "\n" for e in test))
     train_rows = [json.loads(line) for line in (DATA / "word_problems.train.jsonl").read_text().splitlines()]
     frozen = load_frozen_model(args.model)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """Start the pieces of a multi-replica deployment on loopback: `softprompt serve` processes
-and an nginx load balancer in front of them (PostgreSQL: tests/postgres_cluster.py)."""
+and an nginx load balancer in front of them (PostgreSQL: devtools/postgres.py)."""
 
 from __future__ import annotations
 
