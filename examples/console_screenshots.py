@@ -54,6 +54,11 @@ def publish_bench_prompts(store_root: str) -> None:
         store.set_alias("sentiment-prod", "sentiment-v1")
 
 
+def first_lines(path: Path, n: int) -> str:
+    """The first n JSONL records (split on newlines only: a review may hold U+2028)."""
+    return "\n".join(path.read_text().split("\n")[:n]) + "\n"
+
+
 def main() -> int:
     from playwright.sync_api import sync_playwright
 
@@ -62,13 +67,9 @@ def main() -> int:
         store = f"{folder}/store"
         publish_bench_prompts(store)
         reviews = Path(folder) / "reviews.jsonl"
-        reviews.write_text(
-            "".join((ROOT / "examples" / "data" / "sentiment.test.jsonl").read_text().splitlines(True)[:48])
-        )
+        reviews.write_text(first_lines(ROOT / "examples" / "data" / "sentiment.test.jsonl", 48))
         train = Path(folder) / "train.jsonl"
-        train.write_text(
-            "".join((ROOT / "examples" / "data" / "sentiment.train.jsonl").read_text().splitlines(True)[:64])
-        )
+        train.write_text(first_lines(ROOT / "examples" / "data" / "sentiment.train.jsonl", 64))
         port = free_port()
         stop_at_exit(
             stack,
@@ -85,49 +86,62 @@ def main() -> int:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(600_000)
-            page.goto(f"{base}#/prompts")
-            page.get_by_label("Admin key").fill(KEY)
-            page.get_by_role("button", name="Use").click()
-            page.get_by_role("link", name="sentiment-v1", exact=True).first.wait_for()
-            page.screenshot(path=OUT / "prompts.png", full_page=True)
-            page.goto(f"{base}#/prompts/sentiment-v1")
-            page.get_by_role("img", name="Training curve").wait_for()
-            page.screenshot(path=OUT / "version.png", full_page=True)
-            page.goto(f"{base}#/compare")
-            page.get_by_role("checkbox", name="sentiment-v1").check()
-            page.get_by_label("Text prompts").fill("Classify the sentiment of this review as positive or negative.")
-            page.get_by_label("also the bare model").check()
-            page.get_by_label("Labeled JSONL").set_input_files(str(reviews))
-            page.get_by_role("button", name="Run the comparison").click()
-            page.get_by_role("table", name="Scores with 95 % intervals").wait_for()
-            page.screenshot(path=OUT / "compare.png", full_page=True)
-            page.goto(f"{base}#/jobs")
-            page.get_by_label("Training data").set_input_files(str(train))
-            page.get_by_label("Prompt name to publish").fill("reviews")
-            page.get_by_label("Init text").fill("Classify the sentiment of this review as positive or negative.")
-            page.get_by_label("Steps").fill("6")
-            page.get_by_role("button", name="Start training").click()
-            page.locator("[data-progress] progress[value='3']").first.wait_for()
-            page.screenshot(path=OUT / "jobs.png", full_page=True)
-            page.get_by_role("link", name="reviews-v1").wait_for()
-            page.goto(f"{base}#/playground")
-            page.get_by_label("Input").fill("A gorgeous, witty and moving film.")
-            page.get_by_label("Max new tokens").fill("8")
-            for ref in ("sentiment-v1", "reviews-v1"):
-                page.get_by_role("checkbox", name=ref, exact=True).check()
-            page.get_by_role("button", name="Send").click()
-            for label in ("(bare model)", "sentiment-v1", "reviews-v1"):
-                page.locator(f"[data-answer='{label}'] + p", has_text="tokens in").wait_for()
-            page.screenshot(path=OUT / "playground.png", full_page=True)
-            narrow = browser.new_page(viewport={"width": 390, "height": 844})
-            narrow.goto(f"{base}#/prompts")
-            narrow.get_by_role("link", name="sentiment-v1", exact=True).first.wait_for()
-            narrow.screenshot(path=OUT / "prompts-narrow.png")
+            page.set_default_timeout(180_000)
+            try:
+                drive(browser, page, base, reviews, train)
+            except Exception:
+                failed = Path(tempfile.gettempdir()) / "console-failed.png"
+                page.screenshot(path=failed, full_page=True)
+                print(f"the page as it stood: {failed}", file=sys.stderr)
+                print(page.locator("main").inner_text(), file=sys.stderr)
+                print((Path(folder) / "server" / "server.log").read_text()[-4000:], file=sys.stderr)
+                raise
             browser.close()
     for path in sorted(OUT.glob("*.png")):
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
+
+
+def drive(browser, page, base: str, reviews: Path, train: Path) -> None:
+    """The console as a user walks through it, one screenshot a page."""
+    page.goto(f"{base}#/prompts")
+    page.get_by_label("Admin key").fill(KEY)
+    page.get_by_role("button", name="Use").click()
+    page.get_by_role("link", name="sentiment-v1", exact=True).first.wait_for()
+    page.screenshot(path=OUT / "prompts.png", full_page=True)
+    page.goto(f"{base}#/prompts/sentiment-v1")
+    page.get_by_role("img", name="Training curve").wait_for()
+    page.screenshot(path=OUT / "version.png", full_page=True)
+    page.goto(f"{base}#/compare")
+    page.get_by_role("checkbox", name="sentiment-v1").check()
+    page.get_by_label("Text prompts").fill("Classify the sentiment of this review as positive or negative.")
+    page.get_by_label("also the bare model").check()
+    page.get_by_label("Labeled JSONL").set_input_files(str(reviews))
+    page.get_by_role("button", name="Run the comparison").click()
+    page.get_by_role("table", name="Scores with 95 % intervals").wait_for()
+    page.screenshot(path=OUT / "compare.png", full_page=True)
+    page.goto(f"{base}#/jobs")
+    page.get_by_label("Training data").set_input_files(str(train))
+    page.get_by_label("Prompt name to publish").fill("reviews")
+    page.get_by_label("Init text").fill("Classify the sentiment of this review as positive or negative.")
+    page.get_by_label("Steps").fill("6")
+    page.get_by_role("button", name="Start training").click()
+    page.locator("[data-progress] progress[value='3']").first.wait_for()
+    page.screenshot(path=OUT / "jobs.png", full_page=True)
+    page.get_by_role("link", name="reviews-v1").wait_for()
+    page.goto(f"{base}#/playground")
+    page.get_by_label("Input").fill("A gorgeous, witty and moving film.")
+    page.get_by_label("Max new tokens").fill("8")
+    for ref in ("sentiment-v1", "reviews-v1"):
+        page.get_by_role("checkbox", name=ref, exact=True).check()
+    page.get_by_role("button", name="Send").click()
+    for label in ("(bare model)", "sentiment-v1", "reviews-v1"):
+        page.locator(f"[data-answer='{label}'] + p", has_text="tokens in").wait_for()
+    page.screenshot(path=OUT / "playground.png", full_page=True)
+    narrow = browser.new_page(viewport={"width": 390, "height": 844})
+    narrow.goto(f"{base}#/prompts")
+    narrow.get_by_role("link", name="sentiment-v1", exact=True).first.wait_for()
+    narrow.screenshot(path=OUT / "prompts-narrow.png")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from trainer.compare import (
     run_comparison,
 )
 from trainer.config import TASKS
-from trainer.data import DataError, parse_examples
+from trainer.data import DataError, jsonl_lines, parse_examples
 from trainer.evaluate import Task
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def build_eval_request(
     except ValueError as error:
         raise InvalidEvalRequestError(f"{error}.") from None
     try:
-        examples = parse_examples(data.decode("utf-8").splitlines(), source=data_name)
+        examples = parse_examples(jsonl_lines(data.decode("utf-8")), source=data_name)
     except UnicodeDecodeError as error:
         raise InvalidEvalDataError(f"{data_name}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except DataError as error:
@@ -137,7 +137,7 @@ def score_eval_job(
     versions. Returns the table, or None when the job was cancelled (`cancelled` emitted)."""
     request = json.loads((folder / REQUEST).read_text())
     examples = parse_examples(
-        (folder / EVAL_DATA).read_text(encoding="utf-8").splitlines(), source=request["data"]["name"]
+        jsonl_lines((folder / EVAL_DATA).read_text(encoding="utf-8")), source=request["data"]["name"]
     )
     references = load_references(frozen, store, [ReferenceSpec(r["kind"], r["value"]) for r in request["references"]])
     hints = [r.hint for r in references]

@@ -10,7 +10,7 @@ from jobs.errors import UploadTooLargeError
 from jobs.limits import TrainingLimits
 from prompt_store import validate_name
 from trainer.config import TrainConfig, TrainConfigError
-from trainer.data import DataError, Example, parse_examples, split_examples
+from trainer.data import DataError, Example, jsonl_lines, parse_examples, split_examples
 
 MAX_PROCESSES = 64  # ranks one job may ask for (each loads the model)
 
@@ -126,7 +126,7 @@ def _processes(value, config: TrainConfig) -> int:
 
 def _text_lines(data: bytes, source: str) -> list[str]:
     try:
-        return data.decode("utf-8").splitlines()
+        return jsonl_lines(data.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise DataError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from trainer.config import TrainConfig, TrainConfigError
-from trainer.data import DataError, Example, load_examples, parse_examples, split_examples
+from trainer.data import DataError, Example, jsonl_lines, load_examples, parse_examples, split_examples
 
 
 def lines(*records) -> list[str]:
@@ -89,3 +89,14 @@ def test_config_from_dict_refuses_unknown_keys_and_round_trips():
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(TrainConfigError, match="learning_rate"):
         TrainConfig.from_dict({"init_text": "hi", "learning_rate": 1.0})
+
+
+def test_records_holding_unicode_line_separators_stay_whole(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (a review in the shipped test split does);
+    str.splitlines would cut such a record in two."""
+    rows = [{"input": "one\u2028two\x85three\u2029four", "output": "positive"}, {"input": "next", "output": "negative"}]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\r\n" for row in rows)
+    assert [(e.input, e.output) for e in parse_examples(jsonl_lines(text))] == [(r["input"], r["output"]) for r in rows]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(text.encode())
+    assert load_examples(path) == parse_examples(jsonl_lines(text))

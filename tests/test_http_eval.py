@@ -109,6 +109,19 @@ def test_bad_requests_are_refused_before_a_job_exists(app_client, versions, kwar
         assert client.get("/eval").json()["jobs"] == []
 
 
+def test_records_holding_raw_unicode_line_separators_are_scored_whole(app_client, versions):
+    rows = [{**row, "input": row["input"] + "\u2028and\x85more"} for row in ROWS]
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    with app_client() as client:
+        answer = client.post(
+            "/eval", files={"file": ("t.jsonl", data, "application/jsonl")}, data={"prompt": ["senti-v1"]}
+        )
+        assert answer.status_code == 202, answer.text
+        job = wait_until(lambda: finished(client, answer.json()["id"]))
+        assert job["state"] == "succeeded", job["error"]
+        assert [row["input"] for row in job["table"]["examples"]] == [row["input"] for row in rows]
+
+
 def test_other_bad_bodies(app_client, versions):
     with app_client() as client:
         assert client.post("/eval", content=b"x", headers={"content-type": "text/plain"}).status_code == 422

@@ -109,6 +109,15 @@ def test_malformed_json_line_is_reported_with_its_number(client):
     assert answer.json()["error"]["code"] == "invalid_training_data"
 
 
+def test_records_holding_raw_unicode_line_separators_are_accepted(client):
+    rows = [{**row, "input": row["input"] + "\u2028and\x85more"} for row in SENTIMENT]
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    answer = client.post("/train", files={"file": ("t.jsonl", data)}, data={"name": "s", "init": INIT, "steps": "1"})
+    assert answer.status_code == 202, answer.text
+    job = wait_until(lambda: finished_job(client, answer.json()["id"]))
+    assert job["state"] == "succeeded", job["error"]
+
+
 def test_missing_file_field(client):
     answer = client.post("/train", data={"name": "s", "init": INIT}, files={"other": ("x", b"")})
     assert answer.status_code == 422 and "'file'" in answer.json()["error"]["message"]

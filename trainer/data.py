@@ -29,6 +29,14 @@ class Example:
     split: str | None = None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text, split on line feeds only.
+
+    str.splitlines also breaks at U+2028, U+2029, U+0085 and other separators, which a JSON string
+    may hold raw (real reviews do), so it would cut such a record in two."""
+    return text.split("\n")
+
+
 def parse_examples(lines: Iterable[str], source: str = "<upload>") -> list[Example]:
     """Parse JSONL lines into Examples; blank lines are skipped, anything malformed is refused."""
     examples = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.settings import CommonSettings
 from trainer.config import TASKS
-from trainer.data import DataError, parse_examples
+from trainer.data import DataError, jsonl_lines, parse_examples
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--batch-size must be a positive integer")
         specs = reference_specs(args.prompt, args.text, args.bare)
         data = _read(args.data)
-        examples = parse_examples(data.decode("utf-8").splitlines(), source=str(args.data))
+        examples = parse_examples(jsonl_lines(data.decode("utf-8")), source=str(args.data))
     except (ReferenceError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
