@@ -26,6 +26,7 @@ from core.modeling import load_frozen_model  # noqa: E402
 from devtools.local_servers import start_server, stop_at_exit  # noqa: E402
 from devtools.postgres import free_port  # noqa: E402
 from prompt_store import open_store  # noqa: E402
+from trainer.loop import init_embeddings  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
 KEY = "screenshot-key"
@@ -38,13 +39,15 @@ def publish_bench_prompts(store_root: str) -> None:
     with open_store(store_root) as store:
         for name, run in RESULTS.items():
             summary = json.loads((ROOT / "bench" / "results" / name / f"{run}.json").read_text())
-            metrics = dict(summary["metrics"])
+            vectors = torch.load(ROOT / "bench" / "results" / name / f"{run}.pt")
+            init = init_embeddings(frozen, summary["config"]["init_text"])
+            metrics = dict(summary["metrics"], cosines=torch.cosine_similarity(vectors, init, dim=-1).tolist())
             metrics["curve"] = [
                 {k: r[k] for k in ("step", "loss", "val_metric") if r.get(k) is not None} for r in summary["history"]
             ]
             store.publish(
                 name,
-                torch.load(ROOT / "bench" / "results" / name / f"{run}.pt"),
+                vectors,
                 fingerprint=frozen.fingerprint,
                 base_model=frozen.base_model,
                 init_text=summary["config"]["init_text"],
