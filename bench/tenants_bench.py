@@ -138,11 +138,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--limits", default=WITH["SOFTPROMPT_KEY_LIMITS"], help="SOFTPROMPT_KEY_LIMITS with the rules")
     args = parser.parse_args()
+    with_rules = {**WITH, "SOFTPROMPT_KEY_LIMITS": args.limits}
     print(host_line(), flush=True)
     results = {
         name: measure(args.model, settings, args.seconds)
-        for name, settings in (("without the rules", WITHOUT), ("with the rules", WITH))
+        for name, settings in (("without the rules", WITHOUT), ("with the rules", with_rules))
     }
     rows = []
     for name, r in results.items():

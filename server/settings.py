@@ -101,7 +101,8 @@ class Settings(JobSettings):
         ge=0,
         le=5000,
         description="a key refused more than SOFTPROMPT_REFUSAL_BURST times within a second has its further refusals "
-        "answered after this long, so clients that retry at once cannot spend the server's CPU on refusals",
+        "answered after this long, doubled for each further second it keeps on (up to 8x), so clients that retry "
+        "at once cannot spend the server's CPU on refusals",
     )
     refusal_burst: int = Field(20, ge=0, description="refusals a second a key gets at once (see refusal_delay_ms)")
     served_model_name: str | None = Field(

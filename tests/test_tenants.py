@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -50,6 +51,59 @@ def test_waiting_requests_are_admitted_key_by_key(tokenizer, policy, expected):
     admitted = scheduler.admit(4) + scheduler.admit(2)
     assert [names[id(job)] for job in admitted] == expected
     assert scheduler.places == 1 and len(scheduler.waiting) == 1
+
+
+def _waiting(tokenizer, scheduler, counts: dict[str, int]) -> None:
+    for tenant, count in counts.items():
+        for job in _requests(tokenizer, tenant, count):
+            scheduler.places += 1
+            scheduler.held[tenant] += 1
+            scheduler.waiting.append(job)
+
+
+def test_a_key_holds_at_most_its_share_of_the_batch_rows_while_another_key_is_active(tokenizer):
+    scheduler = Scheduler(max_queue=64, retry_after=1)
+    _waiting(tokenizer, scheduler, {"flood": 5, "polite": 3})
+    # 8 rows, flood holds 6: two keys active, a share is 4 rows; only polite joins
+    admitted = scheduler.admit(2, Counter(flood=6))
+    assert [job.tenant for job in admitted] == ["polite", "polite"]
+    # polite holds 2 and waits with 1 more; flood holds 2: each key fills up to its 4
+    admitted = scheduler.admit(4, Counter(flood=2, polite=2))
+    assert sorted(job.tenant for job in admitted) == ["flood", "flood", "polite"]
+    # polite has nothing waiting but still runs 3 rows: flood stops at its 4, a row stays free for polite
+    admitted = scheduler.admit(1, Counter(flood=4, polite=3))
+    assert admitted == []
+    # polite is gone: flood may take every free row
+    admitted = scheduler.admit(3, Counter(flood=4))
+    assert [job.tenant for job in admitted] == ["flood", "flood", "flood"]
+    assert not scheduler.waiting and scheduler.places == 0
+
+
+def test_fifo_and_a_single_key_fill_every_free_row(tokenizer):
+    fifo = Scheduler(max_queue=64, retry_after=1, policy="fifo")
+    _waiting(tokenizer, fifo, {"flood": 4, "polite": 1})
+    assert len(fifo.admit(4, Counter(flood=4, polite=1))) == 4
+    one_key = Scheduler(max_queue=64, retry_after=1)
+    _waiting(tokenizer, one_key, {"anonymous": 6})
+    assert len(one_key.admit(6, Counter(anonymous=10))) == 6
+
+
+def test_refusals_past_the_burst_are_answered_slower_the_longer_a_key_keeps_on():
+    tenants = Tenants({"flood": "k"}, None, {})
+    second, base = 1000.0, 0.25
+
+    def delays(at: float, count: int) -> list[float]:
+        return [tenants.refusal_delay("flood", 2, base, now=at) for _ in range(count)]
+
+    assert delays(second, 4) == [0, 0, base, base]  # two at once, then the base delay
+    assert delays(second + 1, 3) == [0, 0, 2 * base]  # the next second over the burst: doubled
+    assert delays(second + 2, 3)[-1] == 4 * base
+    assert delays(second + 3, 3)[-1] == 8 * base
+    assert delays(second + 4, 3)[-1] == 8 * base  # at most 8 times
+    assert delays(second + 5, 2) == [0, 0]  # a second within the burst ...
+    assert delays(second + 6, 3)[-1] == base  # ... starts over
+    assert delays(second + 9, 3)[-1] == base  # so does a pause
+    assert tenants.refusal_delay("nobody", 0, base, now=second) == 0
 
 
 def test_a_full_queue_still_has_a_place_for_a_key_under_its_share():

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -300,7 +301,8 @@ class Engine:
         failed prefill fails the rows it was prefilling, a failed merge leaves the running batch as
         it was."""
         new: list[Sequence] = []
-        for request in self.scheduler.admit(self.max_batch_size - len(self.batch)):
+        running = Counter(s.request.tenant for s in self.batch.seqs)
+        for request in self.scheduler.admit(self.max_batch_size - len(self.batch), running):
             try:
                 new.append(Sequence(request, self.tokenizer, self.eos_ids))
             except Exception as exc:

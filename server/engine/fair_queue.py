@@ -1,7 +1,8 @@
 """The waiting requests, one queue per tenant (client key name), served round-robin.
 
 With the `fair` policy a tenant that sends more waits longer, not everyone else: admission
-takes the next request of each tenant in turn. `fifo` keeps one queue in arrival order.
+takes the next request of each tenant in turn, passing over tenants that already hold their
+share of the batch (scheduler.py). `fifo` keeps one queue in arrival order.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ class FairQueue:
     def append(self, request: GenerationRequest) -> None:
         self._queues.setdefault(self._key(request), deque()).append(request)
 
-    def popleft(self) -> GenerationRequest:
-        """The next tenant's oldest request; that tenant goes to the back of the rotation."""
-        key, queue = next(iter(self._queues.items()))
+    def popleft(self, eligible=None) -> GenerationRequest | None:
+        """The next tenant's oldest request; that tenant goes to the back of the rotation. With
+        `eligible(tenant)`, tenants for which it is false are passed over (None if all are)."""
+        key = next((k for k in self._queues if eligible is None or eligible(k)), None)
+        if key is None:
+            return None
+        queue = self._queues[key]
         request = queue.popleft()
         del self._queues[key]
         if queue:
@@ -57,6 +62,10 @@ class FairQueue:
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+    def tenants(self) -> set[str]:
+        """The tenants with requests waiting (one queue under `fifo`)."""
+        return set(self._queues)
 
     def __iter__(self) -> Iterator[GenerationRequest]:
         for queue in self._queues.values():

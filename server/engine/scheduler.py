@@ -5,8 +5,8 @@ refused at once) until it joins the batch, is cancelled, or fails. Places are sh
 once the queue is full, a tenant (client key) still gets a place while it holds fewer than its
 share, `max_queue` divided by the tenants holding places, so a flood from one key fills only
 its own share. `admit` hands the engine's loop the next waiting requests, tenants in turn
-(fair_queue.py), up to the batch's free rows; a request cancelled while it waited ends there
-with finish reason "cancelled".
+(fair_queue.py), up to the batch's free rows and each tenant's share of the rows; a request
+cancelled while it waited ends there with finish reason "cancelled".
 """
 
 from __future__ import annotations
@@ -82,21 +82,38 @@ class Scheduler:
             self.closed = True
 
     # ------------------------------------------------------------ the loop's thread
-    def admit(self, free_rows: int) -> list[GenerationRequest]:
-        """The waiting requests that join the batch now (their places freed); cancelled ones end here."""
+    def admit(self, free_rows: int, running: Counter[str] | None = None) -> list[GenerationRequest]:
+        """The waiting requests that join the batch now (their places freed); cancelled ones end here.
+
+        Under the `fair` policy the batch's rows are shared too: with `running` (rows by tenant), a
+        tenant holds at most its share of them, the batch's rows divided by the tenants running or
+        waiting, while any other tenant is running or waiting, and rows stay free for those others
+        rather than go to it. A flood then takes half the batch beside one other key, not all of it,
+        and the other key's rows decode in a batch no larger than they need to share."""
         if any(request.cancelled for request in self.waiting):  # ended now, not when a batch row frees up
             for request in self.waiting.drop(lambda r: r.cancelled):
                 with self.lock:
                     self._give_back_place(request)
                 request.send(cancelled_event(request))
+        holding = Counter(running or {})
+        rows = free_rows + sum(holding.values())
+        shared = self.waiting.policy == "fair" and running is not None
+
+        def under_share(tenant: str) -> bool:
+            active = {t for t, n in holding.items() if n > 0} | self.waiting.tenants()
+            return holding[tenant] < math.ceil(rows / max(1, len(active)))
+
         admitted: list[GenerationRequest] = []
         while self.waiting and len(admitted) < free_rows:
-            request = self.waiting.popleft()
+            request = self.waiting.popleft(under_share if shared else None)
+            if request is None:  # every waiting tenant holds its share: the free rows are the others'
+                break
             with self.lock:
                 self._give_back_place(request)
             if request.cancelled:
                 request.send(cancelled_event(request))
                 continue
+            holding[request.tenant] += 1
             admitted.append(request)
         return admitted
 

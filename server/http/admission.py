@@ -11,10 +11,11 @@ middleware decides first, from the headers alone:
    `queue_full`, Retry-After; 429 on /v1, as OpenAI's SDKs expect).
 
 A refusal of 2 or 3 is answered at once, except for a key refused more than `refusal_burst`
-times within a second: its further refusals are answered after `refusal_delay_ms` (sleeping, no
-CPU), so clients that retry at once cannot turn the server into a refusal machine. An admitted request carries its
-key's name (`scope["state"]["tenant"]`) to the route and counts as in flight until its response
-ends. The route's own reservation still decides every request let through.
+times within a second: its further refusals are answered after `refusal_delay_ms`, doubled for
+each further second the key keeps it up, up to 8 times (sleeping, no CPU), so clients that retry
+at once cannot turn the server into a refusal machine. An admitted request carries its key's
+name (`scope["state"]["tenant"]`) to the route and counts as in flight until its response ends.
+The route's own reservation still decides every request let through.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ class AdmissionGate:
     async def _refuse(self, state, scope: Scope, send: Send, tenant: str, error: Exception, reason: str) -> None:
         self._count(state, tenant, reason)
         settings = state.settings
-        if settings.refusal_delay_ms and state.tenants.refused(tenant, settings.refusal_burst):
-            await asyncio.sleep(settings.refusal_delay_ms / 1e3)
+        delay = state.tenants.refusal_delay(tenant, settings.refusal_burst, settings.refusal_delay_ms / 1e3)
+        if delay:
+            await asyncio.sleep(delay)
         await send_error(send, scope["path"], error)
 
     @staticmethod

@@ -70,6 +70,7 @@ class Tenant:
         self.name, self.limits = name, limits
         self.in_flight = 0
         self.refusal_second, self.refusals = 0, 0
+        self.flooding_seconds = 0  # consecutive seconds this key has been refused over its burst
         rps, tpm = limits.get("requests_per_second"), limits.get("tokens_per_minute")
         self.requests = Bucket(rps, max(1.0, rps)) if rps else None
         self.tokens = Bucket(tpm / 60.0, tpm) if tpm else None
@@ -125,18 +126,24 @@ class Tenants:
         with self._lock:
             self._tenants[name].in_flight -= 1
 
-    def refused(self, name: str, burst: int, now: float | None = None) -> bool:
-        """Count a refusal of `name`; True once it has been refused more than `burst` times this second
-        (a client retrying at once, whose next refusals the gate answers slowly)."""
+    def refusal_delay(self, name: str, burst: int, base_s: float, now: float | None = None) -> float:
+        """Count a refusal of `name`; the seconds to sleep before answering it. Nothing for its first
+        `burst` refusals in a second; past them (a client retrying at once) `base_s`, doubled for each
+        further second in a row the key stays over its burst, up to 8 x `base_s`: a flood that keeps
+        on costs the server fewer and fewer refusals a second."""
         second = int(time.monotonic() if now is None else now)
         tenant = self._tenants.get(name)
         if tenant is None:
-            return False
+            return 0.0
         with self._lock:
             if tenant.refusal_second != second:
+                over = tenant.refusals > burst and second == tenant.refusal_second + 1
+                tenant.flooding_seconds = tenant.flooding_seconds + 1 if over else 0
                 tenant.refusal_second, tenant.refusals = second, 0
             tenant.refusals += 1
-            return tenant.refusals > burst
+            if tenant.refusals <= burst:
+                return 0.0
+            return base_s * 2 ** min(tenant.flooding_seconds, 3)
 
     def charge(self, name: str, generated_tokens: int, now: float | None = None) -> None:
         """`name` was given `generated_tokens` (its tokens-per-minute bucket pays for them)."""
