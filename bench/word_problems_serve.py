@@ -38,7 +38,7 @@ from core.modeling import load_frozen_model  # noqa: E402
 from devtools.local_servers import start_server, stop_at_exit  # noqa: E402
 from devtools.postgres import free_port  # noqa: E402
 from trainer.compare import format_table  # noqa: E402
-from trainer.data import load_examples  # noqa: E402
+from trainer.data import jsonl_lines, load_examples  # noqa: E402
 from trainer.evaluate import answers_match  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -121,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     run = json.loads((args.results / "word_problems" / f"embedgrad-lr{summary['lr']:g}.json").read_text())
     settings = run["config"]  # the settings train_bench chose on validation (seed 0)
     test_path = DATA / "word_problems.test.jsonl"
-    test = load_examples(test_path)[: args.max_test]
-    if args.max_test is not None:
+    if args.max_test is not None:  # the first N records of the same file, as written
+        first = jsonl_lines(test_path.read_text())[: args.max_test]
         test_path = Path(tempfile.mkdtemp()) / test_path.name
-        test_path.write_text("".join(json.dumps({"input": e.input, "output": e.output}) + "\n" for e in test))
+        test_path.write_text("\n".join(first) + "\n")
+    test = load_examples(test_path)
     train_rows = [json.loads(line) for line in (DATA / "word_problems.train.jsonl").read_text().splitlines()]
     frozen = load_frozen_model(args.model)
     with torch.no_grad():

@@ -26,6 +26,7 @@ from core.modeling import load_frozen_model  # noqa: E402
 from devtools.local_servers import start_server, stop_at_exit  # noqa: E402
 from devtools.postgres import free_port  # noqa: E402
 from prompt_store import open_store  # noqa: E402
+from trainer.data import jsonl_lines  # noqa: E402
 from trainer.loop import init_embeddings  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
@@ -58,8 +59,8 @@ def publish_bench_prompts(store_root: str) -> None:
 
 
 def first_lines(path: Path, n: int) -> str:
-    """The first n JSONL records (split on newlines only: a review may hold U+2028)."""
-    return "\n".join(path.read_text().split("\n")[:n]) + "\n"
+    """The first n JSONL records (a review may hold U+2028: jsonl_lines splits on line feeds only)."""
+    return "\n".join(jsonl_lines(path.read_text())[:n]) + "\n"
 
 
 def main() -> int:
