@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from core.settings import settings_from as _settings_from
 from jobs.settings import JobSettings
+from server.engine.backend import ENGINES
 from server.engine.fair_queue import POLICIES
 from server.engine.sequence import DEFAULT_TENANT
 
@@ -133,7 +134,22 @@ class Settings(JobSettings):
         description="torch intra-op threads for serving (default: torch's); while "
         "training jobs run, the engine uses this minus their threads, at least one",
     )
-    max_batch_size: int = Field(16, ge=1, description="most sequences decoded together")
+    engine: str = Field(
+        "torch",
+        description="what computes the rows: torch (transformers, fp32 dequantized weights) or llamacpp "
+        "(llama.cpp on the GGUF's own 4-bit weights; `make install-llamacpp`; needs a GGUF model)",
+    )
+    llamacpp_kv_tokens: int = Field(
+        16384,
+        ge=256,
+        le=1 << 20,
+        description="llama.cpp engine: key/value cells shared by every row and cached prefix (at least the "
+        "model's context length); a row reserves its prompt plus max_new_tokens, requests wait when full",
+    )
+    llamacpp_prefix_slots: int = Field(
+        8, ge=1, le=64, description="llama.cpp engine: soft-prompt prefixes kept computed (least recently used out)"
+    )
+    max_batch_size: int = Field(16, ge=1, le=192, description="most sequences decoded together")
     max_queue: int = Field(64, ge=1, description="waiting requests before 503")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens a request may ask for")
     prompt_cache_size: int = Field(32, ge=1, description="prompt versions kept loaded (LRU)")
@@ -191,6 +207,13 @@ class Settings(JobSettings):
     @classmethod
     def _limits(cls, value: str | None) -> str | None:
         parse_limits(value)
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        if value not in ENGINES:
+            raise ValueError(f"SOFTPROMPT_ENGINE: use {' or '.join(ENGINES)}, got {value!r}")
         return value
 
     @field_validator("scheduling")

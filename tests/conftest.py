@@ -36,6 +36,14 @@ def frozen(tokenizer) -> FrozenModel:
 
 
 @pytest.fixture(scope="session")
+def untied_gguf_path(tokenizer, tmp_path_factory) -> str:
+    """tests.engine_helpers.untied_llama's weights as a GGUF, for the llama.cpp backend."""
+    from tests.engine_helpers import untied_gguf
+
+    return untied_gguf(tokenizer, tmp_path_factory.mktemp("gguf"))
+
+
+@pytest.fixture(scope="session")
 def real_model() -> FrozenModel:
     """The embedded default model (SmolLM2-135M-Instruct), loaded once for the session."""
     return load_frozen_model("default")

@@ -89,3 +89,59 @@ def mixed_batch_tokens(tokenizer, *, together: bool, **rewrites):
         return [done.token_ids for done, _ in wait_all([sink for _, sink in jobs])], engine
     finally:
         engine.stop()
+
+
+# ---------------------------------------------------------------- both backends
+BACKENDS = ("torch", "llamacpp")
+
+
+def require_llamacpp() -> None:
+    """Skip a llama.cpp test where llama-cpp-python is not installed, unless it is required:
+    `make test` (and CI) install it and set SOFTPROMPT_REQUIRE_LLAMACPP=1, so there it fails."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        if os.environ.get("SOFTPROMPT_REQUIRE_LLAMACPP") == "1":
+            pytest.fail("llama-cpp-python is not installed (make install-llamacpp)")
+        pytest.skip("llama-cpp-python is not installed (make install-llamacpp)")
+
+
+def untied_gguf(tokenizer, folder) -> str:
+    """`untied_llama(len(tokenizer))`'s weights as an f32 GGUF in `folder` (llama.cpp runs the same model)."""
+    from pathlib import Path
+
+    from tests.tiny_gguf import write_llama_gguf
+
+    path = Path(folder) / "tiny-untied.gguf"
+    if not path.exists():
+        write_llama_gguf(untied_llama(len(tokenizer)), tokenizer, path)
+    return str(path)
+
+
+def make_engine(backend: str, frozen, gguf: str | None = None, **kwargs):
+    """An Engine on `frozen` with the named backend (llamacpp runs `gguf`, the same weights).
+
+    kwargs are Engine's; use_prefix_cache applies to both backends."""
+    from server.engine import Engine
+
+    if backend == "torch":
+        return Engine(frozen, **kwargs)
+    require_llamacpp()
+    from server.engine.llamacpp_backend import LlamaCppBackend
+
+    for torch_only in ("growing_cache", "prefix_cache"):
+        kwargs.pop(torch_only, None)
+    rows = kwargs.get("max_batch_size", 16)
+    chosen = LlamaCppBackend(
+        frozen,
+        gguf,
+        max_rows=rows,
+        kv_tokens=kwargs.pop("kv_tokens", 4096),
+        prefix_slots=kwargs.pop("prefix_slots", 4),
+        use_prefix_cache=kwargs.get("use_prefix_cache", True),
+        threads=kwargs.get("threads"),
+    )
+    return Engine(frozen, backend=chosen, **kwargs)

@@ -1,4 +1,6 @@
-"""The continuous-batching engine on a tiny random model: batching never changes a row's tokens."""
+"""The continuous-batching engine on a tiny random model: batching never changes a row's tokens.
+
+Every behaviour runs on both backends (torch, and llama.cpp on the same weights as a GGUF)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 from core.modeling import from_loaded
 from server.engine import Engine, PrefixCache, QueueFullError
 from server.engine.rewrites import prepare_for_serving
-from tests.engine_helpers import make_job, untied_llama, wait_all
+from tests.engine_helpers import BACKENDS, make_engine, make_job, untied_llama, wait_all
 
 TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "the plot was dull and boring, a bad movie"]
 
@@ -21,16 +23,23 @@ def mixing(tokenizer):
     return from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request, untied_gguf_path):
+    """Which backend computes the rows, and the GGUF llama.cpp runs (`mixing`'s weights)."""
+    return request.param, untied_gguf_path
+
+
 @pytest.fixture(scope="module")
 def softs():
     torch.manual_seed(7)
     return {("a", 1, "x"): torch.randn(3, 64), ("b", 1, "y"): torch.randn(9, 64), ("b", 2, "z"): torch.randn(5, 64)}
 
 
-def _engine(frozen, **kwargs) -> Engine:
-    """An engine on `frozen` rewritten as the server serves it (idempotent on the shared model)."""
+def _engine(frozen, backend=("torch", None), **kwargs) -> Engine:
+    """An engine on `frozen` rewritten as the server serves it (idempotent on the shared model),
+    its rows computed by `backend` (name, GGUF path)."""
     prepare_for_serving(frozen.model, max_batch_size=kwargs.get("max_batch_size", 16))
-    engine = Engine(frozen, **kwargs)
+    engine = make_engine(backend[0], frozen, backend[1], **kwargs)
     engine.start()
     return engine
 
@@ -61,8 +70,8 @@ def _together(engine, tokenizer, cases, **params):
     return [done for done, _ in wait_all(sinks)]
 
 
-def test_mixed_prompt_batch_gives_each_request_its_solo_tokens(mixing, tokenizer, softs):
-    engine = _engine(mixing, max_batch_size=8)
+def test_mixed_prompt_batch_gives_each_request_its_solo_tokens(backend, mixing, tokenizer, softs):
+    engine = _engine(mixing, backend, max_batch_size=8)
     try:
         cases = _cases(softs)
         together = _together(engine, tokenizer, cases, max_new_tokens=12)
@@ -75,8 +84,8 @@ def test_mixed_prompt_batch_gives_each_request_its_solo_tokens(mixing, tokenizer
     assert len({tuple(d.token_ids) for d in together}) == len(cases)  # the prompts really differ
 
 
-def test_cached_prefix_gives_the_same_tokens_as_uncached(mixing, tokenizer, softs):
-    cached, uncached = _engine(mixing), _engine(mixing, use_prefix_cache=False)
+def test_cached_prefix_gives_the_same_tokens_as_uncached(backend, mixing, tokenizer, softs):
+    cached, uncached = _engine(mixing, backend), _engine(mixing, backend, use_prefix_cache=False)
     try:
         cases = _cases(softs)
         first = _solo(cached, tokenizer, cases, max_new_tokens=10)  # computes the prefixes
@@ -90,10 +99,10 @@ def test_cached_prefix_gives_the_same_tokens_as_uncached(mixing, tokenizer, soft
     assert uncached.prefix_cache.stats()["entries"] == 0
 
 
-def test_bare_model_matches_hf_generate(mixing, tokenizer):
+def test_bare_model_matches_hf_generate(backend, mixing, tokenizer):
     from core.layout import ChatLayout
 
-    engine = _engine(mixing)
+    engine = _engine(mixing, backend)
     try:
         [done] = _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=10)
     finally:
@@ -112,9 +121,9 @@ def test_bare_model_matches_hf_generate(mixing, tokenizer):
     assert done.token_ids == reference[0, ids.shape[1] :].tolist()[: len(done.token_ids)]
 
 
-def test_requests_joining_between_steps_keep_their_tokens(mixing, tokenizer, softs):
+def test_requests_joining_between_steps_keep_their_tokens(backend, mixing, tokenizer, softs):
     """A request admitted while others are mid-decode gets exactly its solo tokens."""
-    engine = _engine(mixing, max_batch_size=8)
+    engine = _engine(mixing, backend, max_batch_size=8)
     try:
         cases = _cases(softs)
         alone = _solo(engine, tokenizer, cases, max_new_tokens=16)
@@ -143,8 +152,8 @@ def _drain_done(sink):
             return event
 
 
-def test_max_new_tokens_respected_and_finished_rows_leave(mixing, tokenizer, softs):
-    engine = _engine(mixing)
+def test_max_new_tokens_respected_and_finished_rows_leave(backend, mixing, tokenizer, softs):
+    engine = _engine(mixing, backend)
     try:
         engine.pause()
         short, s1 = make_job(tokenizer, TEXTS[0], max_new_tokens=3)
@@ -159,8 +168,8 @@ def test_max_new_tokens_respected_and_finished_rows_leave(mixing, tokenizer, sof
     assert engine.stats()["running"] == 0
 
 
-def test_seeded_sampling_is_reproducible(mixing, tokenizer):
-    engine = _engine(mixing)
+def test_seeded_sampling_is_reproducible(backend, mixing, tokenizer):
+    engine = _engine(mixing, backend)
     try:
         runs = [
             _solo(engine, tokenizer, [(TEXTS[1], None, None)], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)[0]
@@ -171,8 +180,8 @@ def test_seeded_sampling_is_reproducible(mixing, tokenizer):
     assert runs[0].token_ids == runs[1].token_ids
 
 
-def test_stop_string_ends_and_is_cut(mixing, tokenizer):
-    engine = _engine(mixing)
+def test_stop_string_ends_and_is_cut(backend, mixing, tokenizer):
+    engine = _engine(mixing, backend)
     try:
         [full] = _solo(engine, tokenizer, [(TEXTS[2], None, None)], max_new_tokens=12)
         stop = full.text[3:5]
@@ -184,8 +193,8 @@ def test_stop_string_ends_and_is_cut(mixing, tokenizer):
     assert cut.text == full.text[: full.text.find(stop)]
 
 
-def test_queue_full_when_too_many_wait(mixing, tokenizer):
-    engine = _engine(mixing, max_queue=2)
+def test_queue_full_when_too_many_wait(backend, mixing, tokenizer):
+    engine = _engine(mixing, backend, max_queue=2)
     try:
         engine.pause()
         for _ in range(2):
@@ -197,8 +206,8 @@ def test_queue_full_when_too_many_wait(mixing, tokenizer):
         engine.stop()
 
 
-def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(mixing, tokenizer):
-    engine = _engine(mixing, max_queue=2)
+def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(backend, mixing, tokenizer):
+    engine = _engine(mixing, backend, max_queue=2)
     try:
         engine.pause()  # nothing is admitted: only cancel() can free a place
         first, first_sink = make_job(tokenizer, "x")
@@ -218,8 +227,8 @@ def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(mixing, 
         engine.stop()
 
 
-def test_cancelled_requests_end_while_the_batch_is_full(mixing, tokenizer):
-    engine = _engine(mixing, max_batch_size=1, max_queue=4)
+def test_cancelled_requests_end_while_the_batch_is_full(backend, mixing, tokenizer):
+    engine = _engine(mixing, backend, max_batch_size=1, max_queue=4)
     try:
         long, long_sink = make_job(tokenizer, TEXTS[1], max_new_tokens=200, ignore_eos=True)
         engine.submit(long)  # holds the only batch row
@@ -255,8 +264,8 @@ def test_growing_kv_buffer_gives_the_same_tokens_as_dynamic_cache(mixing, tokeni
     assert [d.token_ids for d in a] == [d.token_ids for d in b]
 
 
-def test_ignore_eos_generates_exactly_max_new_tokens(mixing, tokenizer):
-    engine = _engine(mixing)
+def test_ignore_eos_generates_exactly_max_new_tokens(backend, mixing, tokenizer):
+    engine = _engine(mixing, backend)
     engine.eos_ids = set(range(len(tokenizer)))  # every token ends the sequence...
     try:
         [stopped] = _solo(engine, tokenizer, [(TEXTS[0], None, None)], max_new_tokens=6)
@@ -267,10 +276,10 @@ def test_ignore_eos_generates_exactly_max_new_tokens(mixing, tokenizer):
     assert (kept.completion_tokens, kept.finish_reason) == (6, "length")  # ...unless ignored
 
 
-def test_burst_within_the_batch_window_is_prefilled_together(mixing, tokenizer, softs):
+def test_burst_within_the_batch_window_is_prefilled_together(backend, mixing, tokenizer, softs):
     import time
 
-    engine = _engine(mixing, batch_window_ms=50)
+    engine = _engine(mixing, backend, batch_window_ms=50)
     try:
         sinks = []
         for text, key, soft in _cases(softs):
@@ -285,7 +294,7 @@ def test_burst_within_the_batch_window_is_prefilled_together(mixing, tokenizer, 
     assert all(d.batch_sizes[0] == len(sinks) for d in done)
 
 
-def test_engine_leaves_the_threads_other_work_holds_and_takes_them_back(mixing, tokenizer):
+def test_engine_leaves_the_threads_other_work_holds_and_takes_them_back(backend, mixing, tokenizer):
     previous = torch.get_num_threads()
     reserved = [0]
 
@@ -294,7 +303,7 @@ def test_engine_leaves_the_threads_other_work_holds_and_takes_them_back(mixing, 
             raise RuntimeError("the job manager is broken")
         return reserved[0]
 
-    engine = _engine(mixing, reserved_threads=held, threads=2)
+    engine = _engine(mixing, backend, reserved_threads=held, threads=2)
     try:
         seen = []
         for reserved[0] in (0, 1, 5, None, 0, 1):  # a job starts, a bigger one, a broken probe, none, one again
@@ -315,3 +324,17 @@ def _count_in_a_new_thread() -> int:
     thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
     thread.start(), thread.join()
     return seen[0]
+
+
+def test_llamacpp_rows_give_the_torch_engines_tokens(mixing, tokenizer, softs, untied_gguf_path):
+    """The same weights (f32) through either backend: a mixed batch of soft prompts, the same tokens."""
+    torch_engine = _engine(mixing, ("torch", None), max_batch_size=8)
+    llama_engine = _engine(mixing, ("llamacpp", untied_gguf_path), max_batch_size=8)
+    try:
+        cases = _cases(softs)
+        expected = _together(torch_engine, tokenizer, cases, max_new_tokens=16)
+        got = _together(llama_engine, tokenizer, cases, max_new_tokens=16)
+    finally:
+        torch_engine.stop(), llama_engine.stop()
+    assert [d.token_ids for d in got] == [d.token_ids for d in expected]
+    assert llama_engine.stats()["backend"] == "llamacpp"

@@ -1,5 +1,5 @@
 """A failure at any stage fails exactly the requests it concerns, each gets exactly one final
-event, and the engine keeps serving (issue 12)."""
+event, and the engine keeps serving (issue 12). On both backends (torch and llama.cpp)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from core.modeling import from_loaded
 from server.engine import DoneEvent, Engine, FailedEvent, GenerationRequest, SamplingParams, TokenEvent, sampling
 from server.engine.errors import EngineNotReadyError, ShuttingDownError
-from tests.engine_helpers import make_job, untied_llama
+from tests.engine_helpers import BACKENDS, make_engine, make_job, untied_llama
 
 
 class Recorder:
@@ -35,9 +35,15 @@ class Recorder:
         return event
 
 
-@pytest.fixture
-def engine(tokenizer):
-    engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"), max_batch_size=8)
+def _new_engine(backend: str, tokenizer, gguf: str, **kwargs) -> Engine:
+    return make_engine(
+        backend, from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"), gguf, **kwargs
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def engine(request, tokenizer, untied_gguf_path):
+    engine = _new_engine(request.param, tokenizer, untied_gguf_path, max_batch_size=8)
     engine.start()
     yield engine
     engine.stop()
@@ -96,18 +102,32 @@ def test_a_failed_prefill_fails_only_the_rows_it_was_prefilling(engine, tokenize
 
 
 def test_a_failed_decode_step_fails_the_batch_once_and_the_engine_goes_on(engine, tokenizer, monkeypatch):
-    model = engine.model
-    real_forward = model.forward
     calls = {"decode": 0}
+    if engine.backend.name == "torch":  # the model's forward fails, as a real kernel would
+        owner, name = engine.model, "forward"
 
-    def forward(*args, **kwargs):
-        if kwargs.get("input_ids") is not None:  # decode steps pass ids, prefills pass embeddings
-            calls["decode"] += 1
-            if calls["decode"] == 3:
-                raise RuntimeError("injected decode failure")
-        return real_forward(*args, **kwargs)
+        def failing(real):
+            def forward(*args, **kwargs):
+                if kwargs.get("input_ids") is not None:  # decode steps pass ids, prefills pass embeddings
+                    calls["decode"] += 1
+                    if calls["decode"] == 3:
+                        raise RuntimeError("injected decode failure")
+                return real(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", forward)
+            return forward
+    else:  # llama.cpp's decode call fails
+        owner, name = engine.backend.ctx, "step"
+
+        def failing(real):
+            def step(*args):
+                calls["decode"] += 1
+                if calls["decode"] == 3:
+                    raise RuntimeError("injected decode failure")
+                return real(*args)
+
+            return step
+
+    monkeypatch.setattr(owner, name, failing(getattr(owner, name)))
     jobs = [_job(tokenizer, f"row {i}", max_new_tokens=10, ignore_eos=True) for i in range(4)]
     _submit_together(engine, [j for j, _ in jobs])
     finals = [rec.final() for _, rec in jobs]
@@ -146,8 +166,9 @@ def test_a_failing_sink_does_not_hurt_the_engine(engine, tokenizer):
     _serves_afterwards(engine, tokenizer)
 
 
-def test_stop_fails_every_queued_and_running_request_once(tokenizer):
-    engine = Engine(from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied"), max_batch_size=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_fails_every_queued_and_running_request_once(backend, tokenizer, untied_gguf_path):
+    engine = _new_engine(backend, tokenizer, untied_gguf_path, max_batch_size=2)
     engine.start()
     jobs = [_job(tokenizer, f"long {i}", max_new_tokens=200, ignore_eos=True) for i in range(5)]
     for job, _ in jobs:

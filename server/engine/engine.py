@@ -2,8 +2,9 @@
 
 Continuous batching: between two decode steps the thread takes what arrived in its inbox (a
 typed message each: a request, a prewarm, a call), admits waiting requests (any mix of prompt
-versions, scheduler.py), prefills them together on top of their cached prefixes (prefill.py),
-and merges them into the running batch (batch.py); rows that finish leave at once.
+versions, scheduler.py), has the backend prefill them together on top of their cached prefixes
+(backend.py: torch or llama.cpp), and merges them into the running batch (batch.py); rows that
+finish leave at once.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from core.modeling import FrozenModel
+from server.engine.backend import Backend
 from server.engine.batch import Batch
 from server.engine.errors import EngineError, ShuttingDownError
-from server.engine.prefill import Prefiller
 from server.engine.prefix_cache import PrefixCache
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import DEFAULT_TENANT, GenerationRequest, Sequence
+from server.engine.torch_backend import TorchBackend
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +81,12 @@ class Engine:
         scheduling: str = "fair",
         reserved_threads: Callable[[], int] | None = None,
         threads: int | None = None,
+        backend: Backend | None = None,
     ):
+        """`backend` computes the rows (default: a TorchBackend on `frozen`, which `prefix_cache`,
+        `use_prefix_cache` and `growing_cache` configure); `frozen` always gives the tokenizer."""
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue, self.retry_after = max_batch_size, max_queue, retry_after
-        self.prefix_cache = prefix_cache or PrefixCache(max_bytes=1 << 30)
         self.batch_window_s = batch_window_ms / 1e3
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
@@ -100,8 +104,15 @@ class Engine:
             "prewarms": 0,
         }
         self.scheduler = Scheduler(max_queue=max_queue, retry_after=retry_after, policy=scheduling)
-        self.prefiller = Prefiller(frozen, self.prefix_cache, use_prefix_cache=use_prefix_cache, pad_id=int(pad))
-        self.batch = Batch(self.model, self.counters, growing_cache=growing_cache)
+        self.backend = backend or TorchBackend(
+            frozen,
+            pad_id=int(pad),
+            prefix_cache=prefix_cache,
+            use_prefix_cache=use_prefix_cache,
+            growing_cache=growing_cache,
+        )
+        self.prefix_cache = self.backend.prefix_cache
+        self.batch = Batch(self.backend, self.counters)
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._stop = threading.Event()
         self._running = threading.Event()
@@ -190,18 +201,18 @@ class Engine:
             "waiting": self.scheduler.waiting_count(),
             "max_batch_size": self.max_batch_size,
             "threads": self._threads_now,
-            "attention": self.model.config._attn_implementation,
-            "prefix_cache": self.prefix_cache.stats(),
+            **self.backend.stats(),
         }
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        torch.set_num_threads(self._threads_full)
+        self.backend.set_threads(self._threads_full)
         try:
             self._serve()
         finally:  # the count set in this thread also becomes the process default: leave the full one
             torch.set_num_threads(self._threads_full)
             self._close_out()
+            self.backend.close()
 
     def _serve(self) -> None:
         with torch.inference_mode():
@@ -280,13 +291,13 @@ class Engine:
             return
         want = max(1, self._threads_full - reserved)
         if want != self._threads_now:
-            torch.set_num_threads(want)  # per thread under OpenMP: must run in the engine thread
+            self.backend.set_threads(want)  # torch's is per thread under OpenMP: run in the engine thread
             logger.info("engine threads %d -> %d (%d held by other work)", self._threads_now, want, reserved)
             self._threads_now = want
 
     def _do_prewarm(self, message: Prewarm) -> None:
         try:
-            if self.prefiller.prewarm(message.prompt_key, message.head_ids, message.soft):
+            if self.backend.prewarm(message.prompt_key, message.head_ids, message.soft):
                 self.counters["prewarms"] += 1
             message.future.set_result(True)
         except Exception as exc:
@@ -302,7 +313,7 @@ class Engine:
         it was."""
         new: list[Sequence] = []
         running = Counter(s.request.tenant for s in self.batch.seqs)
-        for request in self.scheduler.admit(self.max_batch_size - len(self.batch), running):
+        for request in self.scheduler.admit(self.max_batch_size - len(self.batch), running, self.backend.fits):
             try:
                 new.append(Sequence(request, self.tokenizer, self.eos_ids))
             except Exception as exc:
@@ -312,22 +323,29 @@ class Engine:
             return
         started = time.perf_counter()
         try:
-            kv, mask, logits = self._prefill([s.request for s in new])
-            self.counters["prefill_batches"] += 1
-            elapsed = (time.perf_counter() - started) * 1e3
-            size = len(self.batch) + len(new)
-            for s in new:
-                s.prefill_ms, s.joined_batch = elapsed, size
-            self.batch.join(new, kv, mask, logits)
+            state, logits = self._prefill([s.request for s in new])
         except Exception as exc:
             logger.exception("prefill of %d new rows failed", len(new))
             for s in new:
                 self.batch.fail(s.request, EngineError(f"Prefill failed: {exc}"))
             return
+        self.counters["prefill_batches"] += 1
+        elapsed = (time.perf_counter() - started) * 1e3
+        size = len(self.batch) + len(new)
+        for s in new:
+            s.prefill_ms, s.joined_batch = elapsed, size
+        try:
+            self.batch.join(new, state, logits)
+        except Exception as exc:
+            logger.exception("could not merge %d new rows into the batch", len(new))
+            self.backend.discard(state)
+            for s in new:
+                self.batch.fail(s.request, EngineError(f"Prefill failed: {exc}"))
+            return
         self.batch.retire_finished()
 
-    def _prefill(self, requests: list[GenerationRequest]):
-        return self.prefiller.prefill(requests)
+    def _prefill(self, requests: list[GenerationRequest]) -> tuple[object, torch.Tensor]:
+        return self.backend.prefill(requests)
 
     def _decode_step(self) -> None:
         self.batch.step()

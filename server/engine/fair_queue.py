@@ -41,6 +41,15 @@ class FairQueue:
             self._queues[key] = queue
         return request
 
+    def push_front(self, request: GenerationRequest) -> None:
+        """Put back a request just taken (it could not start yet): first in its queue, and its
+        tenant first in the rotation again."""
+        key = self._key(request)
+        queue = self._queues.pop(key, deque())
+        queue.appendleft(request)
+        self._queues[key] = queue
+        self._queues.move_to_end(key, last=False)
+
     def drop(self, unwanted) -> list[GenerationRequest]:
         """Remove and return the requests for which `unwanted(request)` holds."""
         dropped = []

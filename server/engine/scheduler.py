@@ -82,8 +82,11 @@ class Scheduler:
             self.closed = True
 
     # ------------------------------------------------------------ the loop's thread
-    def admit(self, free_rows: int, running: Counter[str] | None = None) -> list[GenerationRequest]:
+    def admit(self, free_rows: int, running: Counter[str] | None = None, fits=None) -> list[GenerationRequest]:
         """The waiting requests that join the batch now (their places freed); cancelled ones end here.
+
+        With `fits(requests)` (the backend's: do these new rows' key/values fit beside the running
+        ones?), admission stops at the first request that does not fit; it stays first in line.
 
         Under the `fair` policy the batch's rows are shared too: with `running` (rows by tenant), a
         tenant holds at most its share of them, the batch's rows divided by the tenants running or
@@ -107,6 +110,9 @@ class Scheduler:
         while self.waiting and len(admitted) < free_rows:
             request = self.waiting.popleft(under_share if shared else None)
             if request is None:  # every waiting tenant holds its share: the free rows are the others'
+                break
+            if not request.cancelled and fits is not None and not fits(admitted + [request]):
+                self.waiting.push_front(request)
                 break
             with self.lock:
                 self._give_back_place(request)

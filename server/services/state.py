@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from core.modeling import FrozenModel, load_frozen_model
+from core.modeling import FrozenModel, load_frozen_model, resolve_spec
+from core.models import ModelSpecError
 from prompt_store import open_store
 from server.engine import Engine, PrefixCache
 from server.engine.rewrites import ServingRewrites, prepare_for_serving
@@ -89,6 +90,7 @@ class AppState:
             )
             logger.info("model rewritten for serving: %s", self.rewrites)
             prefixes = PrefixCache(max_bytes=settings.prefix_cache_mb * 1024 * 1024)
+            backend = llamacpp_backend(frozen, settings) if settings.engine == "llamacpp" else None
             self.engine = Engine(
                 frozen,
                 max_batch_size=settings.max_batch_size,
@@ -100,7 +102,9 @@ class AppState:
                 reserved_threads=self.reserved_threads,
                 threads=settings.threads,
                 scheduling=settings.scheduling,
+                backend=backend,
             )
+            prefixes = self.engine.prefix_cache
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(
                 frozen,
@@ -194,3 +198,24 @@ class AppState:
             }
         out["torch_threads"] = torch.get_num_threads()
         return out
+
+
+def llamacpp_backend(frozen: FrozenModel, settings: Settings):
+    """The llama.cpp backend on the GGUF file the model was loaded from (SOFTPROMPT_ENGINE=llamacpp)."""
+    from server.engine.llamacpp_backend import LlamaCppBackend
+
+    resolved = resolve_spec(settings.model)
+    if resolved.gguf_file is None:
+        raise ModelSpecError(
+            f"SOFTPROMPT_ENGINE=llamacpp runs a GGUF file, and {settings.model!r} is a Hugging Face folder: "
+            "give a .gguf model (or a named model), or use SOFTPROMPT_ENGINE=torch"
+        )
+    return LlamaCppBackend(
+        frozen,
+        resolved.folder / resolved.gguf_file,
+        max_rows=settings.max_batch_size,
+        kv_tokens=settings.llamacpp_kv_tokens,
+        prefix_slots=settings.llamacpp_prefix_slots,
+        use_prefix_cache=settings.use_prefix_cache,
+        threads=settings.threads,
+    )
