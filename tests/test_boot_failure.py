@@ -17,15 +17,17 @@ pytestmark = pytest.mark.processes
 
 
 @pytest.mark.parametrize(
-    "model, reason",
+    "model, reason, engine",
     [
-        ("missing-model-folder", "Cannot load model spec"),
-        ("broken-model", "SafetensorError"),
+        ("missing-model-folder", "Cannot load model spec", "torch"),
+        ("broken-model", "SafetensorError", "torch"),
+        ("hf-model", "SOFTPROMPT_ENGINE=llamacpp runs a GGUF file", "llamacpp"),  # nothing for llama.cpp to run
     ],
 )
-def test_a_model_that_cannot_load_stops_the_server_with_its_reason(frozen, tmp_path, model, reason):
-    if model == "broken-model":  # a real model folder whose weights file was cut short
+def test_a_model_that_cannot_load_stops_the_server_with_its_reason(frozen, tmp_path, model, reason, engine):
+    if model in ("broken-model", "hf-model"):
         save_tiny_model(frozen, tmp_path / model)
+    if model == "broken-model":  # a real model folder whose weights file was cut short
         weights = tmp_path / model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
     started = time.monotonic()
@@ -39,6 +41,8 @@ def test_a_model_that_cannot_load_stops_the_server_with_its_reason(frozen, tmp_p
             "store",
             "--port",
             str(free_port()),
+            "--engine",
+            engine,
         ],
         cwd=tmp_path,
         capture_output=True,

@@ -334,7 +334,13 @@ def test_llamacpp_rows_give_the_torch_engines_tokens(mixing, tokenizer, softs, u
         cases = _cases(softs)
         expected = _together(torch_engine, tokenizer, cases, max_new_tokens=16)
         got = _together(llama_engine, tokenizer, cases, max_new_tokens=16)
+        sampled = {  # the same seed draws the same tokens from the same logits
+            name: _together(engine, tokenizer, cases, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=11)
+            for name, engine in (("torch", torch_engine), ("llamacpp", llama_engine))
+        }
     finally:
         torch_engine.stop(), llama_engine.stop()
     assert [d.token_ids for d in got] == [d.token_ids for d in expected]
+    assert [d.token_ids for d in sampled["llamacpp"]] == [d.token_ids for d in sampled["torch"]]
+    assert [d.token_ids for d in sampled["torch"]] != [d.token_ids for d in expected]  # it did sample
     assert llama_engine.stats()["backend"] == "llamacpp"

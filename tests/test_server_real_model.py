@@ -118,3 +118,58 @@ def test_real_model_eval_job_scores_what_generate_serves(real_model, tmp_path):
         scores = {r["reference"]: r["score"] for r in table["results"]}
         assert scores["adder"] == scores[f"text: {INSTRUCTION}"]
         assert client.get("/prompts/adder").json()["evaluations"][0]["data"]["name"] == "problems.jsonl"
+
+
+def test_llamacpp_engine_on_the_default_gguf_reads_a_texts_embeddings_as_the_text(real_model, tmp_path):
+    """On the llama.cpp engine (the GGUF's own 4-bit weights) a soft prompt made of the instruction's
+    token embeddings gives the tokens of the instruction fed as tokens; and the server serves it."""
+    from core.modeling import resolve_spec
+    from server.engine.llamacpp_backend import LlamaCppBackend
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import GenerationRequest
+    from tests.engine_helpers import Collector, require_llamacpp
+
+    require_llamacpp()
+    resolved = resolve_spec("default")
+    gguf = resolved.folder / resolved.gguf_file
+    engine = Engine(real_model, backend=LlamaCppBackend(real_model, gguf, max_rows=4, kv_tokens=8192))
+    engine.start()
+    try:
+        as_soft, soft_sink = make_job(
+            real_model.tokenizer,
+            QUESTION,
+            _text_prompt(real_model, INSTRUCTION),
+            key=("adder", 1, "x"),
+            max_new_tokens=20,
+        )
+        layout = ChatLayout(real_model.tokenizer).for_input(QUESTION)
+        text_ids = real_model.tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
+        text_sink = Collector()
+        as_text = GenerationRequest(
+            prompt_key=None,
+            soft=None,
+            head_ids=tuple(layout.head_ids) + tuple(text_ids),
+            tail_ids=tuple(layout.tail_ids),
+            params=SamplingParams(max_new_tokens=20),
+            sink=text_sink,
+        )
+        engine.submit(as_soft), engine.submit(as_text)
+        soft_done, text_done = soft_sink.result(120)[0], text_sink.result(120)[0]
+    finally:
+        engine.stop()
+    assert soft_done.text.strip() and soft_done.token_ids == text_done.token_ids
+
+    with open_store(tmp_path / "store") as store:
+        store.publish(
+            "adder",
+            _text_prompt(real_model, INSTRUCTION),
+            fingerprint=real_model.fingerprint,
+            base_model=real_model.base_model,
+        )
+    settings = Settings(store=tmp_path / "store", model="default", engine="llamacpp", api_key=None)
+    with TestClient(create_app(settings, frozen=real_model)) as client:
+        served = client.post("/generate", params={"prompt": "adder"}, json={"input": QUESTION, "max_new_tokens": 20})
+        stats = client.get("/stats").json()
+    assert served.status_code == 200, served.text
+    assert stats["engine"]["backend"] == "llamacpp"
+    assert served.json()["text"] == soft_done.text

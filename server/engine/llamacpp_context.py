@@ -64,11 +64,13 @@ def _route_logs(llama_cpp) -> None:
     if _log_callback is not None:
         return
 
+    levels = {3: logging.WARNING, 4: logging.ERROR}  # ggml's WARN and ERROR; DEBUG, INFO and CONT are debug
+
     @llama_cpp.llama_log_callback
     def callback(level, text, _user):
         line = text.decode("utf-8", "replace").rstrip()
         if line:
-            logger.log(logging.WARNING if level == 2 else logging.DEBUG, "llama.cpp: %s", line)
+            logger.log(levels.get(level, logging.DEBUG), "llama.cpp: %s", line)
 
     _log_callback = callback
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))

@@ -1,0 +1,120 @@
+"""What only the llama.cpp backend has: a key/value memory of fixed size, prefix slots, and the
+server wired to it (SOFTPROMPT_ENGINE=llamacpp). The behaviour both backends share is tested on
+both in test_engine.py and test_engine_failures.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.modeling import from_loaded
+from tests.engine_helpers import make_engine, make_job, require_llamacpp, untied_llama, wait_all
+from tests.http_helpers import make_settings, parse_sse, publish
+
+TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
+
+
+@pytest.fixture(autouse=True)
+def _llamacpp():
+    require_llamacpp()
+
+
+@pytest.fixture(scope="module")
+def untied(tokenizer):
+    return from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
+
+
+def _run(engine, tokenizer, jobs_args, **params):
+    """Submit every job while paused (one admission), return their DoneEvents."""
+    engine.pause()
+    sinks = []
+    for text, soft, key in jobs_args:
+        job, sink = make_job(tokenizer, text, soft, key=key, **params)
+        engine.submit(job)
+        sinks.append(sink)
+    engine.resume()
+    return [done for done, _ in wait_all(sinks)]
+
+
+def test_requests_wait_for_room_in_the_memory_instead_of_failing(untied, tokenizer, untied_gguf_path):
+    """256 cells, each request reserves ~60: at most 4 rows run at once, all 8 requests finish."""
+    reference = make_engine("torch", untied, max_batch_size=8)
+    small = make_engine("llamacpp", untied, untied_gguf_path, max_batch_size=8, kv_tokens=256)
+    reference.start(), small.start()
+    try:
+        cases = [(f"{TEXTS[i % 4]} {i}", None, None) for i in range(8)]
+        expected = _run(reference, tokenizer, cases, max_new_tokens=40, ignore_eos=True)
+        got = _run(small, tokenizer, cases, max_new_tokens=40, ignore_eos=True)
+    finally:
+        reference.stop(), small.stop()
+    assert all(d.finish_reason == "length" and d.completion_tokens == 40 for d in got)
+    assert [d.token_ids for d in got] == [d.token_ids for d in expected]
+    assert 1 < small.counters["max_batch_size_seen"] < 8  # the memory, not the batch size, was the bound
+    assert small.counters["requests_failed"] == 0
+
+
+def test_prefix_slots_are_reused_least_recently_used_first(untied, tokenizer, untied_gguf_path):
+    torch.manual_seed(3)
+    softs = {name: torch.randn(n, 64) for name, n in (("a", 3), ("b", 6), ("c", 4))}
+    reference = make_engine("torch", untied)
+    engine = make_engine("llamacpp", untied, untied_gguf_path, prefix_slots=2)
+    reference.start(), engine.start()
+    try:
+        order = ["a", "b", "c", "a", "c", "b"]  # the third prompt evicts the first, which comes back
+        got = [_run(engine, tokenizer, [(TEXTS[0], softs[n], (n, 1, "x"))], max_new_tokens=8)[0] for n in order]
+        want = [_run(reference, tokenizer, [(TEXTS[0], softs[n], (n, 1, "x"))], max_new_tokens=8)[0] for n in order]
+        stats = engine.prefix_cache.stats()
+    finally:
+        reference.stop(), engine.stop()
+    assert [d.token_ids for d in got] == [d.token_ids for d in want]
+    assert stats["entries"] == 2
+    assert stats["misses"] >= 4 and stats["hits"] >= 1  # a, b, c, a again were computed; c was still there
+
+
+def test_a_deleted_prompts_prefix_leaves_the_memory(untied, tokenizer, untied_gguf_path):
+    torch.manual_seed(4)
+    soft = torch.randn(5, 64)
+    engine = make_engine("llamacpp", untied, untied_gguf_path)
+    engine.start()
+    try:
+        _run(engine, tokenizer, [(TEXTS[1], soft, ("gone", 1, "x"))], max_new_tokens=4)
+        assert engine.prefix_cache.stats()["entries"] >= 1
+        assert engine.prefix_cache.evict_prompt("gone") == 1
+        [done] = _run(engine, tokenizer, [(TEXTS[1], None, None)], max_new_tokens=4)  # frees it, serves on
+    finally:
+        engine.stop()
+    assert done.finish_reason in ("length", "stop")
+    assert not any(k[0] and k[0][0] == "gone" for k in engine.prefix_cache.items)
+    assert len(engine.prefix_cache.free) == 4 - len(engine.prefix_cache.items)
+
+
+def test_the_server_serves_prompts_through_llamacpp_as_through_torch(untied, untied_gguf_path, tmp_path):
+    """The same HTTP surface on either engine: /generate with a prompt, streamed, and OpenAI chat."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    publish(tmp_path / "store", untied, "tone", vectors=6)
+    answers = {}
+    for engine in ("torch", "llamacpp"):
+        settings = make_settings(tmp_path, model=untied_gguf_path, engine=engine)
+        with TestClient(create_app(settings, frozen=untied)) as client:
+            body = {"input": "What is two plus three?", "max_new_tokens": 12, "ignore_eos": True}
+            plain = client.post("/generate", params={"prompt": "tone"}, json=body)
+            streamed = client.post("/generate", params={"prompt": "tone", "stream": "true"}, json=body)
+            chat = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "tone",
+                    "messages": [{"role": "user", "content": "Classify"}],
+                    "max_tokens": 6,
+                    "temperature": 0,
+                },
+            )
+            stats = client.get("/stats").json()
+        assert plain.status_code == streamed.status_code == chat.status_code == 200, plain.text
+        pieces = [data["text"] for name, data in parse_sse(streamed.text) if name == "token"]
+        assert "".join(pieces) == plain.json()["text"]
+        assert stats["engine"]["backend"] == engine
+        answers[engine] = (plain.json()["text"], chat.json()["choices"][0]["message"]["content"])
+    assert answers["llamacpp"] == answers["torch"]
