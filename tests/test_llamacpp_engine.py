@@ -118,3 +118,37 @@ def test_the_server_serves_prompts_through_llamacpp_as_through_torch(untied, unt
         assert stats["engine"]["backend"] == engine
         answers[engine] = (plain.json()["text"], chat.json()["choices"][0]["message"]["content"])
     assert answers["llamacpp"] == answers["torch"]
+
+
+@pytest.mark.real_model
+def test_rows_decode_as_llama_cpp_itself_decodes_the_default_gguf(real_model):
+    """The engine's llama.cpp rows (a shared prefix slot, the tail, batched steps) give the tokens
+    llama-cpp-python's own greedy generation gives for the same token ids (flash attention off: its
+    F16 path rounds differently with the batch's shape)."""
+    import llama_cpp
+
+    from core.layout import ChatLayout
+    from core.modeling import resolve_spec
+    from server.engine import Engine
+    from server.engine.llamacpp_backend import LlamaCppBackend
+
+    resolved = resolve_spec("default")
+    gguf = resolved.folder / resolved.gguf_file
+    backend = LlamaCppBackend(real_model, gguf, max_rows=4, kv_tokens=8192, threads=2, flash_attention="off")
+    engine = Engine(real_model, backend=backend)
+    reference = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=2, flash_attn=False, verbose=False)
+    engine.start()
+    try:
+        for text in ["Explain why the sky is blue.", "What is 17 times 23?", TEXTS[1]]:
+            layout = ChatLayout(real_model.tokenizer).for_input(text)
+            expected = []
+            for token in reference.generate(list(layout.head_ids + layout.tail_ids), temp=0.0, top_k=1, reset=True):
+                expected.append(token)
+                if len(expected) == 24:
+                    break
+            job, sink = make_job(real_model.tokenizer, text, max_new_tokens=24, ignore_eos=True)
+            engine.submit(job)
+            assert sink.result(120)[0].token_ids == expected, text
+    finally:
+        engine.stop()
+        reference.close()

@@ -101,11 +101,16 @@ class LlamaCppBackend:
         prefix_slots: int = 8,
         use_prefix_cache: bool = True,
         threads: int | None = None,
+        flash_attention: str = "auto",
     ):
         self.frozen, self.use_prefix_cache = frozen, use_prefix_cache
         n_ctx = max(kv_tokens, frozen.context_length)  # any single request the server accepts fits alone
         self.ctx = LlamaContext(
-            gguf, n_ctx=n_ctx, n_seq_max=max_rows + prefix_slots, threads=threads or torch.get_num_threads()
+            gguf,
+            n_ctx=n_ctx,
+            n_seq_max=max_rows + prefix_slots,
+            threads=threads or torch.get_num_threads(),
+            flash_attention=flash_attention,
         )
         hidden = frozen.embedding.weight.shape[1]
         if self.ctx.n_embd != hidden:

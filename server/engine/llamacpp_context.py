@@ -51,6 +51,9 @@ class Embeds:
     logits: bool = False
 
 
+FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
+
+
 class LlamaCppError(RuntimeError):
     pass
 
@@ -69,6 +72,8 @@ def _route_logs(llama_cpp) -> None:
     @llama_cpp.llama_log_callback
     def callback(level, text, _user):
         line = text.decode("utf-8", "replace").rstrip()
+        if "n_ctx_seq" in line and "n_ctx_train" in line:  # unified memory is sized for every row; a row's
+            level = 1  # positions stay within the model's context (requests are checked), so this is expected
         if line:
             logger.log(levels.get(level, logging.DEBUG), "llama.cpp: %s", line)
 
@@ -77,7 +82,16 @@ def _route_logs(llama_cpp) -> None:
 
 
 class LlamaContext:
-    def __init__(self, gguf: Path, *, n_ctx: int, n_seq_max: int, threads: int, n_batch: int = 2048):
+    def __init__(
+        self,
+        gguf: Path,
+        *,
+        n_ctx: int,
+        n_seq_max: int,
+        threads: int,
+        n_batch: int = 2048,
+        flash_attention: str = "auto",
+    ):
         L = self.L = import_llama_cpp()
         _route_logs(L)
         L.llama_backend_init()
@@ -92,6 +106,7 @@ class LlamaContext:
         cparams.kv_unified = True  # sequences share cells: prefixes are copied by reference
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
+        cparams.flash_attn_type = FLASH_ATTENTION[flash_attention]  # auto: on, on CPU (faster; F16 inside)
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             L.llama_model_free(self.model)

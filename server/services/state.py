@@ -218,4 +218,5 @@ def llamacpp_backend(frozen: FrozenModel, settings: Settings):
         prefix_slots=settings.llamacpp_prefix_slots,
         use_prefix_cache=settings.use_prefix_cache,
         threads=settings.threads,
+        flash_attention=settings.llamacpp_flash_attention,
     )
