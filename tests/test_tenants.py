@@ -63,20 +63,32 @@ def _waiting(tokenizer, scheduler, counts: dict[str, int]) -> None:
 
 def test_a_key_holds_at_most_its_share_of_the_batch_rows_while_another_key_is_active(tokenizer):
     scheduler = Scheduler(max_queue=64, retry_after=1)
-    _waiting(tokenizer, scheduler, {"flood": 5, "polite": 3})
+    _waiting(tokenizer, scheduler, {"flood": 9, "polite": 3})
     # 8 rows, flood holds 6: two keys active, a share is 4 rows; only polite joins
     admitted = scheduler.admit(2, Counter(flood=6))
     assert [job.tenant for job in admitted] == ["polite", "polite"]
-    # polite holds 2 and waits with 1 more; flood holds 2: each key fills up to its 4
+    # polite holds 2 and waits with 1 more (asks for 3); flood holds 2: flood goes up to 3, polite to its 3
     admitted = scheduler.admit(4, Counter(flood=2, polite=2))
-    assert sorted(job.tenant for job in admitted) == ["flood", "flood", "polite"]
-    # polite has nothing waiting but still runs 3 rows: flood stops at its 4, a row stays free for polite
-    admitted = scheduler.admit(1, Counter(flood=4, polite=3))
+    assert sorted(job.tenant for job in admitted) == ["flood", "polite"]
+    # polite has nothing waiting but still runs 3 rows: flood stops at 3, the free rows stay free
+    admitted = scheduler.admit(2, Counter(flood=3, polite=3))
     assert admitted == []
     # polite is gone: flood may take every free row
-    admitted = scheduler.admit(3, Counter(flood=4))
-    assert [job.tenant for job in admitted] == ["flood", "flood", "flood"]
-    assert not scheduler.waiting and scheduler.places == 0
+    admitted = scheduler.admit(5, Counter(flood=3))
+    assert [job.tenant for job in admitted] == ["flood"] * 5
+    assert len(scheduler.waiting) == 3 and scheduler.places == 3
+
+
+def test_beside_a_small_key_a_flood_runs_no_more_rows_than_that_key_asks_for(tokenizer):
+    """16 rows, a polite key running 4: the flood gets 4 of them (not half the batch), so the
+    polite key's steps are not slowed by 12 flood rows and their prefills."""
+    scheduler = Scheduler(max_queue=64, retry_after=1)
+    _waiting(tokenizer, scheduler, {"flood": 20})
+    admitted = scheduler.admit(12, Counter(polite=4))
+    assert [job.tenant for job in admitted] == ["flood"] * 4
+    _waiting(tokenizer, scheduler, {"polite": 2})  # polite asks for 6 now: the flood may follow to 6
+    admitted = scheduler.admit(8, Counter(polite=4, flood=4))
+    assert sorted(job.tenant for job in admitted) == ["flood", "flood", "polite", "polite"]
 
 
 def test_fifo_and_a_single_key_fill_every_free_row(tokenizer):

@@ -72,6 +72,11 @@ class FairQueue:
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def count(self, tenant: str) -> int:
+        """Requests of `tenant` waiting (under `fifo`, all of them)."""
+        queue = self._queues.get(tenant if self.policy == "fair" else "")
+        return len(queue) if queue else 0
+
     def tenants(self) -> set[str]:
         """The tenants with requests waiting (one queue under `fifo`)."""
         return set(self._queues)
