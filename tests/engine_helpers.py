@@ -53,6 +53,19 @@ def wait_all(sinks, timeout: float = 60.0):
     return [sink.result(timeout) for sink in sinks]
 
 
+def submit_together(engine, tokenizer, cases, **params):
+    """Submit (text, prompt key, soft prompt) cases while the engine is paused, so they are all
+    admitted in one batch; their DoneEvents in order."""
+    engine.pause()
+    sinks = []
+    for text, key, soft in cases:
+        job, sink = make_job(tokenizer, text, soft, key=key, **params)
+        engine.submit(job)
+        sinks.append(sink)
+    engine.resume()
+    return [done for done, _ in wait_all(sinks)]
+
+
 MIXED_TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
 
 

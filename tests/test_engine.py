@@ -12,7 +12,7 @@ import torch
 from core.modeling import from_loaded
 from server.engine import Engine, PrefixCache, QueueFullError
 from server.engine.rewrites import prepare_for_serving
-from tests.engine_helpers import BACKENDS, make_engine, make_job, untied_llama, wait_all
+from tests.engine_helpers import BACKENDS, make_engine, make_job, submit_together, untied_llama, wait_all
 
 TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "the plot was dull and boring, a bad movie"]
 
@@ -58,23 +58,11 @@ def _solo(engine, tokenizer, cases, **params):
     return out
 
 
-def _together(engine, tokenizer, cases, **params):
-    """Submit every case while the engine is paused, so they are all admitted in one batch."""
-    engine.pause()
-    sinks = []
-    for text, key, soft in cases:
-        job, sink = make_job(tokenizer, text, soft, key=key, **params)
-        engine.submit(job)
-        sinks.append(sink)
-    engine.resume()
-    return [done for done, _ in wait_all(sinks)]
-
-
 def test_mixed_prompt_batch_gives_each_request_its_solo_tokens(backend, mixing, tokenizer, softs):
     engine = _engine(mixing, backend, max_batch_size=8)
     try:
         cases = _cases(softs)
-        together = _together(engine, tokenizer, cases, max_new_tokens=12)
+        together = submit_together(engine, tokenizer, cases, max_new_tokens=12)
         alone = _solo(engine, tokenizer, cases, max_new_tokens=12)
     finally:
         engine.stop()
@@ -257,8 +245,8 @@ def test_growing_kv_buffer_gives_the_same_tokens_as_dynamic_cache(mixing, tokeni
     growing, plain = _engine(mixing, growing_cache=True), _engine(mixing, growing_cache=False)
     try:
         cases = _cases(softs)
-        a = _together(growing, tokenizer, cases, max_new_tokens=20)
-        b = _together(plain, tokenizer, cases, max_new_tokens=20)
+        a = submit_together(growing, tokenizer, cases, max_new_tokens=20)
+        b = submit_together(plain, tokenizer, cases, max_new_tokens=20)
     finally:
         growing.stop(), plain.stop()
     assert [d.token_ids for d in a] == [d.token_ids for d in b]
@@ -276,7 +264,7 @@ def test_ignore_eos_generates_exactly_max_new_tokens(backend, mixing, tokenizer)
     assert (kept.completion_tokens, kept.finish_reason) == (6, "length")  # ...unless ignored
 
 
-def test_burst_within_the_batch_window_is_prefilled_together(backend, mixing, tokenizer, softs):
+def test_burst_within_the_batch_window_is_prefilledsubmit_together(backend, mixing, tokenizer, softs):
     import time
 
     engine = _engine(mixing, backend, batch_window_ms=50)
@@ -332,10 +320,10 @@ def test_llamacpp_rows_give_the_torch_engines_tokens(mixing, tokenizer, softs, u
     llama_engine = _engine(mixing, ("llamacpp", untied_gguf_path), max_batch_size=8)
     try:
         cases = _cases(softs)
-        expected = _together(torch_engine, tokenizer, cases, max_new_tokens=16)
-        got = _together(llama_engine, tokenizer, cases, max_new_tokens=16)
+        expected = submit_together(torch_engine, tokenizer, cases, max_new_tokens=16)
+        got = submit_together(llama_engine, tokenizer, cases, max_new_tokens=16)
         sampled = {  # the same seed draws the same tokens from the same logits
-            name: _together(engine, tokenizer, cases, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=11)
+            name: submit_together(engine, tokenizer, cases, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=11)
             for name, engine in (("torch", torch_engine), ("llamacpp", llama_engine))
         }
     finally:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.modeling import from_loaded
-from tests.engine_helpers import make_engine, make_job, require_llamacpp, untied_llama, wait_all
+from tests.engine_helpers import make_engine, make_job, require_llamacpp, submit_together, untied_llama
 from tests.http_helpers import make_settings, parse_sse, publish
 
 TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie"]
@@ -24,18 +24,6 @@ def untied(tokenizer):
     return from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
 
 
-def _run(engine, tokenizer, jobs_args, **params):
-    """Submit every job while paused (one admission), return their DoneEvents."""
-    engine.pause()
-    sinks = []
-    for text, soft, key in jobs_args:
-        job, sink = make_job(tokenizer, text, soft, key=key, **params)
-        engine.submit(job)
-        sinks.append(sink)
-    engine.resume()
-    return [done for done, _ in wait_all(sinks)]
-
-
 def test_requests_wait_for_room_in_the_memory_instead_of_failing(untied, tokenizer, untied_gguf_path):
     """256 cells, each request reserves ~60: at most 4 rows run at once, all 8 requests finish."""
     reference = make_engine("torch", untied, max_batch_size=8)
@@ -43,8 +31,8 @@ def test_requests_wait_for_room_in_the_memory_instead_of_failing(untied, tokeniz
     reference.start(), small.start()
     try:
         cases = [(f"{TEXTS[i % 4]} {i}", None, None) for i in range(8)]
-        expected = _run(reference, tokenizer, cases, max_new_tokens=40, ignore_eos=True)
-        got = _run(small, tokenizer, cases, max_new_tokens=40, ignore_eos=True)
+        expected = submit_together(reference, tokenizer, cases, max_new_tokens=40, ignore_eos=True)
+        got = submit_together(small, tokenizer, cases, max_new_tokens=40, ignore_eos=True)
     finally:
         reference.stop(), small.stop()
     assert all(d.finish_reason == "length" and d.completion_tokens == 40 for d in got)
@@ -61,8 +49,13 @@ def test_prefix_slots_are_reused_least_recently_used_first(untied, tokenizer, un
     reference.start(), engine.start()
     try:
         order = ["a", "b", "c", "a", "c", "b"]  # the third prompt evicts the first, which comes back
-        got = [_run(engine, tokenizer, [(TEXTS[0], softs[n], (n, 1, "x"))], max_new_tokens=8)[0] for n in order]
-        want = [_run(reference, tokenizer, [(TEXTS[0], softs[n], (n, 1, "x"))], max_new_tokens=8)[0] for n in order]
+        got = [
+            submit_together(engine, tokenizer, [(TEXTS[0], (n, 1, "x"), softs[n])], max_new_tokens=8)[0] for n in order
+        ]
+        want = [
+            submit_together(reference, tokenizer, [(TEXTS[0], (n, 1, "x"), softs[n])], max_new_tokens=8)[0]
+            for n in order
+        ]
         stats = engine.prefix_cache.stats()
     finally:
         reference.stop(), engine.stop()
@@ -77,10 +70,10 @@ def test_a_deleted_prompts_prefix_leaves_the_memory(untied, tokenizer, untied_gg
     engine = make_engine("llamacpp", untied, untied_gguf_path)
     engine.start()
     try:
-        _run(engine, tokenizer, [(TEXTS[1], soft, ("gone", 1, "x"))], max_new_tokens=4)
+        submit_together(engine, tokenizer, [(TEXTS[1], ("gone", 1, "x"), soft)], max_new_tokens=4)
         assert engine.prefix_cache.stats()["entries"] >= 1
         assert engine.prefix_cache.evict_prompt("gone") == 1
-        [done] = _run(engine, tokenizer, [(TEXTS[1], None, None)], max_new_tokens=4)  # frees it, serves on
+        [done] = submit_together(engine, tokenizer, [(TEXTS[1], None, None)], max_new_tokens=4)  # frees it, serves on
     finally:
         engine.stop()
     assert done.finish_reason in ("length", "stop")
