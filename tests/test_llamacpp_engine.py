@@ -105,7 +105,10 @@ def test_the_server_serves_prompts_through_llamacpp_as_through_torch(untied, unt
                 },
             )
             stats = client.get("/stats").json()
+            metrics = client.get("/metrics").text
         assert plain.status_code == streamed.status_code == chat.status_code == 200, plain.text
+        assert f'softprompt_engine_info{{backend="{engine}"}} 1.0' in metrics
+        assert ("softprompt_kv_cells_reserved" in metrics) == (engine == "llamacpp")
         pieces = [data["text"] for name, data in parse_sse(streamed.text) if name == "token"]
         assert "".join(pieces) == plain.json()["text"]
         assert stats["engine"]["backend"] == engine

@@ -284,4 +284,10 @@ class LlamaCppBackend:
         self.ctx.close()
 
     def stats(self) -> dict:
-        return {"backend": self.name, "attention": "llama.cpp", "prefix_cache": self.prefix_cache.stats()}
+        return {
+            "backend": self.name,
+            "attention": "llama.cpp",
+            "prefix_cache": self.prefix_cache.stats(),
+            "kv_cells": self.ctx.n_ctx,
+            "kv_cells_reserved": sum(row.cells for row in self.rows) + self.prefix_cache.cells(),
+        }

@@ -149,6 +149,22 @@ class StateCollector:
             yield by_state
         if state.engine is not None:
             engine = state.engine.stats()
+            info = GaugeMetricFamily(
+                "softprompt_engine_info",
+                "What computes the rows (SOFTPROMPT_ENGINE): 1 for the one running.",
+                labels=["backend"],
+            )
+            info.add_metric([engine["backend"]], 1)
+            yield info
+            if "kv_cells" in engine:  # llama.cpp: its key/value memory has a fixed size; admission waits for room
+                yield _gauge(
+                    "softprompt_kv_cells", "Key/value cells of the llama.cpp engine's memory.", engine["kv_cells"]
+                )
+                yield _gauge(
+                    "softprompt_kv_cells_reserved",
+                    "Cells reserved by running rows (prompt + max_new_tokens) and cached prefixes.",
+                    engine["kv_cells_reserved"],
+                )
             yield _gauge("softprompt_requests_running", "Requests in the running batch.", engine["running"])
             yield _gauge("softprompt_requests_waiting", "Requests queued for a batch place.", engine["waiting"])
             cache = engine["prefix_cache"]
