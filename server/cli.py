@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["torch", "llamacpp"],
         help="what computes the rows (overrides SOFTPROMPT_ENGINE; default torch; llamacpp: make install-llamacpp)",
     )
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="for uvicorn and this server's own logs (the access log is info)",
+    )
     train_cli.add_arguments(sub.add_parser("train", help="optimise a soft prompt and publish it"))
     eval_cli.add_arguments(
         sub.add_parser(
@@ -86,6 +91,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = settings_from("serve", given)
     if settings is None:
         return 2
+    # this server's own logs too, not only uvicorn's (uvicorn's "trace" is below debug)
+    logging.getLogger().setLevel("DEBUG" if args.log_level == "trace" else args.log_level.upper())
     app = create_app(settings)
     # Requests still running this long after SIGTERM are cut off: a shutdown always finishes.
     server = uvicorn.Server(
