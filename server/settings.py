@@ -152,8 +152,8 @@ class Settings(JobSettings):
     )
     llamacpp_flash_attention: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="llama.cpp engine: its flash attention (auto: on, on CPU; about 10 % faster here, and further "
-        "from the torch engine's tokens, bench/llamacpp_agreement.py --flash-attention)",
+        description="llama.cpp engine: its flash attention (auto, llama.cpp's default: on for CPU; off decodes as "
+        "llama-cpp-python's own generation does, a little closer to the torch engine: bench/llamacpp_agreement.py)",
     )
     max_batch_size: int = Field(16, ge=1, le=192, description="most sequences decoded together")
     max_queue: int = Field(64, ge=1, description="waiting requests before 503")

@@ -106,7 +106,7 @@ class LlamaContext:
         cparams.kv_unified = True  # sequences share cells: prefixes are copied by reference
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
-        cparams.flash_attn_type = FLASH_ATTENTION[flash_attention]  # auto: on, on CPU (faster; F16 inside)
+        cparams.flash_attn_type = FLASH_ATTENTION[flash_attention]  # auto: on for CPU (F16 inside)
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             L.llama_model_free(self.model)
