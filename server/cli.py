@@ -24,6 +24,7 @@ def _fingerprint(spec: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from prompt_store import cli as prompts_cli
+    from server.engine.backend import ENGINES
     from trainer import cli as train_cli
     from trainer import eval_cli
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--engine",
         default=None,
-        choices=["torch", "llamacpp"],
+        choices=ENGINES,
         help="what computes the rows (overrides SOFTPROMPT_ENGINE; default torch; llamacpp: make install-llamacpp)",
     )
     serve.add_argument(

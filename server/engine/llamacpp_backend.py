@@ -118,10 +118,11 @@ class LlamaCppBackend:
             raise ValueError(f"{gguf} has {self.ctx.n_embd}-wide embeddings, the loaded model {hidden}: not one model")
         self.vocab = frozen.model.get_output_embeddings().weight.shape[0]
         # Soft prompts are what the embedding module outputs; llama.cpp scales what it is given as
-        # its embedding weight's rows (Gemma: sqrt(hidden)), so it gets them unscaled.
-        probe = [min(3, self.vocab - 1)]
-        weight_row = frozen.embedding.weight[probe[0]].float()
-        self.input_scale = float(frozen.token_embeddings(probe)[0].float().norm() / weight_row.norm())
+        # its embedding weight's rows (Gemma: sqrt(hidden)), so it gets them unscaled. Measured on
+        # many rows, so one all-zero row (a padding token's) cannot make it 0/0.
+        probe = list(range(min(64, frozen.embedding.weight.shape[0])))
+        weight_rows = frozen.embedding.weight[probe].float()
+        self.input_scale = float(frozen.token_embeddings(probe).float().norm() / weight_rows.norm())
         self.free = list(range(max_rows))
         self.prefix_cache = PrefixSlots(list(range(max_rows, max_rows + prefix_slots)))
         self.rows: list[Row] = []
@@ -193,11 +194,14 @@ class LlamaCppBackend:
     def fits(self, requests: list[GenerationRequest]) -> bool:
         """Whether these new rows' prompts, prefixes and generations fit the cells left."""
         need = sum(r.prompt_tokens + r.params.max_new_tokens for r in requests)
-        taken = sum(row.cells for row in self.rows) + self.prefix_cache.cells()
-        if taken + need <= self.ctx.n_ctx:
+        if self._reserved() + need <= self.ctx.n_ctx:
             return True
-        self._evict_unused(taken + need - self.ctx.n_ctx)
-        return sum(row.cells for row in self.rows) + self.prefix_cache.cells() + need <= self.ctx.n_ctx
+        self._evict_unused(self._reserved() + need - self.ctx.n_ctx)
+        return self._reserved() + need <= self.ctx.n_ctx
+
+    def _reserved(self) -> int:
+        """Cells reserved by running rows and held by cached prefixes."""
+        return sum(row.cells for row in self.rows) + self.prefix_cache.cells()
 
     # ------------------------------------------------------------ prefixes
     def prewarm(self, prompt_key: tuple | None, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> bool:
@@ -289,5 +293,5 @@ class LlamaCppBackend:
             "attention": "llama.cpp",
             "prefix_cache": self.prefix_cache.stats(),
             "kv_cells": self.ctx.n_ctx,
-            "kv_cells_reserved": sum(row.cells for row in self.rows) + self.prefix_cache.cells(),
+            "kv_cells_reserved": self._reserved(),
         }

@@ -94,8 +94,8 @@ class Scheduler:
         (its rows running and waiting): rows stay free rather than go to it. Alone, a tenant may
         fill the batch. A flood beside a key that runs 4 requests then runs 4 rows too, not 12: every
         row it adds slows every step of the other key's requests, and each of its short requests
-        adds a prefill (bench/tenants_bench.py: 0.45x of the other key's goodput alone with half the
-        batch, over 0.8x with this)."""
+        adds a prefill (bench/tenants_bench.py: the other key kept 0.45x of its goodput alone with
+        half the batch, 0.67x with this)."""
         if any(request.cancelled for request in self.waiting):  # ended now, not when a batch row frees up
             for request in self.waiting.drop(lambda r: r.cancelled):
                 with self.lock:

@@ -89,13 +89,12 @@ class AppState:
                 max_batch_size=settings.max_batch_size,
             )
             logger.info("model rewritten for serving: %s", self.rewrites)
-            prefixes = PrefixCache(max_bytes=settings.prefix_cache_mb * 1024 * 1024)
             backend = llamacpp_backend(frozen, settings) if settings.engine == "llamacpp" else None
             self.engine = Engine(
                 frozen,
                 max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue,
-                prefix_cache=prefixes,
+                prefix_cache=PrefixCache(max_bytes=settings.prefix_cache_mb * 1024 * 1024),  # the torch backend's
                 use_prefix_cache=settings.use_prefix_cache,
                 retry_after=settings.queue_retry_after,
                 batch_window_ms=settings.batch_window_ms,
@@ -104,7 +103,6 @@ class AppState:
                 scheduling=settings.scheduling,
                 backend=backend,
             )
-            prefixes = self.engine.prefix_cache
             self.prompts = PromptCache(self.store, frozen.fingerprint, settings.prompt_cache_size)
             self.generation = GenerationService(
                 frozen,
@@ -131,7 +129,7 @@ class AppState:
                 self.store,
                 frozen,
                 self.prompts,
-                prefixes,
+                self.engine.prefix_cache,  # the backend's: a deleted version's prefixes leave it
                 self.watcher,
                 max_upload_bytes=settings.max_prompt_upload_bytes,
             )
