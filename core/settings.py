@@ -100,5 +100,6 @@ def settings_from(cls: type[CommonSettings], command: str, given: dict):
         for error in exc.errors():
             field = ".".join(map(str, error["loc"]))
             where = f"SOFTPROMPT_{field.upper()}: " if field else ""
-            print(f"softprompt {command}: {where}{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+            message = error["msg"].removeprefix("Value error, ").removeprefix(where)  # once, if it names itself
+            print(f"softprompt {command}: {where}{message}", file=sys.stderr)
         return None
