@@ -80,7 +80,7 @@ class Batch:
             if not self.seqs[i].request.closed:
                 self.seqs[i].finish()
                 self.counters["requests_finished"] += 1
-        keep = [i for i in range(len(self.seqs)) if i not in done]
+        keep = swap_remove_order(len(self.seqs), done)
         self.seqs = [self.seqs[i] for i in keep]
         self.backend.keep(keep, self.seqs)
 
@@ -97,3 +97,14 @@ class Batch:
             self.backend.clear()
         except Exception:  # the rows are gone either way; the next prefill starts from a clean slate
             logger.exception("could not clear the backend's rows")
+
+
+def swap_remove_order(count: int, done: set[int]) -> list[int]:
+    """The rows that stay, as the new order: a leaving row's place goes to a staying row from the
+    end, so the backend moves as few rows as there are leaving rows below the new length."""
+    staying = count - len(done)
+    order = list(range(staying))
+    movers = (i for i in range(staying, count) if i not in done)
+    for hole in sorted(i for i in done if i < staying):
+        order[hole] = next(movers)
+    return order

@@ -26,7 +26,7 @@ def from_cache(cache: DynamicCache) -> KV:
     """The tensors of a DynamicCache made of plain (non-sliding, non-quantized) layers."""
     kv = []
     for layer in cache.layers:
-        if type(layer) not in (DynamicLayer, GrowingLayer):
+        if type(layer) is not DynamicLayer:
             raise NotImplementedError(f"cache layer {type(layer).__name__} is not supported by the batching engine")
         kv.append((layer.keys, layer.values))
     return kv
@@ -102,43 +102,38 @@ def nbytes(kv: KV | None) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv) if kv else 0
 
 
-class GrowingLayer(DynamicLayer):
-    """A DynamicLayer whose keys/values live in a buffer with spare room at the end.
+class StackedRows:
+    """The running rows as one left-padded KV, re-stacked on every change and grown by
+    DynamicCache's concatenation: the plain way, kept as the reference for RowSlots (slots.py),
+    with the same interface."""
 
-    Appending a decode step writes one column instead of re-concatenating the whole cache
-    (which `DynamicLayer.update` does every step); the buffer doubles when full.
-    `keys`/`values` are views `[B, H, L, d]` of the filled part.
-    """
+    def __init__(self):
+        self.kv: KV | None = None
+        self.mask: torch.Tensor | None = None  # [B, L]
+        self._cache: DynamicCache | None = None
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int):
-        super().__init__()
-        batch, heads, filled, dim = keys.shape
-        self._k = keys.new_empty(batch, heads, filled + spare, dim)
-        self._v = values.new_empty(batch, values.shape[1], filled + spare, values.shape[3])
-        self._k[:, :, :filled] = keys
-        self._v[:, :, :filled] = values
-        self._filled = filled
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._publish()
+    def join(self, kv: KV, mask: torch.Tensor) -> None:
+        running = [] if self.mask is None else [(self.kv, self.mask)]
+        self.kv, self.mask = stack_rows(running + [(kv, mask)])
 
-    def _publish(self) -> None:
-        self.keys, self.values = self._k[:, :, : self._filled], self._v[:, :, : self._filled]
+    def keep(self, rows: list[int]) -> None:
+        if not rows:
+            self.clear()
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.kv, self.mask = trim_left(select_rows(self.kv, index), self.mask.index_select(0, index))
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        new = key_states.shape[2]
-        if self._filled + new > self._k.shape[2]:
-            grow = max(self._k.shape[2], new)
-            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
-            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
-        self._k[:, :, self._filled : self._filled + new] = key_states
-        self._v[:, :, self._filled : self._filled + new] = value_states
-        self._filled += new
-        self._publish()
-        return self.keys, self.values
+    def clear(self) -> None:
+        self.kv, self.mask = None, None
 
+    def open_columns(self, count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self.mask.sum(dim=1, keepdim=True)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], count)], dim=1)
+        return self.mask, positions
 
-def to_growing_cache(kv: KV, spare: int) -> DynamicCache:
-    """A DynamicCache over `kv` with room for `spare` more columns per layer (for decoding)."""
-    cache = DynamicCache()
-    cache.layers = [GrowingLayer(k, v, spare) for k, v in kv]
-    return cache
+    def cache(self) -> DynamicCache:
+        self._cache = to_cache(self.kv)
+        return self._cache
+
+    def advance(self, count: int = 1) -> None:
+        self.kv, self._cache = from_cache(self._cache), None

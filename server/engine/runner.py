@@ -76,13 +76,12 @@ def prefill(model, rows: list[tuple[kvops.KV | None, torch.Tensor]], pad: torch.
     return kvops.from_cache(out.past_key_values), mask, out.logits[:, -1].float()
 
 
-def decode_step(model, last_tokens: list[int], mask: torch.Tensor, cache):
-    """One token for every running row: ids [B, 1] at position = real tokens so far.
+def decode_step(model, last_tokens: list[int], positions: torch.Tensor, mask: torch.Tensor, cache):
+    """One token for every running row: ids [B, 1] at `positions` [B, 1] (= real tokens so far), on
+    top of `cache`; `mask` [B, L+1] covers the cache's columns and the new one.
 
-    Returns (logits [B, V] in fp32, the grown cache, mask [B, L+1])."""
+    Returns the logits [B, V] in fp32; the cache has grown by the new column."""
     ids = torch.tensor([[token] for token in last_tokens], dtype=torch.long, device=mask.device)  # [B, 1]
-    positions = mask.sum(dim=1, keepdim=True)  # [B, 1]
-    mask = torch.cat([mask, mask.new_ones(len(last_tokens), 1)], dim=1)  # [B, L+1]
     shape = torch.empty(len(last_tokens), 1, 0, dtype=model.dtype, device=mask.device)  # [B, 1, -]: what the masks need
     out = model(
         input_ids=ids,
@@ -92,4 +91,4 @@ def decode_step(model, last_tokens: list[int], mask: torch.Tensor, cache):
         use_cache=True,
         logits_to_keep=1,
     )
-    return out.logits[:, -1].float(), out.past_key_values, mask
+    return out.logits[:, -1].float()
