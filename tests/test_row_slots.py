@@ -52,7 +52,7 @@ def test_rows_joining_and_leaving_in_place_compute_what_restacking_computes(
                     make_job(tokenizer, _text(rng), soft if rng.random() < 0.5 else None, key=("p", 1, "c"))[0]
                     for _ in range(rng.randint(1, 3))
                 ]
-                (a_state, a_logits), (b_state, b_logits) = in_place.prefill(jobs), restacked.prefill(jobs)
+                (a_state, a_logits), (b_state, _) = in_place.prefill(jobs), restacked.prefill(jobs)
                 in_place.join(a_state, []), restacked.join(b_state, [])
                 running += a_logits.argmax(-1).tolist()
             a, b = in_place.decode(running), restacked.decode(running)

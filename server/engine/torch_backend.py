@@ -15,10 +15,10 @@ import torch
 
 from core.modeling import FrozenModel
 from server.engine import runner
+from server.engine.kv import StackedRows
 from server.engine.prefill import Prefiller
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import GenerationRequest, Sequence
-from server.engine.kv import StackedRows
 from server.engine.slots import RowSlots
 
 
