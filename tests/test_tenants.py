@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from server.engine import QueueFullError
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import DEMAND_MEMORY_S, Scheduler
 from server.services.tenants import RateLimitedError, Tenants
 from tests.engine_helpers import make_job
 from tests.http_helpers import app_client, mixing  # noqa: F401
@@ -61,8 +61,17 @@ def _waiting(tokenizer, scheduler, counts: dict[str, int]) -> None:
             scheduler.waiting.append(job)
 
 
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_key_holds_at_most_its_share_of_the_batch_rows_while_another_key_is_active(tokenizer):
-    scheduler = Scheduler(max_queue=64, retry_after=1)
+    clock = Clock()
+    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock)
     _waiting(tokenizer, scheduler, {"flood": 9, "polite": 3})
     # 8 rows, flood holds 6: two keys active, a share is 4 rows; only polite joins
     admitted = scheduler.admit(2, Counter(flood=6))
@@ -73,7 +82,8 @@ def test_a_key_holds_at_most_its_share_of_the_batch_rows_while_another_key_is_ac
     # polite has nothing waiting but still runs 3 rows: flood stops at 3, the free rows stay free
     admitted = scheduler.admit(2, Counter(flood=3, polite=3))
     assert admitted == []
-    # polite is gone: flood may take every free row
+    # polite is gone (longer than its demand is remembered): flood may take every free row
+    clock.now += DEMAND_MEMORY_S + 0.1
     admitted = scheduler.admit(5, Counter(flood=3))
     assert [job.tenant for job in admitted] == ["flood"] * 5
     assert len(scheduler.waiting) == 3 and scheduler.places == 3
@@ -89,6 +99,19 @@ def test_beside_a_small_key_a_flood_runs_no_more_rows_than_that_key_asks_for(tok
     _waiting(tokenizer, scheduler, {"polite": 2})  # polite asks for 6 now: the flood may follow to 6
     admitted = scheduler.admit(8, Counter(polite=4, flood=4))
     assert sorted(job.tenant for job in admitted) == ["flood", "flood", "polite", "polite"]
+
+
+def test_between_a_keys_answer_and_its_next_request_the_flood_does_not_take_its_rows(tokenizer):
+    """A polite client holds nothing from its answer until its next request arrives; for a while
+    its key's demand is remembered, so the flood waiting in that gap stays at 4 rows."""
+    clock = Clock()
+    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock)
+    _waiting(tokenizer, scheduler, {"flood": 20})
+    assert len(scheduler.admit(8, Counter(polite=4, flood=4))) == 0  # flood at polite's 4
+    clock.now += DEMAND_MEMORY_S / 2
+    assert scheduler.admit(12, Counter(flood=4)) == []  # polite's 4 just finished: still 4
+    clock.now += DEMAND_MEMORY_S
+    assert len(scheduler.admit(12, Counter(flood=4))) == 12  # polite did not come back: all rows
 
 
 def test_fifo_and_a_single_key_fill_every_free_row(tokenizer):

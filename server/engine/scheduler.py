@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import Counter
 
 from server.engine.errors import EngineNotReadyError, QueueFullError, ShuttingDownError
@@ -20,9 +21,13 @@ from server.engine.fair_queue import FairQueue
 from server.engine.sequence import DEFAULT_TENANT, DoneEvent, GenerationRequest
 
 
+DEMAND_MEMORY_S = 0.5  # how long a tenant's peak demand (rows running + waiting) is remembered
+
+
 class Scheduler:
-    def __init__(self, *, max_queue: int, retry_after: int, policy: str = "fair"):
-        self.max_queue, self.retry_after = max_queue, retry_after
+    def __init__(self, *, max_queue: int, retry_after: int, policy: str = "fair", clock=time.monotonic):
+        self.max_queue, self.retry_after, self.clock = max_queue, retry_after, clock
+        self.peaks: dict[str, tuple[float, int]] = {}  # tenant -> (when, its highest demand since)
         self.waiting = FairQueue(policy)  # the loop's
         self.places = 0  # queue places taken: reserved, or held by a waiting request
         self.held: Counter[str] = Counter()  # places by tenant
@@ -104,13 +109,14 @@ class Scheduler:
         holding = Counter(running or {})
         rows = free_rows + sum(holding.values())
         shared = self.waiting.policy == "fair" and running is not None
+        demand = self._demand(holding) if shared else {}
 
         def under_share(tenant: str) -> bool:
-            active = {t for t, n in holding.items() if n > 0} | self.waiting.tenants()
+            active = {t for t, n in holding.items() if n > 0} | self.waiting.tenants() | set(demand)
             share = math.ceil(rows / max(1, len(active)))
             others = active - {tenant}
             if others:  # beside others, no more rows than the most demanding of them asks for
-                share = min(share, max(holding[t] + self.waiting.count(t) for t in others))
+                share = min(share, max(max(holding[t] + self.waiting.count(t), demand.get(t, 0)) for t in others))
             return holding[tenant] < share
 
         admitted: list[GenerationRequest] = []
@@ -129,6 +135,20 @@ class Scheduler:
             holding[request.tenant] += 1
             admitted.append(request)
         return admitted
+
+    def _demand(self, holding: Counter[str]) -> dict[str, int]:
+        """Each tenant's highest demand (rows running + waiting) seen in the last DEMAND_MEMORY_S,
+        tenants with none now included: between a client's answer and its next request its key
+        holds nothing, and without this memory a flood would take every free row in that gap."""
+        now = self.clock()
+        for tenant in {t for t, n in holding.items() if n > 0} | self.waiting.tenants():
+            asks = holding[tenant] + self.waiting.count(tenant)
+            seen, peak = self.peaks.get(tenant, (now, 0))
+            if asks >= peak or now - seen > DEMAND_MEMORY_S:
+                self.peaks[tenant] = (now, asks)
+        for tenant in [t for t, (seen, _) in self.peaks.items() if now - seen > DEMAND_MEMORY_S]:
+            del self.peaks[tenant]
+        return {tenant: peak for tenant, (_, peak) in self.peaks.items()}
 
     def _give_back_place(self, request: GenerationRequest) -> None:
         """Under the lock: free the place a waiting request holds (once)."""
