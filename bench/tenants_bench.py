@@ -15,7 +15,9 @@ and a per-key concurrency limit). On each it measures, `--seconds` each, short g
 
 It prints completed requests (goodput) per group, the ratios the issue asks for (polite under
 flood / polite alone; flood retrying at once / flood backing off), every status seen, and the
-server's RSS. Clients speak bare HTTP from two processes (bench/overload_bench.py's Connection).
+server's RSS. Clients speak bare HTTP (bench/overload_bench.py's Connection); each group runs in
+client processes of its own (a group of more than 8 clients in two), so the polite clients never
+wait behind flood connections in one event loop.
 """
 
 from __future__ import annotations
@@ -68,28 +70,25 @@ async def _group(port: int, key: str, clients: int, seconds: float, backoff_s: f
     return outcomes
 
 
-def _run(job: tuple) -> list[Counter]:
-    """One client process: its share of each group, run together."""
-    port, groups, seconds = job
-
-    async def together():
-        return await asyncio.gather(*(_group(port, key, n, seconds, backoff, off) for key, n, backoff, off in groups))
-
-    return asyncio.run(together())
+def _run(job: tuple) -> Counter:
+    """One client process: one part of one group."""
+    port, (key, clients, backoff, offset), seconds = job
+    return asyncio.run(_group(port, key, clients, seconds, backoff, offset))
 
 
 def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float) -> list[Counter]:
-    """Each (key, clients, backoff seconds) group split over two client processes; outcomes per group."""
-    halves = [
-        [
-            (key, n // 2 + (n % 2 if half == 0 else 0), backoff, 1000 * g + half * 500)
-            for g, (key, n, backoff) in enumerate(groups)
-        ]
-        for half in (0, 1)
-    ]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        parts = pool.map(_run, [(port, half, seconds) for half in halves])
-    return [parts[0][g] + parts[1][g] for g in range(len(groups))]
+    """Each (key, clients, backoff seconds) group in client processes of its own (a large group in
+    two), so one tenant's clients never wait on another tenant's in the same event loop; outcomes
+    per group."""
+    parts, owner = [], []
+    for g, (key, n, backoff) in enumerate(groups):
+        split = 2 if n > 8 else 1
+        for half in range(split):
+            parts.append((key, n // split + (n % split if half == 0 else 0), backoff, 1000 * g + half * 500))
+            owner.append(g)
+    with multiprocessing.get_context("spawn").Pool(len(parts)) as pool:
+        outcomes = pool.map(_run, [(port, part, seconds) for part in parts])
+    return [sum((c for c, o in zip(outcomes, owner) if o == g), Counter()) for g in range(len(groups))]
 
 
 def measure(model: str, settings: dict, seconds: float) -> dict:

@@ -211,3 +211,24 @@ def test_nan_logits_fail_the_sampled_row_only():
     params = SamplingParams(temperature=1.0, seed=0)
     tokens = sampling.choose_tokens(logits, [params, params], [params.generator(), params.generator()])
     assert isinstance(tokens[0], Exception) and isinstance(tokens[1], int)
+
+
+def test_requests_that_may_not_start_yet_do_not_make_the_loop_spin(engine, tokenizer, monkeypatch):
+    """Waiting requests none of which may start now (their tenants hold their shares) with nothing
+    running: the loop waits for news instead of asking the scheduler thousands of times a second
+    (a spinning loop holds the GIL the HTTP side needs to deliver the next request)."""
+    calls = []
+    admit = engine.scheduler.admit
+
+    def refusing(*args, **kwargs):
+        calls.append(time.perf_counter())
+        return [] if len(calls) < 1000 else admit(*args, **kwargs)
+
+    monkeypatch.setattr(engine.scheduler, "admit", refusing)
+    job, sink = make_job(tokenizer, "held back", max_new_tokens=2)
+    engine.submit(job)
+    time.sleep(0.5)
+    assert len(calls) < 40  # one look every 50 ms
+    monkeypatch.setattr(engine.scheduler, "admit", admit)
+    engine.submit(make_job(tokenizer, "wake up", max_new_tokens=2)[0])
+    sink.result(30)

@@ -215,15 +215,16 @@ class Engine:
             self.backend.close()
 
     def _serve(self) -> None:
+        stalled = False  # requests wait, none may start, nothing runs: wait for news, do not spin
         with torch.inference_mode():
             while not self._stop.is_set():
-                idle = not self.batch.seqs and not self.scheduler.waiting
-                self._drain_inbox(block=idle or not self._running.is_set())
+                idle = not self.batch.seqs and (stalled or not self.scheduler.waiting)
+                self._drain_inbox(block=idle or not self._running.is_set(), timeout=0.05 if stalled else 0.5)
                 if not self._running.is_set():
                     continue
                 self._fit_threads()
                 try:
-                    self._admit()
+                    stalled = not self._admit() and not self.batch.seqs and bool(self.scheduler.waiting)
                     if self.batch.seqs:
                         self._decode_step()
                 except Exception as exc:  # a bug outside the guarded stages: keep serving the next requests
@@ -241,11 +242,11 @@ class Engine:
             case Wake():
                 pass
 
-    def _drain_inbox(self, *, block: bool) -> None:
+    def _drain_inbox(self, *, block: bool, timeout: float = 0.5) -> None:
         """Deliver what arrived. When the engine was idle, wait up to `batch_window_ms` for more
         arrivals (each resets the wait, at most 4x) so a burst is prefilled together."""
         try:
-            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            message = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         window = self.batch_window_s if block and self._running.is_set() else 0.0
@@ -305,22 +306,24 @@ class Engine:
             message.future.set_exception(exc)
 
     # ------------------------------------------------------------ the steps (the loop's; benches call them too)
-    def _admit(self) -> None:
+    def _admit(self) -> int:
         """Move waiting requests into the batch: prefill them together, choose their first tokens.
+        Returns how many were taken from the queue.
 
         Each stage fails only the requests it concerns: a request that cannot start fails alone, a
         failed prefill fails the rows it was prefilling, a failed merge leaves the running batch as
         it was."""
         new: list[Sequence] = []
         running = Counter(s.request.tenant for s in self.batch.seqs)
-        for request in self.scheduler.admit(self.max_batch_size - len(self.batch), running, self.backend.fits):
+        admitted = self.scheduler.admit(self.max_batch_size - len(self.batch), running, self.backend.fits)
+        for request in admitted:
             try:
                 new.append(Sequence(request, self.tokenizer, self.eos_ids))
             except Exception as exc:
                 logger.exception("could not start a request")
                 self.batch.fail(request, EngineError(f"The request could not start: {exc}"))
         if not new:
-            return
+            return len(admitted)
         started = time.perf_counter()
         try:
             state, logits = self._prefill([s.request for s in new])
@@ -328,7 +331,7 @@ class Engine:
             logger.exception("prefill of %d new rows failed", len(new))
             for s in new:
                 self.batch.fail(s.request, EngineError(f"Prefill failed: {exc}"))
-            return
+            return len(admitted)
         self.counters["prefill_batches"] += 1
         elapsed = (time.perf_counter() - started) * 1e3
         size = len(self.batch) + len(new)
@@ -341,8 +344,9 @@ class Engine:
             self.backend.discard(state)
             for s in new:
                 self.batch.fail(s.request, EngineError(f"Prefill failed: {exc}"))
-            return
+            return len(admitted)
         self.batch.retire_finished()
+        return len(admitted)
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[object, torch.Tensor]:
         return self.backend.prefill(requests)
