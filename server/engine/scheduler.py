@@ -20,7 +20,6 @@ from server.engine.errors import EngineNotReadyError, QueueFullError, ShuttingDo
 from server.engine.fair_queue import FairQueue
 from server.engine.sequence import DEFAULT_TENANT, DoneEvent, GenerationRequest
 
-
 DEMAND_MEMORY_S = 0.5  # how long a tenant's peak demand (rows running + waiting) is remembered
 
 
