@@ -70,15 +70,17 @@ async def _group(port: int, key: str, clients: int, seconds: float, backoff_s: f
     return outcomes
 
 
-def _run(job: tuple) -> Counter:
-    """One client process: one part of one group."""
-    port, (key, clients, backoff, offset), seconds = job
-    return asyncio.run(_group(port, key, clients, seconds, backoff, offset))
+def _client_process(port: int, part: tuple, seconds: float, start, results, index: int) -> None:
+    """One client process: one part of one group, started when every client process is ready."""
+    key, clients, backoff, offset = part
+    start.wait()  # this module (httpx, torch through bench.serve_bench) is imported in every process
+    results.put((index, asyncio.run(_group(port, key, clients, seconds, backoff, offset))))
 
 
 def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float) -> list[Counter]:
     """Each (key, clients, backoff seconds) group in client processes of its own (a large group in
-    two), so one tenant's clients never wait on another tenant's in the same event loop; outcomes
+    two), so one tenant's clients never wait on another tenant's in the same event loop; all start
+    together once every process has loaded, so no group runs beside another's imports. Outcomes
     per group."""
     parts, owner = [], []
     for g, (key, n, backoff) in enumerate(groups):
@@ -86,9 +88,18 @@ def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float) ->
         for half in range(split):
             parts.append((key, n // split + (n % split if half == 0 else 0), backoff, 1000 * g + half * 500))
             owner.append(g)
-    with multiprocessing.get_context("spawn").Pool(len(parts)) as pool:
-        outcomes = pool.map(_run, [(port, part, seconds) for part in parts])
-    return [sum((c for c, o in zip(outcomes, owner) if o == g), Counter()) for g in range(len(groups))]
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(len(parts)), context.Queue()
+    processes = [
+        context.Process(target=_client_process, args=(port, part, seconds, start, results, i))
+        for i, part in enumerate(parts)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = dict(results.get(timeout=seconds + 600) for _ in processes)
+    for process in processes:
+        process.join()
+    return [sum((outcomes[i] for i, o in enumerate(owner) if o == g), Counter()) for g in range(len(groups))]
 
 
 def measure(model: str, settings: dict, seconds: float) -> dict:

@@ -164,6 +164,12 @@ class Settings(JobSettings):
     # serving engine
     prefix_cache_mb: int = Field(512, ge=1, description="memory for cached soft-prompt prefix key/values (LRU)")
     use_prefix_cache: bool = Field(True, description="reuse the soft prompt's key/values across requests")
+    input_cache_mb: int = Field(
+        64,
+        ge=0,
+        description="memory for whole inputs' key/values and first logits, so a repeated input (a retry, "
+        "a polling client) skips its prefill (LRU; torch engine; 0 turns it off)",
+    )
     prewarm: bool = Field(True, description="load and prefill new prompt versions as soon as they are published")
     max_prompt_upload_bytes: int = Field(
         50_000_000, ge=1, description="largest prompt file (safetensors or zip) accepted"

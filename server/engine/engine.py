@@ -77,6 +77,7 @@ class Engine:
         use_prefix_cache: bool = True,
         retry_after: int = 1,
         growing_cache: bool = True,
+        input_cache: PrefixCache | None = None,
         batch_window_ms: float = 0.0,
         scheduling: str = "fair",
         reserved_threads: Callable[[], int] | None = None,
@@ -84,7 +85,8 @@ class Engine:
         backend: Backend | None = None,
     ):
         """`backend` computes the rows (default: a TorchBackend on `frozen`, which `prefix_cache`,
-        `use_prefix_cache` and `growing_cache` configure); `frozen` always gives the tokenizer."""
+        `use_prefix_cache`, `growing_cache` and `input_cache` configure); `frozen` always gives the
+        tokenizer."""
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue, self.retry_after = max_batch_size, max_queue, retry_after
         self.batch_window_s = batch_window_ms / 1e3
@@ -110,6 +112,7 @@ class Engine:
             prefix_cache=prefix_cache,
             use_prefix_cache=use_prefix_cache,
             growing_cache=growing_cache,
+            input_cache=input_cache,
         )
         self.prefix_cache = self.backend.prefix_cache
         self.batch = Batch(self.backend, self.counters)

@@ -2,7 +2,8 @@
 
 Keys are `(prompt_key, head_hash)` where `prompt_key` is `LoadedPrompt.cache_key`
 (name, version, checksum) or None for the bare model: never the name alone, so a new version
-or a re-published name can never be served stale values. Bounded by bytes.
+or a re-published name can never be served stale values. Bounded by bytes. The same LRU holds
+whole inputs (prefill.py's input cache) with a size function of their own.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ def head_hash(head_ids: tuple[int, ...]) -> str:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, size=kvops.nbytes):
+        self.max_bytes, self.size = max_bytes, size  # size(value) -> bytes
         self._items: OrderedDict[tuple, kvops.KV] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -46,15 +47,15 @@ class PrefixCache:
             return key in self._items
 
     def put(self, key: tuple, value: kvops.KV) -> None:
-        size = kvops.nbytes(value)
+        size = self.size(value)
         with self._lock:
             if key in self._items:
-                self._bytes -= kvops.nbytes(self._items.pop(key))
+                self._bytes -= self.size(self._items.pop(key))
             self._items[key] = value
             self._bytes += size
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 _, old = self._items.popitem(last=False)
-                self._bytes -= kvops.nbytes(old)
+                self._bytes -= self.size(old)
 
     def evict_prompt(self, name: str, version: int | None = None) -> int:
         """Drop entries of a deleted prompt (all its versions when `version` is None)."""
@@ -65,7 +66,7 @@ class PrefixCache:
                 if k[0] is not None and k[0][0] == name and (version is None or k[0][1] == version)
             ]
             for k in doomed:
-                self._bytes -= kvops.nbytes(self._items.pop(k))
+                self._bytes -= self.size(self._items.pop(k))
             return len(doomed)
 
     def stats(self) -> dict:

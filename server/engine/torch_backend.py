@@ -33,10 +33,14 @@ class TorchBackend:
         prefix_cache: PrefixCache | None = None,
         use_prefix_cache: bool = True,
         growing_cache: bool = True,
+        input_cache: PrefixCache | None = None,
     ):
         self.model = frozen.model
         self.prefix_cache = prefix_cache or PrefixCache(max_bytes=1 << 30)
-        self.prefiller = Prefiller(frozen, self.prefix_cache, use_prefix_cache=use_prefix_cache, pad_id=pad_id)
+        self.input_cache = input_cache
+        self.prefiller = Prefiller(
+            frozen, self.prefix_cache, use_prefix_cache=use_prefix_cache, pad_id=pad_id, inputs=input_cache
+        )
         self.rows = RowSlots() if growing_cache else StackedRows()
 
     def prefill(self, requests: list[GenerationRequest]) -> tuple[object, torch.Tensor]:
@@ -76,6 +80,7 @@ class TorchBackend:
             "backend": self.name,
             "attention": self.model.config._attn_implementation,
             "prefix_cache": self.prefix_cache.stats(),
+            **({"input_cache": self.input_cache.stats()} if self.input_cache is not None else {}),
         }
 
     def close(self) -> None:

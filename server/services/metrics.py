@@ -178,6 +178,20 @@ class StateCollector:
             yield _counter(
                 "softprompt_prefix_cache_misses", "Requests whose prefix had to be computed.", cache["misses"]
             )
+            if "input_cache" in engine:
+                inputs = engine["input_cache"]
+                yield _gauge(
+                    "softprompt_input_cache_bytes",
+                    "Memory held by cached whole inputs (torch engine).",
+                    inputs["bytes"],
+                )
+                yield _gauge("softprompt_input_cache_entries", "Whole inputs cached.", inputs["entries"])
+                yield _counter(
+                    "softprompt_input_cache_hits", "Requests whose whole input was cached: no prefill.", inputs["hits"]
+                )
+                yield _counter(
+                    "softprompt_input_cache_misses", "Requests whose input had to be prefilled.", inputs["misses"]
+                )
         if state.prompts is not None:
             prompts = state.prompts.stats()
             yield _gauge(

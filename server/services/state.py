@@ -14,6 +14,7 @@ from core.modeling import FrozenModel, load_frozen_model, resolve_spec
 from core.models import ModelSpecError
 from prompt_store import open_store
 from server.engine import Engine, PrefixCache
+from server.engine.prefill import input_cache
 from server.engine.rewrites import ServingRewrites, prepare_for_serving
 from server.services.generation import GenerationService
 from server.services.metrics import RequestMetrics
@@ -96,6 +97,7 @@ class AppState:
                 max_queue=settings.max_queue,
                 prefix_cache=PrefixCache(max_bytes=settings.prefix_cache_mb * 1024 * 1024),  # the torch backend's
                 use_prefix_cache=settings.use_prefix_cache,
+                input_cache=input_cache(settings.input_cache_mb * 1024 * 1024),
                 retry_after=settings.queue_retry_after,
                 batch_window_ms=settings.batch_window_ms,
                 reserved_threads=self.reserved_threads,
