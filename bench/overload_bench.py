@@ -52,13 +52,17 @@ class Connection:
     millisecond of Python per request, this a few tens of microseconds."""
 
     def __init__(self, host: str, port: int, path: str, body: bytes, key: str | None = None):
-        self.host, self.port = host, port
-        auth = f"Authorization: Bearer {key}\r\n" if key else ""
-        self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
+        self.host, self.port, self.path, self.key = host, port, path, key
+        self.request = self.request_for(body)
         self.reader = self.writer = None
+
+    def request_for(self, body: bytes) -> bytes:
+        """The bytes of a POST of `body` on this connection."""
+        auth = f"Authorization: Bearer {self.key}\r\n" if self.key else ""
+        return (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"{auth}Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
 
     async def post(self) -> str:
         """Send the request, read the whole answer; return its status code."""

@@ -46,22 +46,30 @@ WITHOUT = {"SOFTPROMPT_SCHEDULING": "fifo", "SOFTPROMPT_REFUSAL_DELAY_MS": "0"}
 WITH = {"SOFTPROMPT_KEY_LIMITS": json.dumps({"default": {"concurrent": 48}})}
 
 
-async def _group(port: int, key: str, clients: int, seconds: float, backoff_s: float, offset: int) -> Counter:
-    """`clients` loops of one key until the deadline; outcome -> count."""
+async def _group(
+    port: int, key: str, clients: int, seconds: float, backoff_s: float, offset: int, distinct: bool = False
+) -> Counter:
+    """`clients` loops of one key until the deadline; outcome -> count. An answer that arrives after
+    the deadline counts as "<status> late" (a flood has many requests queued at the end). With
+    `distinct`, every request asks something no request asked before (no input is repeated)."""
     outcomes: Counter = Counter()
     deadline = time.monotonic() + seconds
 
     async def loop(i: int):
         jitter = random.Random(offset + i)
-        body = json.dumps({"input": QUERIES[(offset + i) % len(QUERIES)], "max_new_tokens": 8}).encode()
-        connection = Connection("127.0.0.1", port, "/generate", body, key=KEYS[key])
+        query = QUERIES[(offset + i) % len(QUERIES)]
+        connection = Connection("127.0.0.1", port, "/generate", _body(query), key=KEYS[key])
+        sent = 0
         while time.monotonic() < deadline:
+            if distinct:
+                sent += 1
+                connection.request = connection.request_for(_body(f"{query} (request {offset + i}.{sent})"))
             try:
                 outcome = await asyncio.wait_for(connection.post(), timeout=120)
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 outcome = type(exc).__name__
                 connection.close()
-            outcomes[outcome] += 1
+            outcomes[outcome if time.monotonic() <= deadline else f"{outcome} late"] += 1
             if outcome in ("429", "503") and backoff_s:
                 await asyncio.sleep(jitter.uniform(0.5, 1.5) * backoff_s)
         connection.close()
@@ -70,14 +78,18 @@ async def _group(port: int, key: str, clients: int, seconds: float, backoff_s: f
     return outcomes
 
 
-def _client_process(port: int, part: tuple, seconds: float, start, results, index: int) -> None:
+def _body(query: str) -> bytes:
+    return json.dumps({"input": query, "max_new_tokens": 8}).encode()
+
+
+def _client_process(port: int, part: tuple, seconds: float, distinct: bool, start, results, index: int) -> None:
     """One client process: one part of one group, started when every client process is ready."""
     key, clients, backoff, offset = part
     start.wait()  # this module (httpx, torch through bench.serve_bench) is imported in every process
-    results.put((index, asyncio.run(_group(port, key, clients, seconds, backoff, offset))))
+    results.put((index, asyncio.run(_group(port, key, clients, seconds, backoff, offset, distinct))))
 
 
-def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float) -> list[Counter]:
+def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float, distinct: bool = False) -> list[Counter]:
     """Each (key, clients, backoff seconds) group in client processes of its own (a large group in
     two), so one tenant's clients never wait on another tenant's in the same event loop; all start
     together once every process has loaded, so no group runs beside another's imports. Outcomes
@@ -91,7 +103,7 @@ def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float) ->
     context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(len(parts)), context.Queue()
     processes = [
-        context.Process(target=_client_process, args=(port, part, seconds, start, results, i))
+        context.Process(target=_client_process, args=(port, part, seconds, distinct, start, results, i))
         for i, part in enumerate(parts)
     ]
     for process in processes:
@@ -102,7 +114,7 @@ def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float) ->
     return [sum((outcomes[i] for i, o in enumerate(owner) if o == g), Counter()) for g in range(len(groups))]
 
 
-def measure(model: str, settings: dict, seconds: float) -> dict:
+def measure(model: str, settings: dict, seconds: float, distinct: bool = False) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="tenants-bench-"))
     port = free_port()
     env = {
@@ -125,10 +137,10 @@ def measure(model: str, settings: dict, seconds: float) -> dict:
                 headers={"Authorization": f"Bearer {KEYS['polite']}"},
             )
         rss_before = rss_mb(server.pid)
-        alone = scenario(port, [("polite", 4, 0.5)], seconds)[0]
-        polite, flood = scenario(port, [("polite", 4, 0.5), ("flood", 120, 0.0)], seconds)
-        at_once = scenario(port, [("flood", 160, 0.0)], seconds)[0]
-        backing_off = scenario(port, [("flood", 160, 0.5)], seconds)[0]
+        alone = scenario(port, [("polite", 4, 0.5)], seconds, distinct)[0]
+        polite, flood = scenario(port, [("polite", 4, 0.5), ("flood", 120, 0.0)], seconds, distinct)
+        at_once = scenario(port, [("flood", 160, 0.0)], seconds, distinct)[0]
+        backing_off = scenario(port, [("flood", 160, 0.5)], seconds, distinct)[0]
         time.sleep(1)
         rss_after = rss_mb(server.pid)
     finally:
@@ -149,18 +161,27 @@ def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--limits", default=WITH["SOFTPROMPT_KEY_LIMITS"], help="SOFTPROMPT_KEY_LIMITS with the rules")
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="every request asks something new (by default each client repeats its one question, as a "
+        "client retrying a refused request does, and repeated inputs skip their prefill)",
+    )
     args = parser.parse_args()
     with_rules = {**WITH, "SOFTPROMPT_KEY_LIMITS": args.limits}
     print(host_line(), flush=True)
     results = {
-        name: measure(args.model, settings, args.seconds)
+        name: measure(args.model, settings, args.seconds, args.distinct)
         for name, settings in (("without the rules", WITHOUT), ("with the rules", with_rules))
     }
     rows = []
     for name, r in results.items():
         served = {k: r[k]["200"] for k in ("alone", "polite", "flood", "at_once", "backing_off")}
         errors = sum(
-            n for c in (r[k] for k in served) for status, n in c.items() if status.startswith("5") and status != "503"
+            n
+            for c in (r[k] for k in served)
+            for status, n in c.items()
+            if status.startswith("5") and status.split()[0] != "503"
         )
         rows += [
             f"{name}:",

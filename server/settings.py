@@ -107,6 +107,13 @@ class Settings(JobSettings):
         "at once cannot spend the server's CPU on refusals",
     )
     refusal_burst: int = Field(20, ge=0, description="refusals a second a key gets at once (see refusal_delay_ms)")
+    flood_rows: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="beside other keys, a key refused over refusal_burst times a second runs this fraction "
+        "of the batch rows the others ask for (1: as many)",
+    )
     served_model_name: str | None = Field(
         None,
         description="the base model's id on /v1 (default: the model's name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)",

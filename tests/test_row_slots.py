@@ -29,7 +29,7 @@ def test_rows_joining_and_leaving_in_place_compute_what_restacking_computes(
     family, compact_often, tokenizer, monkeypatch
 ):
     if compact_often:  # compaction after every removal
-        monkeypatch.setattr(slots_module, "SLACK_COLUMNS", -(10**6))
+        monkeypatch.setattr(slots_module, "HOLE_COLUMNS", -(10**6))
     compactions = [0]
     compact = slots_module.RowSlots.compact
 
@@ -70,7 +70,7 @@ def test_rows_joining_and_leaving_in_place_compute_what_restacking_computes(
                 in_place.keep([], []), restacked.keep([], [])
                 running = []
     assert compared > 200
-    assert (compactions[0] > 5) == compact_often
+    assert compactions[0] > (20 if compact_often else 0)
 
 
 def test_swap_remove_moves_only_rows_from_the_end_into_holes():

@@ -141,6 +141,35 @@ def test_refusals_past_the_burst_are_answered_slower_the_longer_a_key_keeps_on()
     assert tenants.refusal_delay("nobody", 0, base, now=second) == 0
 
 
+def test_a_key_refused_over_its_burst_counts_as_flooding_while_it_keeps_on():
+    tenants = Tenants({"flood": "k", "polite": "p"}, None, {})
+    second = 1000.0
+    for _ in range(3):
+        tenants.refusal_delay("flood", 2, 0.1, now=second)
+    assert tenants.flooding("flood", 2, now=second) and not tenants.flooding("polite", 2, now=second)
+    assert tenants.flooding("flood", 2, now=second + 1)  # over its burst in the last second
+    assert not tenants.flooding("flood", 2, now=second + 2)  # it stopped
+    tenants.refusal_delay("polite", 2, 0.1, now=second + 2)
+    assert not tenants.flooding("polite", 2, now=second + 2)  # refused within its burst
+    assert not tenants.flooding("nobody", 2, now=second)
+
+
+def test_a_flooding_key_runs_half_the_rows_the_other_key_asks_for(tokenizer):
+    """Beside a polite key running 4 rows, a key that retries refused requests at once runs 2; alone
+    (or once it stops flooding) it may take the rows as before."""
+    flooding = {"flood"}
+    clock = Clock()
+    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock, flooding=flooding.__contains__)
+    _waiting(tokenizer, scheduler, {"flood": 20})
+    assert [job.tenant for job in scheduler.admit(12, Counter(polite=4))] == ["flood"] * 2
+    assert scheduler.admit(10, Counter(polite=4, flood=2)) == []
+    flooding.clear()  # it backs off now: the polite key's 4, as any other key
+    assert len(scheduler.admit(10, Counter(polite=4, flood=2))) == 2
+    flooding.add("flood")
+    clock.now += DEMAND_MEMORY_S + 0.1  # the polite key is gone: the flood may fill the batch
+    assert len(scheduler.admit(10, Counter(flood=4))) == 10
+
+
 def test_a_full_queue_still_has_a_place_for_a_key_under_its_share():
     scheduler = Scheduler(max_queue=4, retry_after=1)
     scheduler.reserve(4, alive=True, tenant="flood")

@@ -81,6 +81,8 @@ class Engine:
         batch_window_ms: float = 0.0,
         scheduling: str = "fair",
         reserved_threads: Callable[[], int] | None = None,
+        flooding: Callable[[str], bool] | None = None,
+        flood_rows: float = 0.5,
         threads: int | None = None,
         backend: Backend | None = None,
     ):
@@ -105,7 +107,9 @@ class Engine:
             "requests_failed": 0,
             "prewarms": 0,
         }
-        self.scheduler = Scheduler(max_queue=max_queue, retry_after=retry_after, policy=scheduling)
+        self.scheduler = Scheduler(
+            max_queue=max_queue, retry_after=retry_after, policy=scheduling, flooding=flooding, flood_rows=flood_rows
+        )
         self.backend = backend or TorchBackend(
             frozen,
             pad_id=int(pad),

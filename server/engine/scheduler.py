@@ -5,8 +5,9 @@ refused at once) until it joins the batch, is cancelled, or fails. Places are sh
 once the queue is full, a tenant (client key) still gets a place while it holds fewer than its
 share, `max_queue` divided by the tenants holding places, so a flood from one key fills only
 its own share. `admit` hands the engine's loop the next waiting requests, tenants in turn
-(fair_queue.py), up to the batch's free rows and each tenant's share of the rows; a request
-cancelled while it waited ends there with finish reason "cancelled".
+(fair_queue.py), up to the batch's free rows and each tenant's share of the rows (`admit` says
+how that share is set); a request cancelled while it waited ends there with finish reason
+"cancelled".
 """
 
 from __future__ import annotations
@@ -24,8 +25,20 @@ DEMAND_MEMORY_S = 0.5  # how long a tenant's peak demand (rows running + waiting
 
 
 class Scheduler:
-    def __init__(self, *, max_queue: int, retry_after: int, policy: str = "fair", clock=time.monotonic):
+    def __init__(
+        self,
+        *,
+        max_queue: int,
+        retry_after: int,
+        policy: str = "fair",
+        clock=time.monotonic,
+        flooding=None,
+        flood_rows: float = 0.5,
+    ):
         self.max_queue, self.retry_after, self.clock = max_queue, retry_after, clock
+        # flooding(tenant): whether it retries refused requests at once; such a tenant runs
+        # `flood_rows` of the rows the others ask for
+        self.flooding, self.flood_rows = flooding or (lambda tenant: False), flood_rows
         self.peaks: dict[str, tuple[float, int]] = {}  # tenant -> (when, its highest demand since)
         self.waiting = FairQueue(policy)  # the loop's
         self.places = 0  # queue places taken: reserved, or held by a waiting request
@@ -93,13 +106,14 @@ class Scheduler:
         ones?), admission stops at the first request that does not fit; it stays first in line.
 
         Under the `fair` policy the batch's rows are shared too: with `running` (rows by tenant), while
-        any other tenant is running or waiting a tenant holds at most its share of them, the batch's
-        rows divided by the active tenants, and no more than the most demanding other tenant asks for
-        (its rows running and waiting): rows stay free rather than go to it. Alone, a tenant may
-        fill the batch. A flood beside a key that runs 4 requests then runs 4 rows too, not 12: every
-        row it adds slows every step of the other key's requests, and each of its short requests
-        adds a prefill (bench/tenants_bench.py: the other key kept 0.45x of its goodput alone with
-        half the batch, 0.67x with this)."""
+        any other tenant is active a tenant holds at most its share of them, the batch's rows divided
+        by the active tenants, and no more than the most demanding other tenant asks for (its rows
+        running and waiting, the highest in the last DEMAND_MEMORY_S: a client between its answer
+        and its next request still counts): rows stay free rather than go to it. A tenant that
+        `flooding` says retries refused requests at once gets `flood_rows` of that (half by
+        default). Alone, a tenant may fill the batch. A flood beside a key that runs 4 requests then
+        runs 2 rows, not 12: every row it adds slows every step of the other key's requests
+        (bench/tenants_bench.py measures the other key's goodput beside a flood)."""
         if any(request.cancelled for request in self.waiting):  # ended now, not when a batch row frees up
             for request in self.waiting.drop(lambda r: r.cancelled):
                 with self.lock:
@@ -115,7 +129,10 @@ class Scheduler:
             share = math.ceil(rows / max(1, len(active)))
             others = active - {tenant}
             if others:  # beside others, no more rows than the most demanding of them asks for
-                share = min(share, max(max(holding[t] + self.waiting.count(t), demand.get(t, 0)) for t in others))
+                asked = max(max(holding[t] + self.waiting.count(t), demand.get(t, 0)) for t in others)
+                if self.flooding(tenant):
+                    asked = max(1, math.ceil(asked * self.flood_rows))
+                share = min(share, asked)
             return holding[tenant] < share
 
         admitted: list[GenerationRequest] = []

@@ -145,6 +145,18 @@ class Tenants:
                 return 0.0
             return base_s * 2 ** min(tenant.flooding_seconds, 3)
 
+    def flooding(self, name: str, burst: int, now: float | None = None) -> bool:
+        """Whether `name` is refused over `burst` times a second now (this second or the last one):
+        a client retrying refused requests at once."""
+        second = int(time.monotonic() if now is None else now)
+        tenant = self._tenants.get(name)
+        if tenant is None:
+            return False
+        with self._lock:
+            if tenant.refusal_second == second:
+                return tenant.refusals > burst or tenant.flooding_seconds > 0
+            return tenant.refusal_second == second - 1 and tenant.refusals > burst
+
     def charge(self, name: str, generated_tokens: int, now: float | None = None) -> None:
         """`name` was given `generated_tokens` (its tokens-per-minute bucket pays for them)."""
         tenant = self._tenants.get(name)
