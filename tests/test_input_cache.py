@@ -94,7 +94,8 @@ def test_the_input_cache_stays_within_its_bytes(mixing, tokenizer):
     engine = make_engine("torch", mixing, input_cache=cache)
     engine.start()
     try:
-        submit_together(engine, tokenizer, [(f"input number {i} " * 3, None, None) for i in range(12)], max_new_tokens=2)
+        inputs = [(f"input number {i} " * 3, None, None) for i in range(12)]
+        submit_together(engine, tokenizer, inputs, max_new_tokens=2)
     finally:
         engine.stop()
     stats = cache.stats()
