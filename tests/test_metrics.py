@@ -43,17 +43,25 @@ def test_request_metrics_move_by_exactly_the_requests_made(app_client, mixing, t
             for i in range(3)
         ]
         assert client.post("/generate", params={"prompt": "nope"}, json={"input": "x"}).status_code == 404
+        repeated = client.post(  # the same input as the first of the three: no prefill
+            "/generate", params={"prompt": "math"}, json={"input": "question 0", "max_new_tokens": 4, "ignore_eos": True}
+        ).json()
         after = scrape(client)
+    assert repeated["text"] == answers[0]["text"]
+    answers.append(repeated)
     prompt_tokens = sum(a["usage"]["prompt_tokens"] for a in answers)
-    assert moved(before, after, "softprompt_requests_finished_total", prompt="math", finish_reason="length") == 3
-    assert moved(before, after, "softprompt_generation_tokens_total", prompt="math") == 12
+    assert moved(before, after, "softprompt_requests_finished_total", prompt="math", finish_reason="length") == 4
+    assert moved(before, after, "softprompt_generation_tokens_total", prompt="math") == 16
     assert moved(before, after, "softprompt_prompt_tokens_total", prompt="math") == prompt_tokens
     for histogram in ("time_to_first_token", "e2e_request_latency", "request_queue_time", "request_prefill_time"):
-        assert moved(before, after, f"softprompt_{histogram}_seconds_count", prompt="math") == 3, histogram
-    assert moved(before, after, "softprompt_inter_token_latency_seconds_count", prompt="math") == 3 * 3
-    assert moved(before, after, "softprompt_http_requests_total", handler="/generate", method="POST", status="2xx") == 3
+        assert moved(before, after, f"softprompt_{histogram}_seconds_count", prompt="math") == 4, histogram
+    assert moved(before, after, "softprompt_inter_token_latency_seconds_count", prompt="math") == 4 * 3
+    assert moved(before, after, "softprompt_http_requests_total", handler="/generate", method="POST", status="2xx") == 4
     assert moved(before, after, "softprompt_http_requests_total", handler="/generate", method="POST", status="4xx") == 1
-    assert moved(before, after, "softprompt_prefix_cache_hits_total") == 3
+    assert moved(before, after, "softprompt_prefix_cache_hits_total") == 3  # the repeated input needs no prefix
+    assert moved(before, after, "softprompt_input_cache_hits_total") == 1
+    assert moved(before, after, "softprompt_input_cache_misses_total") == 3
+    assert after[("softprompt_input_cache_entries", ())] >= 3
     assert not any(
         name.startswith("softprompt_requests_finished") and ("prompt", "nope") in labels for name, labels in after
     )  # unknown references never become labels
