@@ -43,9 +43,8 @@ def test_request_metrics_move_by_exactly_the_requests_made(app_client, mixing, t
             for i in range(3)
         ]
         assert client.post("/generate", params={"prompt": "nope"}, json={"input": "x"}).status_code == 404
-        repeated = client.post(  # the same input as the first of the three: no prefill
-            "/generate", params={"prompt": "math"}, json={"input": "question 0", "max_new_tokens": 4, "ignore_eos": True}
-        ).json()
+        first_again = {"input": "question 0", "max_new_tokens": 4, "ignore_eos": True}  # no prefill this time
+        repeated = client.post("/generate", params={"prompt": "math"}, json=first_again).json()
         after = scrape(client)
     assert repeated["text"] == answers[0]["text"]
     answers.append(repeated)
