@@ -97,8 +97,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env: dict, port: int) -> subprocess.Popen:
-    """`softprompt serve` on 127.0.0.1:`port` in a process of its own, with `env` (SOFTPROMPT_*)."""
+def start_server(env: dict, port: int, *, input_cache: bool = False) -> subprocess.Popen:
+    """`softprompt serve` on 127.0.0.1:`port` in a process of its own, with `env` (SOFTPROMPT_*).
+
+    The benches send the same inputs round after round and compare with baselines that prefill
+    every one, so the input cache (repeated inputs skip their prefill) is off unless asked for."""
+    if not input_cache:
+        env = {**env, "SOFTPROMPT_INPUT_CACHE_MB": "0"}
     return subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning"],
         env=env,

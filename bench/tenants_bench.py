@@ -125,7 +125,7 @@ def measure(model: str, settings: dict, seconds: float, distinct: bool = False) 
         "SOFTPROMPT_CLIENT_KEYS": ",".join(f"{k}={v}" for k, v in KEYS.items()),
         **settings,
     }
-    server = start_server(env, port)
+    server = start_server(env, port, input_cache=True)  # the server as deployed, its defaults
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(server, base)
