@@ -100,3 +100,14 @@ def test_the_input_cache_stays_within_its_bytes(mixing, tokenizer):
         engine.stop()
     stats = cache.stats()
     assert 0 < stats["bytes"] <= 200_000 and stats["entries"] < 12
+
+
+def test_an_input_larger_than_the_whole_cache_is_not_kept(mixing, tokenizer):
+    cache = input_cache(10_000)  # smaller than any input's key/values
+    engine = make_engine("torch", mixing, input_cache=cache)
+    engine.start()
+    try:
+        [done] = submit_together(engine, tokenizer, [("a long input " * 20, None, None)], max_new_tokens=2)
+    finally:
+        engine.stop()
+    assert done.completion_tokens == 2 and cache.stats()["entries"] == 0 and cache.stats()["bytes"] == 0

@@ -72,8 +72,8 @@ class Prefiller:
             for j, i in enumerate(missing):
                 row_kv, row_mask = kvops.trim_left(kvops.select_rows(kv, torch.tensor([j])), mask[j : j + 1])
                 rows[i] = PrefilledRow(row_kv, row_mask, logits[j : j + 1].clone())
-                if keys[i] is not None:
-                    self.inputs.put(keys[i], rows[i])
+                if keys[i] is not None and rows[i].nbytes() <= self.inputs.max_bytes:  # a long input may not
+                    self.inputs.put(keys[i], rows[i])  # stay beyond the bound as the one entry left
         kv, mask = kvops.stack_rows([(row.kv, row.mask) for row in rows])
         return kv, mask, torch.cat([row.logits for row in rows])  # a copy: sampling may change it
 
