@@ -74,6 +74,8 @@ class Prefiller:
                 rows[i] = PrefilledRow(row_kv, row_mask, logits[j : j + 1].clone())
                 if keys[i] is not None and rows[i].nbytes() <= self.inputs.max_bytes:  # a long input may not
                     self.inputs.put(keys[i], rows[i])  # stay beyond the bound as the one entry left
+            if len(missing) == len(requests):  # none came from the cache: the forward pass's rows as they are
+                return kv, mask, logits
         kv, mask = kvops.stack_rows([(row.kv, row.mask) for row in rows])
         return kv, mask, torch.cat([row.logits for row in rows])  # a copy: sampling may change it
 
