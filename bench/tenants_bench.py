@@ -17,7 +17,9 @@ It prints completed requests (goodput) per group, the ratios the issue asks for 
 flood / polite alone; flood retrying at once / flood backing off), every status seen, and the
 server's RSS. Clients speak bare HTTP (bench/overload_bench.py's Connection); each group runs in
 client processes of its own (a group of more than 8 clients in two), so the polite clients never
-wait behind flood connections in one event loop.
+wait behind flood connections in one event loop. Answers after the window count apart, as late.
+The server runs its defaults, the input cache included: each client repeats its one question,
+as a client retrying a refused request does; `--distinct` makes every request a new question.
 """
 
 from __future__ import annotations
