@@ -108,11 +108,11 @@ class Settings(JobSettings):
     )
     refusal_burst: int = Field(20, ge=0, description="refusals a second a key gets at once (see refusal_delay_ms)")
     flood_rows: float = Field(
-        0.5,
+        0.25,
         gt=0,
         le=1,
-        description="beside other keys, a key refused over refusal_burst times a second runs this fraction "
-        "of the batch rows the others ask for (1: as many)",
+        description="beside other keys, a key refused over refusal_burst times a second (in the last 2 s) runs "
+        "this fraction of the batch rows the others ask for (1: as many)",
     )
     served_model_name: str | None = Field(
         None,

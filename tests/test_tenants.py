@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 
 from server.engine import QueueFullError
-from server.engine.scheduler import DEMAND_MEMORY_S, Scheduler
-from server.services.tenants import RateLimitedError, Tenants
+from server.engine.scheduler import DEMAND_MEMORY_S, FLOOD_RIDE_S, Scheduler
+from server.services.tenants import FLOOD_HOLD_S, RateLimitedError, Tenants
 from tests.engine_helpers import make_job
 from tests.http_helpers import app_client, mixing  # noqa: F401
 from tests.test_metrics import moved, scrape
@@ -146,28 +146,50 @@ def test_a_key_refused_over_its_burst_counts_as_flooding_while_it_keeps_on():
     second = 1000.0
     for _ in range(3):
         tenants.refusal_delay("flood", 2, 0.1, now=second)
-    assert tenants.flooding("flood", 2, now=second) and not tenants.flooding("polite", 2, now=second)
-    assert tenants.flooding("flood", 2, now=second + 1)  # over its burst in the last second
-    assert not tenants.flooding("flood", 2, now=second + 2)  # it stopped
+    assert tenants.flooding("flood", now=second) and not tenants.flooding("polite", now=second)
+    assert tenants.flooding("flood", now=second + FLOOD_HOLD_S - 0.01)  # held: no flicker between seconds
+    assert not tenants.flooding("flood", now=second + FLOOD_HOLD_S)  # it stopped
     tenants.refusal_delay("polite", 2, 0.1, now=second + 2)
-    assert not tenants.flooding("polite", 2, now=second + 2)  # refused within its burst
-    assert not tenants.flooding("nobody", 2, now=second)
+    tenants.refusal_delay("polite", 2, 0.1, now=second + 2)
+    assert not tenants.flooding("polite", now=second + 2)  # refused within its burst
+    assert not tenants.flooding("nobody", now=second)
 
 
-def test_a_flooding_key_runs_half_the_rows_the_other_key_asks_for(tokenizer):
-    """Beside a polite key running 4 rows, a key that retries refused requests at once runs 2; alone
+def test_a_flooding_key_runs_a_quarter_of_the_rows_the_other_key_asks_for(tokenizer):
+    """Beside a polite key running 8 rows, a key that retries refused requests at once runs 2; alone
     (or once it stops flooding) it may take the rows as before."""
     flooding = {"flood"}
     clock = Clock()
     scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock, flooding=flooding.__contains__)
     _waiting(tokenizer, scheduler, {"flood": 20})
-    assert [job.tenant for job in scheduler.admit(12, Counter(polite=4))] == ["flood"] * 2
-    assert scheduler.admit(10, Counter(polite=4, flood=2)) == []
-    flooding.clear()  # it backs off now: the polite key's 4, as any other key
-    assert len(scheduler.admit(10, Counter(polite=4, flood=2))) == 2
+    assert [job.tenant for job in scheduler.admit(8, Counter(polite=8))] == ["flood"] * 2
+    assert scheduler.admit(6, Counter(polite=8, flood=2)) == []
+    flooding.clear()  # it backs off now: the polite key's 8, as any other key
+    assert len(scheduler.admit(6, Counter(polite=8, flood=2))) == 6
     flooding.add("flood")
     clock.now += DEMAND_MEMORY_S + 0.1  # the polite key is gone: the flood may fill the batch
-    assert len(scheduler.admit(10, Counter(flood=4))) == 10
+    assert len(scheduler.admit(8, Counter(flood=8))) == 8
+
+
+def test_beside_another_key_a_flooding_key_starts_in_the_other_keys_prefill_passes(tokenizer):
+    """Each prefill pass stalls every running row: beside a polite key, a flood's requests join the
+    passes the polite key's requests start, and start a pass of their own at most once in
+    FLOOD_RIDE_S; alone the flood starts whenever rows are free."""
+    clock = Clock()
+    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock, flooding={"flood"}.__contains__)
+    _waiting(tokenizer, scheduler, {"flood": 20})
+    # the polite key runs 8 rows: the flood's share is 2
+    assert [job.tenant for job in scheduler.admit(8, Counter(polite=8))] == ["flood"] * 2  # a pass of its own
+    clock.now += FLOOD_RIDE_S / 2
+    assert scheduler.admit(7, Counter(polite=8, flood=1)) == []  # not another one yet: the polite rows run on
+    _waiting(tokenizer, scheduler, {"polite": 1})
+    assert sorted(job.tenant for job in scheduler.admit(8, Counter(polite=7, flood=1))) == ["flood", "polite"]
+    assert scheduler.admit(7, Counter(polite=8, flood=1)) == []
+    clock.now += FLOOD_RIDE_S / 2
+    assert [job.tenant for job in scheduler.admit(7, Counter(polite=8, flood=1))] == ["flood"]
+    clock.now += DEMAND_MEMORY_S + 0.1  # the polite key is gone: nobody's rows to stall, no wait
+    assert len(scheduler.admit(10, Counter(flood=2))) == 10
+    assert len(scheduler.admit(4, Counter(flood=12))) == 4
 
 
 def test_a_full_queue_still_has_a_place_for_a_key_under_its_share():

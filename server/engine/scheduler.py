@@ -22,6 +22,10 @@ from server.engine.fair_queue import FairQueue
 from server.engine.sequence import DEFAULT_TENANT, DoneEvent, GenerationRequest
 
 DEMAND_MEMORY_S = 0.5  # how long a tenant's peak demand (rows running + waiting) is remembered
+# Beside other keys, a flooding key's requests start in prefill passes others' requests start
+# (a prefill pass stalls every running row: alone, each flood request would cost one), and in a
+# pass of its own at most once in this long.
+FLOOD_RIDE_S = 2.0
 
 
 class Scheduler:
@@ -33,13 +37,14 @@ class Scheduler:
         policy: str = "fair",
         clock=time.monotonic,
         flooding=None,
-        flood_rows: float = 0.5,
+        flood_rows: float = 0.25,
     ):
         self.max_queue, self.retry_after, self.clock = max_queue, retry_after, clock
         # flooding(tenant): whether it retries refused requests at once; such a tenant runs
         # `flood_rows` of the rows the others ask for
         self.flooding, self.flood_rows = flooding or (lambda tenant: False), flood_rows
         self.peaks: dict[str, tuple[float, int]] = {}  # tenant -> (when, its highest demand since)
+        self.own_pass: dict[str, float] = {}  # flooding tenant -> when a pass last started for it alone
         self.waiting = FairQueue(policy)  # the loop's
         self.places = 0  # queue places taken: reserved, or held by a waiting request
         self.held: Counter[str] = Counter()  # places by tenant
@@ -110,9 +115,12 @@ class Scheduler:
         by the active tenants, and no more than the most demanding other tenant asks for (its rows
         running and waiting, the highest in the last DEMAND_MEMORY_S: a client between its answer
         and its next request still counts): rows stay free rather than go to it. A tenant that
-        `flooding` says retries refused requests at once gets `flood_rows` of that (half by
-        default). Alone, a tenant may fill the batch. A flood beside a key that runs 4 requests then
-        runs 2 rows, not 12: every row it adds slows every step of the other key's requests
+        `flooding` says retries refused requests at once gets `flood_rows` of that (a quarter by
+        default), and while another tenant is active its requests start only in a prefill pass that
+        another tenant's request starts too, or in one of its own at most once in FLOOD_RIDE_S.
+        Alone, a tenant may fill the batch. A flood beside a key that runs 4 requests then runs 1
+        row, not 12, and adds its prompts' tokens to that key's prefill passes rather than passes
+        of its own: every row and every pass it adds slows every step of the other key's requests
         (bench/tenants_bench.py measures the other key's goodput beside a flood)."""
         if any(request.cancelled for request in self.waiting):  # ended now, not when a batch row frees up
             for request in self.waiting.drop(lambda r: r.cancelled):
@@ -135,9 +143,26 @@ class Scheduler:
                 share = min(share, asked)
             return holding[tenant] < share
 
+        now = self.clock()
+        others_start = shared and any(not self.flooding(t) and under_share(t) for t in self.waiting.tenants())
+
+        solo: dict[str, bool] = {}  # flooding tenant -> whether it may start a pass of its own now
+
+        def may_start(tenant: str) -> bool:
+            if not under_share(tenant):
+                return False
+            if others_start or not self.flooding(tenant):
+                return True
+            if tenant not in solo:  # decided once a call: the whole pass is its own
+                alone = not ({t for t, n in holding.items() if n > 0} | set(demand)) - {tenant}
+                solo[tenant] = alone or now - self.own_pass.get(tenant, -math.inf) >= FLOOD_RIDE_S
+                if solo[tenant] and not alone:
+                    self.own_pass[tenant] = now
+            return solo[tenant]
+
         admitted: list[GenerationRequest] = []
         while self.waiting and len(admitted) < free_rows:
-            request = self.waiting.popleft(under_share if shared else None)
+            request = self.waiting.popleft(may_start if shared else None)
             if request is None:  # every waiting tenant holds its share: the free rows are the others'
                 break
             if not request.cancelled and fits is not None and not fits(admitted + [request]):

@@ -101,7 +101,7 @@ class AppState:
                 retry_after=settings.queue_retry_after,
                 batch_window_ms=settings.batch_window_ms,
                 reserved_threads=self.reserved_threads,
-                flooding=lambda tenant: self.tenants.flooding(tenant, settings.refusal_burst),
+                flooding=self.tenants.flooding,
                 flood_rows=settings.flood_rows,
                 threads=settings.threads,
                 scheduling=settings.scheduling,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from server.settings import ADMIN, ANONYMOUS
 
+FLOOD_HOLD_S = 2.0  # a key refused over its burst counts as flooding for this long after
+
 
 class RateLimitedError(Exception):
     """A key is over one of its limits: 429 with Retry-After."""
@@ -71,6 +73,7 @@ class Tenant:
         self.in_flight = 0
         self.refusal_second, self.refusals = 0, 0
         self.flooding_seconds = 0  # consecutive seconds this key has been refused over its burst
+        self.flooding_until = 0.0  # flooding() holds until then (FLOOD_HOLD_S after its last refusal over the burst)
         rps, tpm = limits.get("requests_per_second"), limits.get("tokens_per_minute")
         self.requests = Bucket(rps, max(1.0, rps)) if rps else None
         self.tokens = Bucket(tpm / 60.0, tpm) if tpm else None
@@ -143,19 +146,15 @@ class Tenants:
             tenant.refusals += 1
             if tenant.refusals <= burst:
                 return 0.0
+            tenant.flooding_until = (time.monotonic() if now is None else now) + FLOOD_HOLD_S
             return base_s * 2 ** min(tenant.flooding_seconds, 3)
 
-    def flooding(self, name: str, burst: int, now: float | None = None) -> bool:
-        """Whether `name` is refused over `burst` times a second now (this second or the last one):
-        a client retrying refused requests at once."""
-        second = int(time.monotonic() if now is None else now)
+    def flooding(self, name: str, now: float | None = None) -> bool:
+        """Whether `name` was refused over its burst of refusals in a second within the last
+        FLOOD_HOLD_S: a client retrying refused requests at once (held that long so that the flag does
+        not flicker off between seconds, or while the flood waits out its slow refusals)."""
         tenant = self._tenants.get(name)
-        if tenant is None:
-            return False
-        with self._lock:
-            if tenant.refusal_second == second:
-                return tenant.refusals > burst or tenant.flooding_seconds > 0
-            return tenant.refusal_second == second - 1 and tenant.refusals > burst
+        return tenant is not None and (time.monotonic() if now is None else now) < tenant.flooding_until
 
     def charge(self, name: str, generated_tokens: int, now: float | None = None) -> None:
         """`name` was given `generated_tokens` (its tokens-per-minute bucket pays for them)."""
