@@ -130,10 +130,11 @@ class Scheduler:
         holding = Counter(running or {})
         rows = free_rows + sum(holding.values())
         shared = self.waiting.policy == "fair" and running is not None
-        demand = self._demand(holding) if shared else {}
+        now = self.clock()
+        demand = self._demand(holding, now) if shared else {}
+        active = set(demand)  # every tenant running or waiting now is in it (under_share runs only when shared)
 
         def under_share(tenant: str) -> bool:
-            active = {t for t, n in holding.items() if n > 0} | self.waiting.tenants() | set(demand)
             share = math.ceil(rows / max(1, len(active)))
             others = active - {tenant}
             if others:  # beside others, no more rows than the most demanding of them asks for
@@ -143,7 +144,6 @@ class Scheduler:
                 share = min(share, asked)
             return holding[tenant] < share
 
-        now = self.clock()
         others_start = shared and any(not self.flooding(t) and under_share(t) for t in self.waiting.tenants())
 
         solo: dict[str, bool] = {}  # flooding tenant -> whether it may start a pass of its own now
@@ -154,7 +154,7 @@ class Scheduler:
             if others_start or not self.flooding(tenant):
                 return True
             if tenant not in solo:  # decided once a call: the whole pass is its own
-                alone = not ({t for t, n in holding.items() if n > 0} | set(demand)) - {tenant}
+                alone = not active - {tenant}
                 solo[tenant] = alone or now - self.own_pass.get(tenant, -math.inf) >= FLOOD_RIDE_S
                 if solo[tenant] and not alone:
                     self.own_pass[tenant] = now
@@ -177,11 +177,10 @@ class Scheduler:
             admitted.append(request)
         return admitted
 
-    def _demand(self, holding: Counter[str]) -> dict[str, int]:
+    def _demand(self, holding: Counter[str], now: float) -> dict[str, int]:
         """Each tenant's highest demand (rows running + waiting) seen in the last DEMAND_MEMORY_S,
         tenants with none now included: between a client's answer and its next request its key
         holds nothing, and without this memory a flood would take every free row in that gap."""
-        now = self.clock()
         for tenant in {t for t, n in holding.items() if n > 0} | self.waiting.tenants():
             asks = holding[tenant] + self.waiting.count(tenant)
             seen, peak = self.peaks.get(tenant, (now, 0))

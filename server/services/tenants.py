@@ -134,7 +134,8 @@ class Tenants:
         `burst` refusals in a second; past them (a client retrying at once) `base_s`, doubled for each
         further second in a row the key stays over its burst, up to 8 x `base_s`: a flood that keeps
         on costs the server fewer and fewer refusals a second."""
-        second = int(time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        second = int(now)
         tenant = self._tenants.get(name)
         if tenant is None:
             return 0.0
@@ -146,7 +147,7 @@ class Tenants:
             tenant.refusals += 1
             if tenant.refusals <= burst:
                 return 0.0
-            tenant.flooding_until = (time.monotonic() if now is None else now) + FLOOD_HOLD_S
+            tenant.flooding_until = now + FLOOD_HOLD_S
             return base_s * 2 ** min(tenant.flooding_seconds, 3)
 
     def flooding(self, name: str, now: float | None = None) -> bool:
