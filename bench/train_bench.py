@@ -106,12 +106,16 @@ TASKS = {
 }
 
 
-def _run_once(path: Path, fn):
-    """Return the saved result at `path` (json + .pt), or compute, save and return it."""
+def _run_once(path: Path, fn, still_valid=lambda summary, tensor: True):
+    """Return the saved result at `path` (json + .pt) when `still_valid` accepts it, or compute,
+    save and return it."""
     tensor_path = path.with_suffix(".pt")
     if path.exists() and tensor_path.exists():
-        logger.info("reusing %s", path)
-        return json.loads(path.read_text()), torch.load(tensor_path)
+        summary, tensor = json.loads(path.read_text()), torch.load(tensor_path)
+        if still_valid(summary, tensor):
+            logger.info("reusing %s", path)
+            return summary, tensor
+        logger.info("%s was made with other settings or vectors; computing it again", path)
     summary, embeddings = fn()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(embeddings, tensor_path)
@@ -131,8 +135,9 @@ def bench_task(
     max_test: int | None = None,
     seeds: tuple[int, ...] = (0,),
     init_text: str | None = None,
+    projection: str = "nearest",
 ) -> dict:
-    settings = dict(TASKS[name], threads=threads, seed=0)
+    settings = dict(TASKS[name], threads=threads, seed=0, projection=projection)
     if init_text:
         settings["init_text"] = init_text
     default_lrs = settings.pop("lrs")
@@ -158,10 +163,13 @@ def bench_task(
             write_curves(result.history, folder / key)
             return {"config": config.to_dict(), "metrics": result.metrics, "history": result.history}, result.embeddings
 
-        return _run_once(folder / f"{key}.json", ours)
+        # Runs saved before the config had `projection` were trained with "keep_norm".
+        return _run_once(
+            folder / f"{key}.json", ours, lambda saved, _: saved["config"].get("projection", "keep_norm") == projection
+        )
 
     def run_peft(lr: float, seed: int = 0):
-        config = TrainConfig(**{**settings, "seed": seed}, lr=lr)
+        config = TrainConfig(**{**settings, "seed": seed}, lr=lr)  # PEFT has no trust region to project onto
 
         def peft():
             from train_peft import train_peft
@@ -197,7 +205,7 @@ def bench_task(
             result["seconds"] = time.perf_counter() - started
             return result, vectors
 
-        return _run_once(folder / f"test-{key}.json", compute)[0]
+        return _run_once(folder / f"test-{key}.json", compute, lambda _, saved: torch.equal(saved, vectors))[0]
 
     from trainer.loop import init_embeddings
 
@@ -242,6 +250,7 @@ def bench_task(
         "cosine_mean": init["cosine_mean"],
         "cosine_min": init["cosine_min"],
         "lr": best_lr,
+        "projection": projection,
         "peft_lr": best_peft_lr,
         "val_sweep": {f"{lr:g}": runs[lr][0]["metrics"]["val_after"] for lr in runs},
         "peft_val_sweep": {f"{lr:g}": peft_runs[lr][0]["val_after"] for lr in peft_runs},
@@ -316,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         help="override the task's init text (e.g. a longer prompt = more vectors); use a separate --out",
     )
     parser.add_argument(
+        "--projection",
+        default="nearest",
+        choices=["nearest", "keep_norm"],
+        help="trust-region projection for EmbedGrad (keep_norm: the rule the older tables were made with)",
+    )
+    parser.add_argument(
         "--max-test",
         type=int,
         default=None,
@@ -337,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_test,
             tuple(args.seeds),
             args.init,
+            args.projection,
         )
         for t in args.tasks
     ]

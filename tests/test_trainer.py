@@ -84,11 +84,44 @@ def test_projection_moves_only_outside_rows_onto_the_cone_and_keeps_norms():
     vectors = initial + torch.randn(6, 32) * torch.tensor([0.01, 0.01, 2, 2, 5, 5]).unsqueeze(-1)
     untouched = vectors[:2].clone()
     norms = vectors.norm(dim=-1)
-    moved = project_to_cone(vectors, initial, 0.9)
+    moved = project_to_cone(vectors, initial, 0.9, projection="keep_norm")
     cos = row_cosines(vectors, initial)
     assert moved == 4 and torch.equal(vectors[:2], untouched)
     assert torch.all(cos >= 0.9 - 1e-6) and torch.allclose(cos[2:], torch.full((4,), 0.9), atol=1e-4)
     torch.testing.assert_close(vectors.norm(dim=-1), norms)
+
+
+def test_nearest_projection_is_the_closest_point_of_the_cone():
+    torch.manual_seed(0)
+    initial = torch.randn(6, 32, dtype=torch.float64)
+    original = initial + torch.randn(6, 32, dtype=torch.float64) * torch.tensor([0.01, 0.01, 2, 2, 5, 5]).unsqueeze(-1)
+    vectors = original.clone()
+    moved = project_to_cone(vectors, initial, 0.9)
+    cos = row_cosines(vectors, initial)
+    assert moved == 4 and torch.equal(vectors[:2], original[:2])
+    assert torch.allclose(cos[2:], torch.full((4,), 0.9, dtype=torch.float64), atol=1e-4)
+    # The residual of a projection onto a cone is orthogonal to the projected point ...
+    residual = original - vectors
+    assert torch.allclose((residual * vectors).sum(-1), torch.zeros(6, dtype=torch.float64), atol=1e-6)
+    # ... no point of the cone is closer (random points inside it, each scaled to its best length) ...
+    u0 = initial / initial.norm(dim=-1, keepdim=True)
+    for _ in range(200):
+        candidate = u0 + 0.4 * torch.randn(6, 32, dtype=torch.float64) / 32**0.5
+        inside = row_cosines(candidate, initial) >= 0.9
+        best = (original * candidate).sum(-1, keepdim=True).clamp_min(0) / candidate.norm(dim=-1, keepdim=True) ** 2
+        distance = (original - best * candidate).norm(dim=-1)
+        assert torch.all(distance[inside] >= (original - vectors).norm(dim=-1)[inside] - 1e-9)
+    # ... and the norm shrinks (the sideways part of the step is dropped), unlike "keep_norm".
+    assert torch.all(vectors[2:].norm(dim=-1) < original[2:].norm(dim=-1))
+
+
+def test_nearest_projection_of_a_vector_opposite_its_start_keeps_a_direction():
+    initial = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    vectors = -initial.clone()
+    assert project_to_cone(vectors, initial, 0.95) == 2
+    assert torch.all(vectors.norm(dim=-1) > 0) and torch.all(row_cosines(vectors, initial) >= 0.95 - 1e-6)
+    with pytest.raises(ValueError, match="projection must be one of"):
+        project_to_cone(vectors, initial, 0.95, projection="sideways")
 
 
 def test_training_is_reproducible_with_a_seed(frozen):

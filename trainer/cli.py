@@ -20,6 +20,7 @@ _CONFIG_FLAGS = {
     "steps": int,
     "lr": float,
     "min_cosine": float,
+    "projection": str,
     "batch_size": int,
     "grad_accum": int,
     "warmup_steps": int,
@@ -38,6 +39,8 @@ _HELP = {
     "steps": "optimizer steps (default 200)",
     "lr": "AdamW learning rate for the prompt vectors (default 3e-3; soft prompts want ~1e-3..1e-2)",
     "min_cosine": "trust region: minimum cosine of each vector to its initial token embedding (default 0.95)",
+    "projection": "how a step that leaves the trust region is brought back: nearest (default: the closest "
+    "point inside) or keep_norm (rotate back keeping the length: the earlier rule, for reproducing old prompts)",
     "batch_size": "examples per micro-batch (default 8)",
     "grad_accum": "micro-batches per optimizer step (default 1)",
     "warmup_steps": "linear warm-up steps before cosine decay (default 10)",

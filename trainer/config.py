@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from core.untrusted import is_text
+from trainer.trust_region import PROJECTIONS
 
 TASKS = ("auto", "classification", "generation")
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
@@ -43,6 +44,7 @@ class TrainConfig:
     steps: int = 200
     lr: float = 3e-3
     min_cosine: float = 0.95  # trust region: per-vector cosine to its initial vector
+    projection: str = "nearest"  # how a vector outside it is brought back: "nearest" | "keep_norm"
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 10
@@ -95,6 +97,8 @@ class TrainConfig:
             raise TrainConfigError(
                 "use_chat_template", f"must be true, false or null (auto), got {self.use_chat_template!r}"
             )
+        if not isinstance(self.projection, str) or self.projection not in PROJECTIONS:
+            raise TrainConfigError("projection", f"must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
         if not isinstance(self.task, str) or self.task not in TASKS:
             raise TrainConfigError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name, limit in UPPER_BOUNDS.items():

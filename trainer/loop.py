@@ -205,7 +205,7 @@ def _train(frozen, train, val, config, callback, should_stop) -> TrainResult:
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        moved = project_to_cone(soft.data, init.to(soft.device), config.min_cosine)
+        moved = project_to_cone(soft.data, init.to(soft.device), config.min_cosine, config.projection)
         elapsed = time.perf_counter() - started
         row = {
             "step": step,

@@ -1,13 +1,20 @@
 """The trust region: each prompt vector stays within a cosine of its initial vector.
 
-After every optimizer step each row v with cos(v, v0) < c is replaced by the vector in the
-plane of (v0, v), at angle arccos(c) from v0, with v's own norm:
+After every optimizer step each row v with cos(v, v0) < c is moved back onto the cone's
+boundary, in the plane of (v0, v), at angle arccos(c) from v0. With u0 = v0/|v0|,
+a = v.u0, b = |v - a u0|, w = (v - a u0)/b and s = sqrt(1 - c^2), the boundary direction is
+d = c u0 + s w, and the two projections differ only in the length they give it:
 
-    v' = |v| * (c * u0 + sqrt(1 - c^2) * w),   u0 = v0/|v0|,  w = unit(v - (v.u0) u0)
+- "nearest" (the default): the Euclidean projection, the boundary point closest to v,
+  v' = (a c + b s) d. This is projected gradient descent proper: the step's component
+  that left the cone is removed, so the norm moves only as far as the loss asks.
+- "keep_norm": v' = |v| d. Every projected step then keeps the length the step added
+  sideways (|v|^2 = a^2 + b^2), so the norm ratchets up with each projection (measured:
+  2.3x the token's norm after 60 steps at lr 0.01 on Qwen2.5-0.5B, 5.2x at lr 0.03).
+  Kept to reproduce prompts and tables trained before the default changed.
 
-Only the direction is constrained; the norm is whatever the optimizer made it (with Adam at
-these learning rates it stays close to the token's norm, and `cosine_stats` reports it).
-A tiny margin keeps rounding from reporting 0.9499999 for a bound of 0.95.
+A tiny margin keeps rounding from reporting 0.9499999 for a bound of 0.95. `cosine_stats`
+reports the norm ratio |v|/|v0| with the cosines.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import torch
 
 MARGIN = 1e-5
+PROJECTIONS = ("nearest", "keep_norm")
+MIN_LENGTH = 1e-3  # of |v0|: a row pointing away from v0 projects to the apex; keep it a direction
 
 
 def row_cosines(vectors: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
@@ -23,9 +32,13 @@ def row_cosines(vectors: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_to_cone(vectors: torch.Tensor, initial: torch.Tensor, min_cosine: float) -> int:
+def project_to_cone(
+    vectors: torch.Tensor, initial: torch.Tensor, min_cosine: float, projection: str = "nearest"
+) -> int:
     """Project rows of `vectors` [P, D] in place into {v: cos(v, v0) >= min_cosine}; returns
-    how many rows were moved."""
+    how many rows were moved. `projection` is "nearest" or "keep_norm" (module docstring)."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
     v, v0 = vectors.double(), initial.double()
     u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [P, D]
     along = (v * u0).sum(-1, keepdim=True)  # [P, 1]
@@ -44,7 +57,14 @@ def project_to_cone(vectors: torch.Tensor, initial: torch.Tensor, min_cosine: fl
         ortho = torch.where(ortho_norm < 1e-12, fallback, ortho)
         ortho_norm = ortho.norm(dim=-1, keepdim=True)
     w = ortho / ortho_norm
-    projected = norms * (target * u0 + (1 - target**2) ** 0.5 * w)  # [P, D]
+    sine = (1 - target**2) ** 0.5
+    direction = target * u0 + sine * w  # [P, D], unit
+    if projection == "keep_norm":
+        length = norms
+    else:
+        floor = MIN_LENGTH * v0.norm(dim=-1, keepdim=True)
+        length = torch.maximum(along * target + ortho_norm * sine, floor)
+    projected = length * direction  # [P, D]
     vectors[outside] = projected[outside].to(vectors.dtype)
     return int(outside.sum())
 
