@@ -198,6 +198,12 @@ class Settings(JobSettings):
         description="compute q/k/v and gate/up as one matrix product each (weights "
         "become views of one concatenated matrix that replaces them; same results up to rounding)",
     )
+    pack_prefills: bool = Field(
+        True,
+        description="torch engine: prefill requests that arrive while others decode inside the "
+        "running rows' next decode step (one forward pass, not a pass of their own that every running "
+        "row waits for); full-attention models on the engine's attention only",
+    )
     batch_window_ms: float = Field(
         10.0,
         ge=0,

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from server.engine import packed
+
 logger = logging.getLogger(__name__)
 
 NAME = "softprompt_sdpa"
@@ -35,7 +37,11 @@ def gqa_sdpa_attention(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query [B, H, q, d], key/value [B, H_kv, k, d] -> ([B, q, H, d], None), as transformers' SDPA."""
+    """query [B, H, q, d], key/value [B, H_kv, k, d] -> ([B, q, H, d], None), as transformers' SDPA.
+    A packed pass (packed.py) hands its plan down as `softprompt_packed`: it attends per row."""
+    plan = kwargs.get(packed.KWARG)
+    if plan is not None:
+        return packed.attend(query, key, value, plan, scaling), None
     plain = (
         query.shape[2] == 1
         or getattr(module, "num_key_value_groups", 1) == 1
@@ -79,3 +85,9 @@ def use_gqa_sdpa(model: torch.nn.Module) -> bool:
     model.set_attn_implementation(NAME)
     logger.info("attention: SDPA with native GQA for multi-token queries (%s)", NAME)
     return True
+
+
+def packs_prefills(model: torch.nn.Module) -> bool:
+    """Whether the engine can prefill new rows inside a decode step on `model` (packed.py): its
+    attention must be this module's function, and every layer full attention."""
+    return model.config._attn_implementation == NAME and packed.full_attention(model.config)

@@ -36,6 +36,25 @@ class Batch:
         self.backend.join(state, self.seqs + new)
         self.seqs += new
 
+    def join_beside(self, new: list[Sequence], prepared: list) -> None:
+        """Prefill `new` rows inside a decode step of the running ones (one forward pass,
+        packed.py): every running row gets its next token, the new rows their first, and the new
+        rows join; the caller retires rows that finished (`retire_finished`). A failure here fails
+        every row: the pass had already changed the shared state."""
+        seqs = self.seqs
+        try:
+            new_logits, logits = self.backend.step_beside([s.request for s in new], prepared, [s.ids[-1] for s in seqs])
+        except Exception as exc:
+            logger.exception("a decode step with %d new rows over %d running rows failed", len(new), len(seqs))
+            self.fail_all(EngineError(f"Decoding failed: {exc}"))
+            for s in new:
+                self.fail(s.request, EngineError(f"Prefill failed: {exc}"))
+            return
+        self._count_step(seqs + new)
+        self.advance(seqs, logits)
+        self.advance(new, new_logits)
+        self.seqs = seqs + new
+
     def step(self) -> None:
         """One decode step for every row."""
         seqs = self.seqs
@@ -45,12 +64,15 @@ class Batch:
             logger.exception("decode step over %d rows failed", len(seqs))
             self.fail_all(EngineError(f"Decoding failed: {exc}"))
             return
+        self._count_step(seqs)
+        self.advance(seqs, logits)
+        self.retire_finished()
+
+    def _count_step(self, seqs: list[Sequence]) -> None:
         self.counters["decode_steps"] += 1
         self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(seqs))
         for s in seqs:
             s.max_batch = max(s.max_batch, len(seqs))
-        self.advance(seqs, logits)
-        self.retire_finished()
 
     def advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Choose and record each row's next token (logits [B, V]); a row that fails here fails alone."""

@@ -85,6 +85,7 @@ class Engine:
         flood_rows: float = 0.25,
         threads: int | None = None,
         backend: Backend | None = None,
+        pack_prefills: bool = True,
     ):
         """`backend` computes the rows (default: a TorchBackend on `frozen`, which `prefix_cache`,
         `use_prefix_cache`, `growing_cache` and `input_cache` configure); `frozen` always gives the
@@ -92,6 +93,8 @@ class Engine:
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue, self.retry_after = max_batch_size, max_queue, retry_after
         self.batch_window_s = batch_window_ms / 1e3
+        # new rows' prefill inside the running rows' decode step, where the backend can (packed.py)
+        self.pack_prefills = pack_prefills and hasattr(backend or TorchBackend, "packs")
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
         # torch threads to serve on when nothing is reserved (default: the count now, in this thread)
@@ -100,6 +103,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self.counters = {
             "prefill_batches": 0,
+            "packed_prefills": 0,  # of them, inside a decode step of the running rows
             "decode_steps": 0,
             "max_batch_size_seen": 0,
             "tokens_generated": 0,
@@ -332,6 +336,9 @@ class Engine:
         if not new:
             return len(admitted)
         started = time.perf_counter()
+        if self.batch.seqs and self.pack_prefills and self.backend.packs():
+            self._admit_beside(new, started)
+            return len(admitted)
         try:
             state, logits = self._prefill([s.request for s in new])
         except Exception as exc:
@@ -354,6 +361,28 @@ class Engine:
             return len(admitted)
         self.batch.retire_finished()
         return len(admitted)
+
+    def _admit_beside(self, new: list[Sequence], started: float) -> None:
+        """Prefill new rows inside the running rows' next decode step (packed.py): one forward pass
+        instead of a pass of their own that every running row waits for."""
+        ready, prepared = [], []
+        for s in new:
+            try:
+                prepared.append(self.backend.prepare_beside(s.request))
+                ready.append(s)
+            except Exception as exc:  # nothing shared was touched: this row alone fails
+                logger.exception("could not prepare a new row")
+                self.batch.fail(s.request, EngineError(f"Prefill failed: {exc}"))
+        if not ready:
+            return
+        new, size = ready, len(self.batch) + len(ready)
+        self.batch.join_beside(new, prepared)
+        self.counters["prefill_batches"] += 1
+        self.counters["packed_prefills"] += 1
+        elapsed = (time.perf_counter() - started) * 1e3
+        for s in new:
+            s.prefill_ms, s.joined_batch = elapsed, size
+        self.batch.retire_finished()
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[object, torch.Tensor]:
         return self.backend.prefill(requests)

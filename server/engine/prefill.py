@@ -64,20 +64,29 @@ class Prefiller:
         is not cached: (kv, mask [b, L], logits [b, V]) in the order of `requests`."""
         if self.inputs is None:
             return self._forward(requests)
-        keys = [self.input_key(request) for request in requests]
-        rows = [self.inputs.get(key) if key is not None else None for key in keys]
+        rows = [self.cached(request) for request in requests]
         missing = [i for i, row in enumerate(rows) if row is None]
         if missing:
             kv, mask, logits = self._forward([requests[i] for i in missing])
             for j, i in enumerate(missing):
                 row_kv, row_mask = kvops.trim_left(kvops.select_rows(kv, torch.tensor([j])), mask[j : j + 1])
                 rows[i] = PrefilledRow(row_kv, row_mask, logits[j : j + 1].clone())
-                if keys[i] is not None and rows[i].nbytes() <= self.inputs.max_bytes:  # a long input may not
-                    self.inputs.put(keys[i], rows[i])  # stay beyond the bound as the one entry left
+                self.remember(requests[i], rows[i])
             if len(missing) == len(requests):  # none came from the cache: the forward pass's rows as they are
                 return kv, mask, logits
         kv, mask = kvops.stack_rows([(row.kv, row.mask) for row in rows])
         return kv, mask, torch.cat([row.logits for row in rows])  # a copy: sampling may change it
+
+    def cached(self, request: GenerationRequest) -> PrefilledRow | None:
+        """The input cache's prefill of this whole input, if it holds one."""
+        key = self.input_key(request) if self.inputs is not None else None
+        return self.inputs.get(key) if key is not None else None
+
+    def remember(self, request: GenerationRequest, row: PrefilledRow) -> None:
+        """Keep a prefill computed elsewhere (a packed pass) in the input cache."""
+        key = self.input_key(request) if self.inputs is not None else None
+        if key is not None and row.nbytes() <= self.inputs.max_bytes:  # a long input may not stay beyond
+            self.inputs.put(key, row)  # the bound as the one entry left
 
     def _forward(self, requests: list[GenerationRequest]) -> tuple[kvops.KV, torch.Tensor, torch.Tensor]:
         pad = self.frozen.embedding(torch.tensor(self.pad_id, device=self.frozen.device))  # [D]

@@ -16,6 +16,7 @@ import torch
 from core.modeling import FrozenModel
 from core.prepend import left_pad, position_ids, prepend_soft_prompt
 from server.engine import kv as kvops
+from server.engine import packed
 from server.engine.masks import attention_mask
 
 
@@ -92,3 +93,20 @@ def decode_step(model, last_tokens: list[int], positions: torch.Tensor, mask: to
         logits_to_keep=1,
     )
     return out.logits[:, -1].float()
+
+
+def packed_step(model, embeds: torch.Tensor, positions: torch.Tensor, plan: packed.Plan, cache) -> torch.Tensor:
+    """One forward over a packed sequence (packed.py): embeds [1, N, D] at `positions` [1, N], on
+    top of the row slots in `cache`. Returns the logits of `plan.last_tokens()` [K, V] in fp32."""
+    keep = torch.tensor(plan.last_tokens(), dtype=torch.long, device=embeds.device)
+    no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=embeds.device)  # 4-D: no mask is built; attention
+    out = model(  # reads the plan's masks
+        inputs_embeds=embeds,
+        attention_mask=no_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+        **{packed.KWARG: plan},
+    )
+    return out.logits[0].float()

@@ -100,6 +100,7 @@ class AppState:
                 input_cache=input_cache(settings.input_cache_mb * 1024 * 1024),
                 retry_after=settings.queue_retry_after,
                 batch_window_ms=settings.batch_window_ms,
+                pack_prefills=settings.pack_prefills,
                 reserved_threads=self.reserved_threads,
                 flooding=self.tenants.flooding,
                 flood_rows=settings.flood_rows,
