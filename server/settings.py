@@ -200,9 +200,9 @@ class Settings(JobSettings):
     )
     pack_prefills: bool = Field(
         True,
-        description="torch engine: prefill requests that arrive while others decode inside the "
-        "running rows' next decode step (one forward pass, not a pass of their own that every running "
-        "row waits for); full-attention models on the engine's attention only",
+        description="prefill requests that arrive while others decode inside the running rows' next "
+        "decode step (one forward pass, not a pass of their own that every running row waits for); "
+        "torch: full-attention models on the engine's attention; llama.cpp: always",
     )
     batch_window_ms: float = Field(
         10.0,

@@ -14,7 +14,7 @@ from server.engine import Engine, runner
 from server.engine.prefill import input_cache
 from server.engine.rewrites import prepare_for_serving
 from server.engine.torch_backend import TorchBackend
-from tests.engine_helpers import make_job, untied_llama
+from tests.engine_helpers import make_engine, make_job, untied_gguf, untied_llama
 from tests.families import FAMILIES, SLIDING, tiny_family_model
 
 TEXTS = ["What is two plus three?", "The movie was great fun", "Classify", "a bad movie", "hello there friend"]
@@ -51,10 +51,12 @@ def wait_waiting(engine: Engine, count: int) -> None:
         time.sleep(0.005)
 
 
-def staggered(frozen, jobs: list[tuple], *, pack: bool = True, **engine_kwargs) -> tuple[list[list[int]], Engine]:
+def staggered(
+    frozen, jobs: list[tuple], *, pack: bool = True, backend: str = "torch", gguf: str | None = None, **engine_kwargs
+) -> tuple[list[list[int]], Engine]:
     """Tokens of `jobs` where the first two run alone for 3 steps, two more arrive while they
     decode, and the rest one step later: the loop's own steps, driven one at a time."""
-    engine = Engine(frozen, max_batch_size=8, pack_prefills=pack, **engine_kwargs)
+    engine = make_engine(backend, frozen, gguf, max_batch_size=8, pack_prefills=pack, **engine_kwargs)
     engine.start()
     engine.pause()
     sinks = []
@@ -85,8 +87,10 @@ def staggered(frozen, jobs: list[tuple], *, pack: bool = True, **engine_kwargs) 
         engine.stop()
 
 
-def alone(frozen, jobs: list[tuple], **engine_kwargs) -> list[list[int]]:
-    engine = Engine(frozen, max_batch_size=8, **engine_kwargs)
+def alone(
+    frozen, jobs: list[tuple], *, backend: str = "torch", gguf: str | None = None, **engine_kwargs
+) -> list[list[int]]:
+    engine = make_engine(backend, frozen, gguf, max_batch_size=8, **engine_kwargs)
     engine.start()
     try:
         out = []
@@ -120,6 +124,16 @@ def test_rows_packed_into_a_decode_step_get_the_tokens_they_get_alone(tokenizer,
     assert len({tuple(t) for t in packed}) > 2  # the inputs really lead to different outputs
     if options.get("input_cache"):
         assert kwargs["input_cache"].stats()["hits"] >= 1  # the repeated input joined from the cache
+
+
+def test_newcomers_whose_whole_inputs_are_cached_join_without_a_pass(tokenizer):
+    frozen = served_frozen(tokenizer)
+    first = cases(frozen.fingerprint.hidden_size)[:2]
+    cache = input_cache(1 << 24)
+    got, engine = staggered(frozen, first + first + first[:1], input_cache=cache)
+    assert engine.counters["packed_prefills"] == 0 and engine.counters["prefill_batches"] == 3
+    assert cache.stats()["hits"] == 3
+    assert got == alone(frozen, first + first + first[:1])
 
 
 def test_a_packed_pass_computes_the_numbers_of_a_prefill_pass_and_a_decode_step(tokenizer):
@@ -231,3 +245,18 @@ def test_every_family_serves_rows_that_arrive_mid_decode_as_it_serves_them_alone
     got, engine = staggered(frozen, jobs)
     assert got == alone(frozen, jobs), name
     assert (engine.counters["packed_prefills"] > 0) == (name not in SLIDING), name
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_the_llamacpp_engine_packs_new_rows_into_its_decode_step_too(tokenizer, tmp_path, use_prefix_cache):
+    """llama.cpp decodes a batch of runs of any lengths: the running rows' tokens and the new rows'
+    tails go in one llama_decode."""
+    frozen = from_loaded(untied_llama(len(tokenizer)), tokenizer, base_model="tiny-untied")
+    gguf = untied_gguf(tokenizer, tmp_path)
+    jobs = cases(frozen.fingerprint.hidden_size)[:5]
+    options = dict(backend="llamacpp", gguf=gguf, use_prefix_cache=use_prefix_cache)
+    packed, engine = staggered(frozen, jobs, **options)
+    assert engine.counters["packed_prefills"] == 2
+    separate, _ = staggered(frozen, jobs, pack=False, **options)
+    assert packed == separate == alone(frozen, jobs, **options)
+    assert len({tuple(t) for t in packed}) > 2

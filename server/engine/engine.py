@@ -337,8 +337,9 @@ class Engine:
             return len(admitted)
         started = time.perf_counter()
         if self.batch.seqs and self.pack_prefills and self.backend.packs():
-            self._admit_beside(new, started)
-            return len(admitted)
+            if any(self.backend.computes(s.request) for s in new):  # else every input is cached: no pass
+                self._admit_beside(new, started)
+                return len(admitted)
         try:
             state, logits = self._prefill([s.request for s in new])
         except Exception as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,18 @@ class PrefixSlots:
             }
 
 
+@dataclass
+class Start:
+    """A new row being started: the runs before its tail (when its prefix is not a cached copy),
+    its tail's run, and the logits of its last position when it has no tail."""
+
+    row: Row
+    heads: list[Tokens] = field(default_factory=list)
+    softs: list[Embeds] = field(default_factory=list)
+    tail: Tokens | None = None
+    logits: np.ndarray | None = None
+
+
 class LlamaCppBackend:
     name = "llamacpp"
 
@@ -137,25 +149,10 @@ class LlamaCppBackend:
         try:
             heads, softs, tails = [], [], []
             for request in requests:
-                row = Row(self.free.pop(), 0, request.prompt_tokens + request.params.max_new_tokens)
-                new.append(row)
-                tail = request.tail_ids
-                if self.use_prefix_cache and tail and (request.head_ids or request.soft_len):
-                    key = PrefixCache.key(request.prompt_key, request.head_ids)
-                    slot = row.slot = self._prefix(key, request.head_ids, request.soft)
-                    slot.users += 1
-                    self.ctx.copy(slot.seq, row.seq)
-                    row.pos, row.cells = slot.length, row.cells - slot.length
-                else:
-                    soft, last = self._soft(request.soft), not tail
-                    if request.head_ids:
-                        heads.append(Tokens(row.seq, 0, request.head_ids, logits=last and soft is None))
-                    if soft is not None:
-                        softs.append(Embeds(row.seq, len(request.head_ids), soft, logits=last))
-                    row.pos = len(request.head_ids) + request.soft_len
-                if tail:
-                    tails.append(Tokens(row.seq, row.pos, tail, logits=True))
-                    row.pos += len(tail)
+                start = self._start(request, new)
+                heads += start.heads
+                softs += start.softs
+                tails += [start.tail] if start.tail else []
             logits: dict[int, np.ndarray] = {}
             for runs in (heads, softs, tails):  # positions in order: a run sees what came before it
                 for index, values in self.ctx.run(runs).items():
@@ -164,6 +161,74 @@ class LlamaCppBackend:
         except BaseException:
             self.discard(new)
             raise
+
+    def _start(self, request: GenerationRequest, new: list[Row]) -> Start:
+        """A new row for `request` (appended to `new` at once, so a failure can release it), its prefix
+        copied from a cached one or left as head and soft-prompt runs, and its tail's run."""
+        row = Row(self.free.pop(), 0, request.prompt_tokens + request.params.max_new_tokens)
+        new.append(row)
+        start = Start(row)
+        tail = request.tail_ids
+        if self.use_prefix_cache and tail and (request.head_ids or request.soft_len):
+            key = PrefixCache.key(request.prompt_key, request.head_ids)
+            slot = row.slot = self._prefix(key, request.head_ids, request.soft)
+            slot.users += 1
+            self.ctx.copy(slot.seq, row.seq)
+            row.pos, row.cells = slot.length, row.cells - slot.length
+        else:
+            soft, last = self._soft(request.soft), not tail
+            if request.head_ids:
+                start.heads.append(Tokens(row.seq, 0, request.head_ids, logits=last and soft is None))
+            if soft is not None:
+                start.softs.append(Embeds(row.seq, len(request.head_ids), soft, logits=last))
+            row.pos = len(request.head_ids) + request.soft_len
+        if tail:
+            start.tail = Tokens(row.seq, row.pos, tail, logits=True)
+            row.pos += len(tail)
+        return start
+
+    # ------------------------------------------------------------ new rows inside a decode step
+    def packs(self) -> bool:
+        """Whether new rows' tails can ride the running rows' next decode step (one llama_decode)."""
+        return bool(self.rows)
+
+    def computes(self, request: GenerationRequest) -> bool:
+        return True  # no input cache here: every new row is computed
+
+    def prepare_beside(self, request: GenerationRequest) -> Start:
+        """A new row with everything before its tail computed (its prefix copied, or its head and soft
+        prompt run); the tail waits for the packed step. Running rows are not touched."""
+        self._drop_doomed()
+        new: list[Row] = []
+        try:
+            start = self._start(request, new)
+            for runs in (start.heads, start.softs):
+                for _, values in self.ctx.run(runs).items():
+                    start.logits = values  # the last run's, when there is no tail
+            return start
+        except BaseException:
+            self.discard(new)
+            raise
+
+    def step_beside(
+        self, requests: list[GenerationRequest], prepared: list[Start], tokens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running rows' next `tokens` and the new rows' tails in one batch; the new rows join.
+        Returns (new rows' last logits [b, V], running rows' [R, V])."""
+        rows = self.rows
+        runs = [Tokens(r.seq, r.pos, [token], logits=True) for r, token in zip(rows, tokens)]
+        tails = [start.tail for start in prepared if start.tail]
+        try:
+            out = self.ctx.run(runs + tails)
+        except BaseException:
+            self.discard([start.row for start in prepared])
+            raise
+        for row in rows:
+            row.pos += 1
+        computed = iter(range(len(runs), len(runs) + len(tails)))
+        new = [out[next(computed)] if start.tail else start.logits for start in prepared]
+        self.rows = rows + [start.row for start in prepared]
+        return self._logits(new), self._logits([out[i] for i in range(len(runs))])
 
     def join(self, state: object, seqs: list[Sequence]) -> None:
         self.rows += state
@@ -291,6 +356,7 @@ class LlamaCppBackend:
         return {
             "backend": self.name,
             "attention": "llama.cpp",
+            "packs_prefills": True,
             "prefix_cache": self.prefix_cache.stats(),
             "kv_cells": self.ctx.n_ctx,
             "kv_cells_reserved": self._reserved(),

@@ -120,16 +120,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Pl
     """query [1, H, N, d] packed; key/value [rows, H_kv, W, d] (the slots) -> [1, N, H, d]."""
     parts = []
     if plan.running:
-        q = query[0, :, : plan.running].transpose(0, 1).unsqueeze(2)  # [R, H, 1, d]
+        # One query token per row: the query heads that share a key/value head are that head's
+        # queries (head h reads key/value head h // groups), so no head is copied or broadcast.
+        running, heads, kv_heads, dim = plan.running, query.shape[1], key.shape[1], query.shape[3]
+        q = query[0, :, :running].transpose(0, 1).reshape(running, kv_heads, heads // kv_heads, dim)
         out = F.scaled_dot_product_attention(
-            q,
-            key[: plan.running],
-            value[: plan.running],
-            attn_mask=plan.running_mask,
-            scale=scaling,
-            enable_gqa=True,
-        )  # [R, H, 1, d]
-        parts.append(out.squeeze(2))  # [R, H, d]
+            q, key[:running], value[:running], attn_mask=plan.running_mask, scale=scaling
+        )  # [R, H_kv, groups, d]
+        parts.append(out.reshape(running, heads, dim))
     for s, mask in zip(plan.segments, plan.segment_masks):
         q = query[:, :, s.start : s.start + s.length]  # [1, H, t, d]
         out = F.scaled_dot_product_attention(

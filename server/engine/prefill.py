@@ -82,6 +82,11 @@ class Prefiller:
         key = self.input_key(request) if self.inputs is not None else None
         return self.inputs.get(key) if key is not None else None
 
+    def holds(self, request: GenerationRequest) -> bool:
+        """Whether the input cache holds this whole input (a look, not a use: no hit is counted)."""
+        key = self.input_key(request) if self.inputs is not None else None
+        return key is not None and key in self.inputs
+
     def remember(self, request: GenerationRequest, row: PrefilledRow) -> None:
         """Keep a prefill computed elsewhere (a packed pass) in the input cache."""
         key = self.input_key(request) if self.inputs is not None else None

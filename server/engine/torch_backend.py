@@ -69,6 +69,10 @@ class TorchBackend:
         """Whether new rows can be prefilled inside a decode step of the running ones (packed.py)."""
         return isinstance(self.rows, RowSlots) and self.rows.rows > 0 and self.can_pack
 
+    def computes(self, request: GenerationRequest) -> bool:
+        """Whether a new row needs the model (its whole input is not in the input cache)."""
+        return not self.prefiller.holds(request)
+
     def prepare_beside(self, request: GenerationRequest) -> PrefilledRow | tuple:
         """What a new row brings to a packed pass: its whole prefill from the input cache, or
         (prefix key/values or None, embeddings to compute [t, D]). Touches no running row, so a
@@ -92,8 +96,8 @@ class TorchBackend:
             parts.append(_reserve(prefix, width - 1, slots.buffers))
             lengths.append(width)
             inputs.append(embeds)
-        kv, mask = kvops.stack_rows(parts, template=slots.buffers)
-        slots.join(kv, mask)
+        if parts:
+            slots.join(*kvops.stack_rows(parts, template=slots.buffers))
         _, positions = slots.open_columns(1)  # [n, 1]: each row's last new token's position
         for j, length in enumerate(lengths):
             if length == 0:
@@ -115,7 +119,7 @@ class TorchBackend:
             last = next(computed)
             self.prefiller.remember(request, self._prefilled(running + j, lengths[j] + kvops.length(row[0]), last))
             new_logits.append(last)
-        return torch.stack(new_logits), logits[:running]
+        return (torch.stack(new_logits) if new_logits else logits[:0]), logits[:running]
 
     def _prefilled(self, row: int, length: int, logits: torch.Tensor) -> PrefilledRow:
         """A new row's key/values (its last `length` columns) and logits, as the input cache keeps them."""
