@@ -135,7 +135,7 @@ def bench_task(
     max_test: int | None = None,
     seeds: tuple[int, ...] = (0,),
     init_text: str | None = None,
-    projection: str = "nearest",
+    projection: str = "keep_norm",
 ) -> dict:
     settings = dict(TASKS[name], threads=threads, seed=0, projection=projection)
     if init_text:
@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--projection",
-        default="nearest",
-        choices=["nearest", "keep_norm"],
-        help="trust-region projection for EmbedGrad (keep_norm: the rule the older tables were made with)",
+        default="keep_norm",
+        choices=["keep_norm", "nearest"],
+        help="trust-region projection for EmbedGrad (trainer/trust_region.py); use a separate --out for nearest",
     )
     parser.add_argument(
         "--max-test",

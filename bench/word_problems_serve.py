@@ -69,7 +69,8 @@ def train_over_http(base: str, pid: int, settings: dict, train_rows: list[dict])
         "task": "generation",
         "max_new_tokens": MAX_NEW_TOKENS,
         "eval_fraction": settings["eval_fraction"],
-        "config": {k: settings[k] for k in ("batch_size", "eval_every", "max_eval_examples", "warmup_steps", "seed")},
+        "config": {k: settings[k] for k in ("batch_size", "eval_every", "max_eval_examples", "warmup_steps", "seed")}
+        | {"projection": settings.get("projection", "keep_norm")},  # runs saved before the field: keep_norm
     }
     answer = httpx.post(f"{base}/train", json=body, timeout=120)
     answer.raise_for_status()

@@ -96,7 +96,7 @@ def test_nearest_projection_is_the_closest_point_of_the_cone():
     initial = torch.randn(6, 32, dtype=torch.float64)
     original = initial + torch.randn(6, 32, dtype=torch.float64) * torch.tensor([0.01, 0.01, 2, 2, 5, 5]).unsqueeze(-1)
     vectors = original.clone()
-    moved = project_to_cone(vectors, initial, 0.9)
+    moved = project_to_cone(vectors, initial, 0.9, projection="nearest")
     cos = row_cosines(vectors, initial)
     assert moved == 4 and torch.equal(vectors[:2], original[:2])
     assert torch.allclose(cos[2:], torch.full((4,), 0.9, dtype=torch.float64), atol=1e-4)
@@ -118,7 +118,7 @@ def test_nearest_projection_is_the_closest_point_of_the_cone():
 def test_nearest_projection_of_a_vector_opposite_its_start_keeps_a_direction():
     initial = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     vectors = -initial.clone()
-    assert project_to_cone(vectors, initial, 0.95) == 2
+    assert project_to_cone(vectors, initial, 0.95, projection="nearest") == 2
     assert torch.all(vectors.norm(dim=-1) > 0) and torch.all(row_cosines(vectors, initial) >= 0.95 - 1e-6)
     with pytest.raises(ValueError, match="projection must be one of"):
         project_to_cone(vectors, initial, 0.95, projection="sideways")
