@@ -88,7 +88,15 @@ def _client_process(port: int, part: tuple, seconds: float, distinct: bool, star
     """One client process: one part of one group, started when every client process is ready."""
     key, clients, backoff, offset = part
     start.wait()  # this module (httpx, torch through bench.serve_bench) is imported in every process
-    results.put((index, asyncio.run(_group(port, key, clients, seconds, backoff, offset, distinct))))
+    before = _cpu_seconds("self")
+    outcomes = asyncio.run(_group(port, key, clients, seconds, backoff, offset, distinct))
+    results.put((index, outcomes, _cpu_seconds("self") - before))
+
+
+def _cpu_seconds(pid: int | str) -> float:
+    """CPU time (user + system) a process has used, seconds (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float, distinct: bool = False) -> list[Counter]:
@@ -110,10 +118,18 @@ def scenario(port: int, groups: list[tuple[str, int, float]], seconds: float, di
     ]
     for process in processes:
         process.start()
-    outcomes = dict(results.get(timeout=seconds + 600) for _ in processes)
+    outcomes, cpu = {}, 0.0
+    for _ in processes:
+        index, counts, seconds_used = results.get(timeout=seconds + 600)
+        outcomes[index] = counts
+        cpu += seconds_used
     for process in processes:
         process.join()
+    CLIENT_CPU.append(cpu)
     return [sum((outcomes[i] for i, o in enumerate(owner) if o == g), Counter()) for g in range(len(groups))]
+
+
+CLIENT_CPU: list[float] = []  # the client processes' CPU seconds, one entry per scenario run
 
 
 def measure(model: str, settings: dict, seconds: float, distinct: bool = False) -> dict:
@@ -139,10 +155,24 @@ def measure(model: str, settings: dict, seconds: float, distinct: bool = False) 
                 headers={"Authorization": f"Bearer {KEYS['polite']}"},
             )
         rss_before = rss_mb(server.pid)
-        alone = scenario(port, [("polite", 4, 0.5)], seconds, distinct)[0]
-        polite, flood = scenario(port, [("polite", 4, 0.5), ("flood", 120, 0.0)], seconds, distinct)
-        at_once = scenario(port, [("flood", 160, 0.0)], seconds, distinct)[0]
-        backing_off = scenario(port, [("flood", 160, 0.5)], seconds, distinct)[0]
+        cpu = {}
+
+        def run(name: str, groups: list) -> list[Counter]:
+            """One scenario, and what it cost: server and client CPU seconds, the engine's passes."""
+            stats, server_cpu = _engine_counters(base), _cpu_seconds(server.pid)
+            out = scenario(port, groups, seconds, distinct)
+            after = _engine_counters(base)
+            cpu[name] = {
+                "server_cpu_s": _cpu_seconds(server.pid) - server_cpu,
+                "client_cpu_s": CLIENT_CPU[-1],
+                **{k: after[k] - stats[k] for k in ("decode_steps", "prefill_batches", "packed_prefills")},
+            }
+            return out
+
+        alone = run("alone", [("polite", 4, 0.5)])[0]
+        polite, flood = run("polite", [("polite", 4, 0.5), ("flood", 120, 0.0)])
+        at_once = run("at_once", [("flood", 160, 0.0)])[0]
+        backing_off = run("backing_off", [("flood", 160, 0.5)])[0]
         time.sleep(1)
         rss_after = rss_mb(server.pid)
     finally:
@@ -155,7 +185,13 @@ def measure(model: str, settings: dict, seconds: float, distinct: bool = False) 
         "at_once": at_once,
         "backing_off": backing_off,
         "rss": (rss_before, rss_after),
+        "cost": cpu,
     }
+
+
+def _engine_counters(base: str) -> dict:
+    engine = httpx.get(f"{base}/stats", timeout=30).json()["engine"]
+    return {k: engine.get(k, 0) for k in ("decode_steps", "prefill_batches", "packed_prefills")}
 
 
 def main() -> int:
@@ -193,6 +229,12 @@ def main() -> int:
             f"  one key, 160 clients: retrying at once {served['at_once']}, backing off {served['backing_off']} "
             f"({served['at_once'] / max(1, served['backing_off']):.2f}x, target >= 0.8x)",
             "  statuses: " + "; ".join(f"{k} {dict(sorted(r[k].items()))}" for k in served),
+            "  cost (CPU seconds, the host has cores x seconds of them; the engine's passes): "
+            + "; ".join(
+                f"{k} server {c['server_cpu_s']:.1f} s, clients {c['client_cpu_s']:.1f} s, {c['decode_steps']} steps, "
+                f"{c['prefill_batches']} prefill passes ({c['packed_prefills']} packed)"
+                for k, c in r["cost"].items()
+            ),
             f"  5xx other than 503: {errors}; server RSS {r['rss'][0]:.0f} -> {r['rss'][1]:.0f} MB "
             f"({r['rss'][1] / r['rss'][0] - 1:+.1%}, target within 20 %)",
         ]

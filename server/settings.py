@@ -108,11 +108,12 @@ class Settings(JobSettings):
     )
     refusal_burst: int = Field(20, ge=0, description="refusals a second a key gets at once (see refusal_delay_ms)")
     flood_rows: float = Field(
-        0.25,
+        0.125,
         gt=0,
         le=1,
         description="beside other keys, a key refused over refusal_burst times a second (in the last 2 s) runs "
-        "this fraction of the batch rows the others ask for (1: as many)",
+        "this fraction of the batch rows the others ask for (at least one) and starts this fraction of the "
+        "requests the most active other key starts (1: as many)",
     )
     served_model_name: str | None = Field(
         None,

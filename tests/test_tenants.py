@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from server.engine import QueueFullError
-from server.engine.scheduler import DEMAND_MEMORY_S, FLOOD_RIDE_S, Scheduler
+from server.engine.scheduler import DEMAND_MEMORY_S, FLOOD_RIDE_S, START_MEMORY_S, Scheduler
 from server.services.tenants import FLOOD_HOLD_S, RateLimitedError, Tenants
 from tests.engine_helpers import make_job
 from tests.http_helpers import app_client, mixing  # noqa: F401
@@ -160,7 +160,9 @@ def test_a_flooding_key_runs_a_quarter_of_the_rows_the_other_key_asks_for(tokeni
     (or once it stops flooding) it may take the rows as before."""
     flooding = {"flood"}
     clock = Clock()
-    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock, flooding=flooding.__contains__)
+    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock, flooding=flooding.__contains__, flood_rows=0.25)
+    _waiting(tokenizer, scheduler, {"polite": 8})
+    assert len(scheduler.admit(8, Counter())) == 8  # the polite key started its 8
     _waiting(tokenizer, scheduler, {"flood": 20})
     assert [job.tenant for job in scheduler.admit(8, Counter(polite=8))] == ["flood"] * 2
     assert scheduler.admit(6, Counter(polite=8, flood=2)) == []
@@ -176,7 +178,10 @@ def test_beside_another_key_a_flooding_key_starts_in_the_other_keys_prefill_pass
     passes the polite key's requests start, and start a pass of their own at most once in
     FLOOD_RIDE_S; alone the flood starts whenever rows are free."""
     clock = Clock()
-    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock, flooding={"flood"}.__contains__)
+    scheduler = Scheduler(max_queue=64, retry_after=1, clock=clock, flooding={"flood"}.__contains__, flood_rows=0.25)
+    _waiting(tokenizer, scheduler, {"polite": 8})
+    assert len(scheduler.admit(8, Counter())) == 8
+    scheduler.starts["polite"] = 100  # the polite key has started many: the flood's share of starts is not the bound
     _waiting(tokenizer, scheduler, {"flood": 20})
     # the polite key runs 8 rows: the flood's share is 2
     assert [job.tenant for job in scheduler.admit(8, Counter(polite=8))] == ["flood"] * 2  # a pass of its own
@@ -190,6 +195,25 @@ def test_beside_another_key_a_flooding_key_starts_in_the_other_keys_prefill_pass
     clock.now += DEMAND_MEMORY_S + 0.1  # the polite key is gone: nobody's rows to stall, no wait
     assert len(scheduler.admit(10, Counter(flood=2))) == 10
     assert len(scheduler.admit(4, Counter(flood=12))) == 4
+
+
+def test_beside_another_key_a_flooding_key_starts_an_eighth_of_the_requests_it_starts(tokenizer):
+    """Rows alone leave a flood one row beside a small key, a fifth of the work beside a key running 4;
+    a flooding key also starts at most flood_rows (1/8) of the requests the most active other key
+    starts, plus one, counted over START_MEMORY_S: beside a key starting 40 requests, 6."""
+    clock = Clock()
+    scheduler = Scheduler(max_queue=256, retry_after=1, clock=clock, flooding={"flood"}.__contains__)
+    _waiting(tokenizer, scheduler, {"flood": 100})
+    started = Counter()
+    for _ in range(40):  # the polite key runs 4 rows, one request starting every 50 ms
+        _waiting(tokenizer, scheduler, {"polite": 1})
+        for job in scheduler.admit(12, Counter(polite=3)):  # the flood's row is free each time
+            started[job.tenant] += 1
+        clock.now += 0.05
+    assert started["polite"] == 40
+    assert 4 <= started["flood"] <= 7  # an eighth of 40, one more, and its own starts age too (rows alone: 40)
+    clock.now += 3 * START_MEMORY_S + DEMAND_MEMORY_S  # alone: as many as rows are free
+    assert len(scheduler.admit(16, Counter())) == 16
 
 
 def test_a_full_queue_still_has_a_place_for_a_key_under_its_share():

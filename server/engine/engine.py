@@ -82,7 +82,7 @@ class Engine:
         scheduling: str = "fair",
         reserved_threads: Callable[[], int] | None = None,
         flooding: Callable[[str], bool] | None = None,
-        flood_rows: float = 0.25,
+        flood_rows: float = 0.125,
         threads: int | None = None,
         backend: Backend | None = None,
         pack_prefills: bool = True,

@@ -26,6 +26,9 @@ DEMAND_MEMORY_S = 0.5  # how long a tenant's peak demand (rows running + waiting
 # (a prefill pass stalls every running row: alone, each flood request would cost one), and in a
 # pass of its own at most once in this long.
 FLOOD_RIDE_S = 2.0
+# Beside other keys, a flooding key starts at most `flood_rows` requests for each request the
+# most active other key starts (and one more): starts counted with this time constant.
+START_MEMORY_S = 10.0
 
 
 class Scheduler:
@@ -37,7 +40,7 @@ class Scheduler:
         policy: str = "fair",
         clock=time.monotonic,
         flooding=None,
-        flood_rows: float = 0.25,
+        flood_rows: float = 0.125,
     ):
         self.max_queue, self.retry_after, self.clock = max_queue, retry_after, clock
         # flooding(tenant): whether it retries refused requests at once; such a tenant runs
@@ -45,6 +48,8 @@ class Scheduler:
         self.flooding, self.flood_rows = flooding or (lambda tenant: False), flood_rows
         self.peaks: dict[str, tuple[float, int]] = {}  # tenant -> (when, its highest demand since)
         self.own_pass: dict[str, float] = {}  # flooding tenant -> when a pass last started for it alone
+        self.starts: dict[str, float] = {}  # tenant -> requests started, decaying with START_MEMORY_S
+        self.starts_at = clock()
         self.waiting = FairQueue(policy)  # the loop's
         self.places = 0  # queue places taken: reserved, or held by a waiting request
         self.held: Counter[str] = Counter()  # places by tenant
@@ -115,12 +120,14 @@ class Scheduler:
         by the active tenants, and no more than the most demanding other tenant asks for (its rows
         running and waiting, the highest in the last DEMAND_MEMORY_S: a client between its answer
         and its next request still counts): rows stay free rather than go to it. A tenant that
-        `flooding` says retries refused requests at once gets `flood_rows` of that (a quarter by
-        default), and while another tenant is active its requests start only in a prefill pass that
-        another tenant's request starts too, or in one of its own at most once in FLOOD_RIDE_S.
-        Alone, a tenant may fill the batch. A flood beside a key that runs 4 requests then runs 1
-        row, not 12, and adds its prompts' tokens to that key's prefill passes rather than passes
-        of its own: every row and every pass it adds slows every step of the other key's requests
+        `flooding` says retries refused requests at once gets `flood_rows` of that (at least one
+        row), and while another tenant is active it starts at most `flood_rows` requests for each
+        request the most active other tenant starts (plus one, counted over START_MEMORY_S), and
+        only in a prefill pass that another tenant's request starts too, or in one of its own at
+        most once in FLOOD_RIDE_S. Alone, a tenant may fill the batch. A flood beside a key that
+        runs 4 requests then runs 1 row, not 12, for an eighth of that key's requests, and adds
+        its prompts' tokens to that key's prefill passes rather than passes of its own: every row
+        and every pass it adds slows every step of the other key's requests
         (bench/tenants_bench.py measures the other key's goodput beside a flood)."""
         if any(request.cancelled for request in self.waiting):  # ended now, not when a batch row frees up
             for request in self.waiting.drop(lambda r: r.cancelled):
@@ -131,6 +138,7 @@ class Scheduler:
         rows = free_rows + sum(holding.values())
         shared = self.waiting.policy == "fair" and running is not None
         now = self.clock()
+        self._decay_starts(now)
         demand = self._demand(holding, now) if shared else {}
         active = set(demand)  # every tenant running or waiting now is in it (under_share runs only when shared)
 
@@ -151,7 +159,15 @@ class Scheduler:
         def may_start(tenant: str) -> bool:
             if not under_share(tenant):
                 return False
-            if others_start or not self.flooding(tenant):
+            if not self.flooding(tenant):
+                return True
+            others = active - {tenant}
+            if (
+                others
+                and self.starts.get(tenant, 0.0) >= self.flood_rows * max(self.starts.get(t, 0.0) for t in others) + 1
+            ):
+                return False  # its share of the starts is used up: the others' requests go first
+            if others_start:
                 return True
             if tenant not in solo:  # decided once a call: the whole pass is its own
                 alone = not active - {tenant}
@@ -174,8 +190,15 @@ class Scheduler:
                 request.send(cancelled_event(request))
                 continue
             holding[request.tenant] += 1
+            self.starts[request.tenant] = self.starts.get(request.tenant, 0.0) + 1
             admitted.append(request)
         return admitted
+
+    def _decay_starts(self, now: float) -> None:
+        """Age the start counts: each start counts e^(-age / START_MEMORY_S)."""
+        factor = math.exp(-max(0.0, now - self.starts_at) / START_MEMORY_S)
+        self.starts_at = now
+        self.starts = {t: n * factor for t, n in self.starts.items() if n * factor > 1e-3}
 
     def _demand(self, holding: Counter[str], now: float) -> dict[str, int]:
         """Each tenant's highest demand (rows running + waiting) seen in the last DEMAND_MEMORY_S,
