@@ -11,6 +11,7 @@ import torch
 
 from core.modeling import from_loaded
 from server.engine import DoneEvent, Engine, FailedEvent, GenerationRequest, SamplingParams, TokenEvent, sampling
+from server.engine.attention import use_gqa_sdpa
 from server.engine.errors import EngineNotReadyError, ShuttingDownError
 from tests.engine_helpers import BACKENDS, make_engine, make_job, untied_llama
 
@@ -79,19 +80,26 @@ def test_a_request_that_cannot_start_fails_alone(engine, tokenizer):
     _serves_afterwards(engine, tokenizer)
 
 
-def test_a_failed_prefill_fails_only_the_rows_it_was_prefilling(engine, tokenizer, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["own-pass", "packed-into-the-step"])
+def test_a_failed_prefill_fails_only_the_rows_it_was_prefilling(engine, tokenizer, monkeypatch, packed):
+    """A newcomer's prefill fails in a pass of its own, or while it is prepared for a pass packed
+    into the running rows' step (server/engine/packed.py); either way the running row goes on."""
+    if packed:
+        use_gqa_sdpa(engine.model)  # the engine's attention: torch packs newcomers too (llama.cpp always does)
+    engine.pack_prefills = packed
     running, running_rec = _job(tokenizer, "already running", max_new_tokens=40, ignore_eos=True)
     engine.submit(running)
     while engine.stats()["running"] == 0:
         time.sleep(0.01)
-    real_prefill = engine._prefill
+    target, name = (engine.backend, "prepare_beside") if packed else (engine, "_prefill")
+    real = getattr(target, name)
 
     def prefill(jobs):
-        if any(j.tail_ids == poisoned.tail_ids for j in jobs):
+        if any(j.tail_ids == poisoned.tail_ids for j in (jobs if isinstance(jobs, list) else [jobs])):
             raise RuntimeError("injected prefill failure")
-        return real_prefill(jobs)
+        return real(jobs)
 
-    monkeypatch.setattr(engine, "_prefill", prefill)
+    monkeypatch.setattr(target, name, prefill)
     poisoned, poisoned_rec = _job(tokenizer, "poisoned prefill")
     engine.submit(poisoned)
     failed = poisoned_rec.final()

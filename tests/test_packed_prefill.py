@@ -11,6 +11,7 @@ import torch
 
 from core.modeling import from_loaded
 from server.engine import Engine, runner
+from server.engine.attention import packs_prefills
 from server.engine.prefill import input_cache
 from server.engine.rewrites import prepare_for_serving
 from server.engine.torch_backend import TorchBackend
@@ -143,7 +144,7 @@ def test_a_packed_pass_computes_the_numbers_of_a_prefill_pass_and_a_decode_step(
     later = [make_job(tokenizer, t, s, key=k)[0] for t, s, k, _ in jobs[2:5]]
     pad = tokenizer.pad_token_id
     reference, packed = TorchBackend(frozen, pad_id=pad), TorchBackend(frozen, pad_id=pad)
-    assert packed.can_pack
+    assert packs_prefills(frozen.model)
     with torch.inference_mode():
         for backend in (reference, packed):
             state, logits = backend.prefill(first)

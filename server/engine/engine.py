@@ -376,13 +376,12 @@ class Engine:
                 self.batch.fail(s.request, EngineError(f"Prefill failed: {exc}"))
         if not ready:
             return
-        new, size = ready, len(self.batch) + len(ready)
-        self.batch.join_beside(new, prepared)
+        size = len(self.batch) + len(ready)
+        self.batch.join_beside(ready, prepared)
         self.counters["prefill_batches"] += 1
         self.counters["packed_prefills"] += 1
-        elapsed = (time.perf_counter() - started) * 1e3
-        for s in new:
-            s.prefill_ms, s.joined_batch = elapsed, size
+        for s in ready:
+            s.prefill_ms, s.joined_batch = (time.perf_counter() - started) * 1e3, size
         self.batch.retire_finished()
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[object, torch.Tensor]:

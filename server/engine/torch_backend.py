@@ -45,7 +45,6 @@ class TorchBackend:
         )
         self.rows = RowSlots() if growing_cache else StackedRows()
         self.frozen = frozen
-        self.can_pack = packs_prefills(self.model)
 
     def prefill(self, requests: list[GenerationRequest]) -> tuple[object, torch.Tensor]:
         kv, mask, logits = self.prefiller.prefill(requests)
@@ -67,7 +66,7 @@ class TorchBackend:
     # ---------------------------------------------------------------- prefill inside a decode step
     def packs(self) -> bool:
         """Whether new rows can be prefilled inside a decode step of the running ones (packed.py)."""
-        return isinstance(self.rows, RowSlots) and self.rows.rows > 0 and self.can_pack
+        return isinstance(self.rows, RowSlots) and self.rows.rows > 0 and packs_prefills(self.model)
 
     def computes(self, request: GenerationRequest) -> bool:
         """Whether a new row needs the model (its whole input is not in the input cache)."""
@@ -117,7 +116,8 @@ class TorchBackend:
                 new_logits.append(row.logits[0].clone())  # a copy: sampling may change it
                 continue
             last = next(computed)
-            self.prefiller.remember(request, self._prefilled(running + j, lengths[j] + kvops.length(row[0]), last))
+            if self.input_cache is not None:
+                self.prefiller.remember(request, self._prefilled(running + j, lengths[j] + kvops.length(row[0]), last))
             new_logits.append(last)
         return (torch.stack(new_logits) if new_logits else logits[:0]), logits[:running]
 
@@ -150,7 +150,7 @@ class TorchBackend:
         return {
             "backend": self.name,
             "attention": self.model.config._attn_implementation,
-            "packs_prefills": self.can_pack,
+            "packs_prefills": packs_prefills(self.model),
             "prefix_cache": self.prefix_cache.stats(),
             **({"input_cache": self.input_cache.stats()} if self.input_cache is not None else {}),
         }
