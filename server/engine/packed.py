@@ -16,8 +16,8 @@ one batched single-token query over their columns (the decode step's own computa
 new row as a causal query block over its prefix and tail. Positions come from each row's
 real columns, so every row computes what it computes alone, up to rounding.
 
-Packing needs the engine's attention function (attention.packs_prefills) and full attention in every
-layer; models with sliding windows or logit soft-capping prefill in a pass of their own.
+Packing needs the engine's attention function (attention.packs_prefills), a family checked by the
+tests (FAMILIES) and full attention in every layer; other models prefill in a pass of their own.
 """
 
 from __future__ import annotations
@@ -60,9 +60,19 @@ class Plan:
         return list(range(self.running)) + [s.start + s.length - 1 for s in self.segments]
 
 
+# Families whose attention is exactly what `attend` computes (scaled dot product, grouped heads, no
+# sinks, biases or soft-capping), checked token for token by tests/test_packed_prefill.py's matrix.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def full_attention(config) -> bool:
-    """Whether every layer attends to the whole row without soft-capping (what `attend` computes)."""
-    return sliding_window(config) is None and not getattr(config, "attn_logit_softcapping", None)
+    """Whether `attend` computes this model's attention: a checked family, every layer attending
+    to the whole row."""
+    return (
+        getattr(config, "model_type", None) in FAMILIES
+        and sliding_window(config) is None
+        and not getattr(config, "attn_logit_softcapping", None)
+    )
 
 
 def plan(slots: RowSlots, running: int, lengths: list[int]) -> Plan:
