@@ -153,7 +153,7 @@ def test_a_packed_pass_computes_the_numbers_of_a_prefill_pass_and_a_decode_step(
         tokens = [5, 9]
         want_running = reference.decode(tokens)  # [2, V]
         state, want_new = reference.prefill(later)  # [3, V]
-        assert packed.packs()
+        assert packed.packs(later)
         got_new, got_running = packed.step_beside(later, [packed.prepare_beside(r) for r in later], tokens)
     torch.testing.assert_close(got_running, want_running, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_new, want_new, rtol=1e-4, atol=1e-4)

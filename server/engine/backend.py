@@ -11,7 +11,12 @@ those rows, kept in the rows' order:
 - `keep(rows, seqs)` keeps only the running rows at those indices; `clear()` drops them all;
 - `prewarm(...)` computes a prefix (head + soft prompt) ahead of use; `close()` frees the model's
   working memory once the loop has ended;
-- `fits(requests)` says whether new rows' key/values fit beside the running ones.
+- `fits(requests)` says whether new rows' key/values fit beside the running ones;
+- `packs(requests)` says whether these new rows are best prefilled inside the running rows'
+  next step (rows run and some new row needs the model); `prepare_beside(request)` readies one
+  new row without touching the running ones, and `step_beside(requests, prepared, tokens)`
+  runs the running rows' step and the new rows' prefill as one pass, returning (new rows'
+  logits, running rows' logits) (packed.py).
 
 Two backends implement it: torch_backend.py (transformers, fp32, the default) and
 llamacpp_backend.py (llama.cpp on the GGUF's own 4-bit weights, SOFTPROMPT_ENGINE=llamacpp).
@@ -48,6 +53,14 @@ class Backend(Protocol):
     def prewarm(self, prompt_key: tuple | None, head_ids: tuple[int, ...], soft: torch.Tensor | None) -> bool: ...
 
     def fits(self, requests: list[GenerationRequest]) -> bool: ...
+
+    def packs(self, requests: list[GenerationRequest]) -> bool: ...
+
+    def prepare_beside(self, request: GenerationRequest) -> object: ...
+
+    def step_beside(
+        self, requests: list[GenerationRequest], prepared: list, tokens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def set_threads(self, threads: int) -> None: ...
 

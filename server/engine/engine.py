@@ -89,12 +89,11 @@ class Engine:
     ):
         """`backend` computes the rows (default: a TorchBackend on `frozen`, which `prefix_cache`,
         `use_prefix_cache`, `growing_cache` and `input_cache` configure); `frozen` always gives the
-        tokenizer."""
+        tokenizer. `pack_prefills`: new rows' prefill inside the running rows' step (packed.py)."""
         self.frozen, self.model, self.tokenizer = frozen, frozen.model, frozen.tokenizer
         self.max_batch_size, self.max_queue, self.retry_after = max_batch_size, max_queue, retry_after
         self.batch_window_s = batch_window_ms / 1e3
-        # new rows' prefill inside the running rows' decode step, where the backend can (packed.py)
-        self.pack_prefills = pack_prefills and hasattr(backend or TorchBackend, "packs")
+        self.pack_prefills = pack_prefills
         # CPU threads other work on this host holds (training workers); the engine leaves them free
         self.reserved_threads = reserved_threads or (lambda: 0)
         # torch threads to serve on when nothing is reserved (default: the count now, in this thread)
@@ -336,10 +335,9 @@ class Engine:
         if not new:
             return len(admitted)
         started = time.perf_counter()
-        if self.batch.seqs and self.pack_prefills and self.backend.packs():
-            if any(self.backend.computes(s.request) for s in new):  # else every input is cached: no pass
-                self._admit_beside(new, started)
-                return len(admitted)
+        if self.batch.seqs and self.pack_prefills and self.backend.packs([s.request for s in new]):
+            self._admit_beside(new, started)
+            return len(admitted)
         try:
             state, logits = self._prefill([s.request for s in new])
         except Exception as exc:
@@ -380,8 +378,9 @@ class Engine:
         self.batch.join_beside(ready, prepared)
         self.counters["prefill_batches"] += 1
         self.counters["packed_prefills"] += 1
+        elapsed = (time.perf_counter() - started) * 1e3
         for s in ready:
-            s.prefill_ms, s.joined_batch = (time.perf_counter() - started) * 1e3, size
+            s.prefill_ms, s.joined_batch = elapsed, size
         self.batch.retire_finished()
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[object, torch.Tensor]:

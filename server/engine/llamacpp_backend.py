@@ -188,12 +188,9 @@ class LlamaCppBackend:
         return start
 
     # ------------------------------------------------------------ new rows inside a decode step
-    def packs(self) -> bool:
+    def packs(self, requests: list[GenerationRequest]) -> bool:
         """Whether new rows' tails can ride the running rows' next decode step (one llama_decode)."""
-        return bool(self.rows)
-
-    def computes(self, request: GenerationRequest) -> bool:
-        return True  # no input cache here: every new row is computed
+        return bool(self.rows)  # no input cache here: every new row is computed
 
     def prepare_beside(self, request: GenerationRequest) -> Start:
         """A new row with everything before its tail computed (its prefix copied, or its head and soft

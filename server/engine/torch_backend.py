@@ -64,13 +64,13 @@ class TorchBackend:
         return logits
 
     # ---------------------------------------------------------------- prefill inside a decode step
-    def packs(self) -> bool:
-        """Whether new rows can be prefilled inside a decode step of the running ones (packed.py)."""
-        return isinstance(self.rows, RowSlots) and self.rows.rows > 0 and packs_prefills(self.model)
-
-    def computes(self, request: GenerationRequest) -> bool:
-        """Whether a new row needs the model (its whole input is not in the input cache)."""
-        return not self.prefiller.holds(request)
+    def packs(self, requests: list[GenerationRequest]) -> bool:
+        """Whether these new rows are best prefilled inside a decode step of the running ones
+        (packed.py): rows run, the model packs, and some new row needs the model (when every whole
+        input is in the input cache there is no pass to share)."""
+        if not (isinstance(self.rows, RowSlots) and self.rows.rows > 0 and packs_prefills(self.model)):
+            return False
+        return any(not self.prefiller.holds(request) for request in requests)
 
     def prepare_beside(self, request: GenerationRequest) -> PrefilledRow | tuple:
         """What a new row brings to a packed pass: its whole prefill from the input cache, or
