@@ -1,7 +1,7 @@
 """EmbedGrad vs HF PEFT prompt tuning on the shipped real data, on CPU.
 
     .venv/bin/python bench/train_bench.py \
-        --tasks sentiment causal_judgment --seeds 0 1 2 --out bench/results
+        --tasks sentiment causal_judgment --seeds 0 1 2 --out bench/results-nearest
 
 For each task: carve a validation split from the TRAIN file (seeded), train our prompt and a
 PEFT prompt (TEXT init, same batches, steps, schedule) at each learning rate of a small sweep,
@@ -135,7 +135,7 @@ def bench_task(
     max_test: int | None = None,
     seeds: tuple[int, ...] = (0,),
     init_text: str | None = None,
-    projection: str = "keep_norm",
+    projection: str = "nearest",
 ) -> dict:
     settings = dict(TASKS[name], threads=threads, seed=0, projection=projection)
     if init_text:
@@ -326,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--projection",
-        default="keep_norm",
-        choices=["keep_norm", "nearest"],
-        help="trust-region projection for EmbedGrad (trainer/trust_region.py); use a separate --out for nearest",
+        default="nearest",
+        choices=["nearest", "keep_norm"],
+        help="trust-region projection for EmbedGrad (trainer/trust_region.py); the tables made before 2026-12-06 "
+        "used keep_norm (their commands say so); use a separate --out per projection",
     )
     parser.add_argument(
         "--max-test",

@@ -39,8 +39,8 @@ _HELP = {
     "steps": "optimizer steps (default 200)",
     "lr": "AdamW learning rate for the prompt vectors (default 3e-3; soft prompts want ~1e-3..1e-2)",
     "min_cosine": "trust region: minimum cosine of each vector to its initial token embedding (default 0.95)",
-    "projection": "how a step that leaves the trust region is brought back: keep_norm (default: rotated "
-    "back at its length) or nearest (the closest point inside: projected gradient descent)",
+    "projection": "how a step that leaves the trust region is brought back: nearest (default: the closest "
+    "point inside, projected gradient descent) or keep_norm (rotated back at its length)",
     "batch_size": "examples per micro-batch (default 8)",
     "grad_accum": "micro-batches per optimizer step (default 1)",
     "warmup_steps": "linear warm-up steps before cosine decay (default 10)",

@@ -44,7 +44,7 @@ class TrainConfig:
     steps: int = 200
     lr: float = 3e-3
     min_cosine: float = 0.95  # trust region: per-vector cosine to its initial vector
-    projection: str = "keep_norm"  # how a vector outside it is brought back: "keep_norm" | "nearest"
+    projection: str = "nearest"  # how a vector outside it is brought back: "nearest" | "keep_norm"
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 10
