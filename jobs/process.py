@@ -68,9 +68,12 @@ def run_job(folder: Path, args: argparse.Namespace) -> int:
     ranks = init_from_environment()  # under torchrun: this rank; otherwise rank 0 of 1
     report = emit if ranks.is_main else (lambda event, **fields: None)
     try:
-        return _train(folder, request, args, ranks, report)
-    finally:
-        shutdown()
+        code = _train(folder, request, args, ranks, report)
+    except BaseException:
+        shutdown(clean=False)  # no collective after a failure (trainer/distributed.py)
+        raise
+    shutdown()  # every rank waits here while rank 0 publishes
+    return code
 
 
 def _train(folder: Path, request: dict, args, ranks, report) -> int:

@@ -104,35 +104,43 @@ def run(args: argparse.Namespace) -> int:
     except (TrainConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from prompt_store import PromptStoreError, open_store
     from trainer.distributed import init_from_environment, shutdown
 
-    settings = CommonSettings()
     ranks = init_from_environment()  # under torchrun: this process's rank; else rank 0 of 1
     try:
-        if config.batch_size < ranks.world:
-            print(
-                f"error: batch_size {config.batch_size} is smaller than the {ranks.world} processes sharing each batch",
-                file=sys.stderr,
-            )
-            return 2
-        if not ranks.is_main:  # rank 0 alone logs the run's progress
-            logging.getLogger("trainer").setLevel(logging.WARNING)
-        store, opened = None, True
-        try:  # opened first: a wrong or unreachable store stops the run before the training, not after
-            store = open_store(args.store or settings.store) if ranks.is_main and not args.dry_run else None
-        except PromptStoreError as error:
-            print(f"error ({error.code}): {error}", file=sys.stderr)
-            opened = False
-        if not ranks.decide(opened):  # every rank stops, not only rank 0
-            return 1
-        try:
-            return _train_and_publish(args, config, train, val, held_out, store, ranks, settings)
-        finally:
-            if store is not None:
-                store.close()
+        code = _run_on_rank(args, config, train, val, held_out, ranks)
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
+    return code
+
+
+def _run_on_rank(args, config, train, val, held_out, ranks) -> int:
+    from prompt_store import PromptStoreError, open_store
+
+    settings = CommonSettings()
+    if config.batch_size < ranks.world:
+        print(
+            f"error: batch_size {config.batch_size} is smaller than the {ranks.world} processes sharing each batch",
+            file=sys.stderr,
+        )
+        return 2
+    if not ranks.is_main:  # rank 0 alone logs the run's progress
+        logging.getLogger("trainer").setLevel(logging.WARNING)
+    store, opened = None, True
+    try:  # opened first: a wrong or unreachable store stops the run before the training, not after
+        store = open_store(args.store or settings.store) if ranks.is_main and not args.dry_run else None
+    except PromptStoreError as error:
+        print(f"error ({error.code}): {error}", file=sys.stderr)
+        opened = False
+    if not ranks.decide(opened):  # every rank stops, not only rank 0
+        return 1
+    try:
+        return _train_and_publish(args, config, train, val, held_out, store, ranks, settings)
     finally:
-        shutdown()
+        if store is not None:
+            store.close()
 
 
 def _train_and_publish(args, config, train, val, held_out, store, ranks, settings) -> int:

@@ -97,7 +97,14 @@ def init_from_environment() -> Ranks:
     return ranks
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group, if this process joined one.
+
+    After a run that returned, every rank first meets the others in a barrier: rank 0 still
+    evaluates and publishes when the other ranks are done, and a rank that tears the group down
+    while a peer is connected can be aborted by gloo ("terminate called without an active
+    exception"). After an exception nothing collective is attempted (a peer may be inside another
+    collective): the process exits non-zero and torchrun stops the other ranks."""
+    if clean and dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
