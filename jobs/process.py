@@ -37,7 +37,7 @@ from prompt_store import open_store
 from trainer.config import TrainConfig
 from trainer.curves import write_curves
 from trainer.data import load_examples, split_examples
-from trainer.distributed import init_from_environment, shutdown
+from trainer.distributed import process_group
 from trainer.loop import TrainingCancelled, TrainProgress, train_prompt
 from trainer.publish import publish_result
 
@@ -65,15 +65,9 @@ def run_job(folder: Path, args: argparse.Namespace) -> int:
     request = json.loads((folder / REQUEST).read_text())
     if request.get("kind") == "eval":
         return _evaluate(folder, request, args)
-    ranks = init_from_environment()  # under torchrun: this rank; otherwise rank 0 of 1
-    report = emit if ranks.is_main else (lambda event, **fields: None)
-    try:
-        code = _train(folder, request, args, ranks, report)
-    except BaseException:
-        shutdown(clean=False)  # no collective after a failure (trainer/distributed.py)
-        raise
-    shutdown()  # every rank waits here while rank 0 publishes
-    return code
+    with process_group() as ranks:  # under torchrun: this rank; otherwise rank 0 of 1
+        report = emit if ranks.is_main else (lambda event, **fields: None)
+        return _train(folder, request, args, ranks, report)
 
 
 def _train(folder: Path, request: dict, args, ranks, report) -> int:

@@ -104,16 +104,10 @@ def run(args: argparse.Namespace) -> int:
     except (TrainConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from trainer.distributed import init_from_environment, shutdown
+    from trainer.distributed import process_group
 
-    ranks = init_from_environment()  # under torchrun: this process's rank; else rank 0 of 1
-    try:
-        code = _run_on_rank(args, config, train, val, held_out, ranks)
-    except BaseException:
-        shutdown(clean=False)
-        raise
-    shutdown()
-    return code
+    with process_group() as ranks:  # under torchrun: this process's rank; else rank 0 of 1
+        return _run_on_rank(args, config, train, val, held_out, ranks)
 
 
 def _run_on_rank(args, config, train, val, held_out, ranks) -> int:

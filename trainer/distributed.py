@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -97,14 +99,17 @@ def init_from_environment() -> Ranks:
     return ranks
 
 
-def shutdown(clean: bool = True) -> None:
-    """Leave the process group, if this process joined one.
+@contextmanager
+def process_group() -> Iterator[Ranks]:
+    """This process's ranks (init_from_environment) for the block, and the group left after it.
 
-    After a run that returned, every rank first meets the others in a barrier: rank 0 still
+    When the block returns, every rank first meets the others in a barrier: rank 0 still
     evaluates and publishes when the other ranks are done, and a rank that tears the group down
     while a peer is connected can be aborted by gloo ("terminate called without an active
-    exception"). After an exception nothing collective is attempted (a peer may be inside another
+    exception"). When it raises, nothing collective is attempted (a peer may be inside another
     collective): the process exits non-zero and torchrun stops the other ranks."""
-    if clean and dist.is_available() and dist.is_initialized():
+    ranks = init_from_environment()
+    yield ranks  # an exception propagates from here, past the teardown
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
