@@ -75,10 +75,18 @@ class FolderStore(PromptStore):
         return json.loads(self._aliases_path.read_text())
 
     def _weights(self, version: PromptVersion) -> bytes:
-        return (version.path / peft_format.ADAPTER_WEIGHTS).read_bytes()
+        return self._read_file(version, peft_format.ADAPTER_WEIGHTS)
 
     def _adapter_config(self, version: PromptVersion) -> dict:
-        return json.loads((version.path / peft_format.ADAPTER_CONFIG).read_text())
+        return json.loads(self._read_file(version, peft_format.ADAPTER_CONFIG))
+
+    def _read_file(self, version: PromptVersion, filename: str) -> bytes:
+        """A file of a version read by an earlier lookup; if the version was deleted since (its
+        folder is renamed away), the same not-found the PostgreSQL store gives."""
+        try:
+            return (version.path / filename).read_bytes()
+        except FileNotFoundError:
+            raise self._not_found(str(version.id)) from None
 
     def signature(self) -> tuple:
         entries = []

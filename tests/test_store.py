@@ -176,6 +176,15 @@ def test_delete_refuses_aliased_version_unless_forced(store):
     assert str(publish(store).id) == "math-v3", "version numbers are never reused"
 
 
+def test_a_version_deleted_after_it_was_looked_up_reads_as_not_found_on_both_stores(store):
+    # A reader resolves, a deleter removes, the reader loads: the server's pre-warm after an
+    # upload races a DELETE exactly so. Not found is an answer; a bare OSError was a 500.
+    version = store.resolve(str(publish(store).id))
+    store.delete(str(version.id))
+    with pytest.raises(PromptNotFoundError):
+        store.load(version)
+
+
 def test_export_then_import_round_trips(store, tmp_path):
     original = publish(store, init_text="Please reason step by step.")
     exported = store.export("math", tmp_path / "out")
