@@ -21,7 +21,7 @@ QUESTION = "What is 12 plus 7?"
 
 
 def _text_prompt(frozen, text: str) -> torch.Tensor:
-    ids = frozen.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = frozen.tokenizer(text, add_special_tokens=False).input_ids
     return frozen.token_embeddings(ids).detach().float().cpu()  # [P, D]
 
 
