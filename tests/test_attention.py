@@ -14,12 +14,12 @@ def _logits_with_a_cached_prefix(model, ids, mask) -> torch.Tensor:
     """A padded prefill over a cached prefix, then one decode step: [B, 2, V]."""
     prefix, rest = ids[:, :5], ids[:, 5:]
     cache = DynamicCache(config=model.config)
-    model(input_ids=prefix, attention_mask=mask[:, :5], past_key_values=cache, use_cache=True)
-    tail = model(input_ids=rest, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:]
+    model(input_ids=prefix, attention_mask=mask[:, :5], cache=cache, use_cache=True)
+    tail = model(input_ids=rest, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:]
     step = model(
         input_ids=tail.argmax(-1),
         attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).logits
     return torch.cat([tail, step], 1)

@@ -130,13 +130,13 @@ def score_labels(
     for j, ids in enumerate(label_ids):
         feed[j, : len(ids) - 1] = torch.tensor(ids[:-1])
         wanted[j, : len(ids) - 1] = torch.tensor(ids[1:])
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(n_labels)
     feed, wanted = feed.repeat(rows, 1).to(device), wanted.repeat(rows, 1).to(device)  # [B*L, n-1]
     mask = torch.cat([laid.attention_mask.repeat_interleave(n_labels, 0), (wanted >= 0).long()], dim=1)
     positions = laid.position_ids[:, -1:].repeat_interleave(n_labels, 0) + 1 + torch.arange(longest - 1, device=device)
     logits = frozen.model(
-        input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
     ).logits
     logp = (
         torch.log_softmax(logits.float(), dim=-1).gather(-1, wanted.clamp(min=0).unsqueeze(-1)).squeeze(-1)

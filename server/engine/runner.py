@@ -49,11 +49,11 @@ def compute_prefix(model, block: torch.Tensor) -> kvops.KV:
         inputs_embeds=pre.inputs_embeds,
         attention_mask=attention_mask(model, pre.inputs_embeds, pre.attention_mask, cache),
         position_ids=pre.position_ids,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
-    return kvops.from_cache(out.past_key_values)
+    return kvops.from_cache(out.cache)
 
 
 def prefill(model, rows: list[tuple[kvops.KV | None, torch.Tensor]], pad: torch.Tensor):
@@ -70,11 +70,11 @@ def prefill(model, rows: list[tuple[kvops.KV | None, torch.Tensor]], pad: torch.
         inputs_embeds=embeds,
         attention_mask=attention_mask(model, embeds, mask, cache),
         position_ids=position_ids(mask)[:, prefix_mask.shape[1] :],
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
-    return kvops.from_cache(out.past_key_values), mask, out.logits[:, -1].float()
+    return kvops.from_cache(out.cache), mask, out.logits[:, -1].float()
 
 
 def decode_step(model, last_tokens: list[int], positions: torch.Tensor, mask: torch.Tensor, cache):
@@ -88,7 +88,7 @@ def decode_step(model, last_tokens: list[int], positions: torch.Tensor, mask: to
         input_ids=ids,
         attention_mask=attention_mask(model, shape, mask, cache),
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -104,7 +104,7 @@ def packed_step(model, embeds: torch.Tensor, positions: torch.Tensor, plan: pack
         inputs_embeds=embeds,
         attention_mask=no_mask,
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=keep,
         **{packed.KWARG: plan},
