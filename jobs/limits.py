@@ -36,18 +36,16 @@ class TrainingLimits:
 
     def check(self, config: TrainConfig, processes: int) -> None:
         """Raise TrainConfigError naming the first field over this server's limit."""
-        bounds = [
-            ("steps", config.steps, self.max_steps, "SOFTPROMPT_MAX_TRAIN_STEPS"),
-            ("max_new_tokens", config.max_new_tokens or 0, self.max_new_tokens, "SOFTPROMPT_MAX_NEW_TOKENS_LIMIT"),
-            ("processes", processes, self.max_processes, "SOFTPROMPT_MAX_TRAIN_PROCESSES"),
-            ("threads", config.threads or 1, self.max_threads, "the machine's cores"),
-            ("batch_size", config.batch_size, MAX_BATCH_SIZE, None),
-            ("eval_batch_size", config.eval_batch_size, MAX_BATCH_SIZE, None),
-        ]
-        for field, value, limit, source in bounds:
-            if value > limit:
-                where = f" ({source})" if source else ""
-                raise TrainConfigError(field, f"must be at most {limit:,} on this server{where}, got {value!r}")
+        values = {
+            "steps": config.steps,
+            "max_new_tokens": config.max_new_tokens or 0,
+            "processes": processes,
+            "threads": config.threads or 1,
+            "batch_size": config.batch_size,
+            "eval_batch_size": config.eval_batch_size,
+        }
+        for field, value in values.items():
+            self.check_value(field, value)
         if self.count_tokens is not None:
             tokens = self.count_tokens(config.init_text)
             if tokens > MAX_INIT_TOKENS:
@@ -55,3 +53,21 @@ class TrainingLimits:
                     "init_text",
                     f"is {tokens} tokens; a prompt starts from at most {MAX_INIT_TOKENS} (one vector per token)",
                 )
+
+    def check_value(self, field: str, value) -> None:
+        """Raise TrainConfigError if `field`'s whole-number `value` is over this server's bound for it
+        (the message names the setting that raises the bound); other fields and values pass."""
+        bounds = {
+            "steps": (self.max_steps, "SOFTPROMPT_MAX_TRAIN_STEPS"),
+            "max_new_tokens": (self.max_new_tokens, "SOFTPROMPT_MAX_NEW_TOKENS_LIMIT"),
+            "processes": (self.max_processes, "SOFTPROMPT_MAX_TRAIN_PROCESSES"),
+            "threads": (self.max_threads, "the machine's cores"),
+            "batch_size": (MAX_BATCH_SIZE, None),
+            "eval_batch_size": (MAX_BATCH_SIZE, None),
+        }
+        if field not in bounds or not isinstance(value, int) or isinstance(value, bool):
+            return
+        limit, source = bounds[field]
+        if value > limit:
+            where = f" ({source})" if source else ""
+            raise TrainConfigError(field, f"must be at most {limit:,} on this server{where}, got {value!r}")

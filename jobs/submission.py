@@ -91,7 +91,13 @@ def build_submission(
     for field, target in FIELD_TO_CONFIG.items():
         if fields.get(field) not in (None, ""):
             settings[target] = fields[field]
-    config = TrainConfig.from_dict(_typed(settings))
+    typed = _typed(settings)
+    try:
+        config = TrainConfig.from_dict(typed)
+    except TrainConfigError as exc:  # past what any machine runs is past this server's bound too: name that one
+        if limits is not None:
+            limits.check_value(exc.field, typed.get(exc.field))
+        raise
     processes = _processes(fields.get("processes"), config)
     if limits is not None:
         limits.check(config, processes)

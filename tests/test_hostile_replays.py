@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from jobs.limits import machine_cores
 from tests.http_helpers import app_client, mixing, publish  # noqa: F401
 from tests.jobs_helpers import SENTIMENT
 from tests.test_metrics import scrape
@@ -200,22 +201,25 @@ def test_a_training_idempotency_key_reused_for_another_name_is_refused(app_clien
 
 
 # ---------------------------------------------------------------- 7. jobs larger than the machine
+CORES = f"at most {machine_cores():,} on this server (the machine's cores)"
+
+
 @pytest.mark.parametrize(
-    "fields, field",
-    [
-        ({"steps": 10_000_000_000}, "steps"),
-        ({"steps": 100_001}, "steps"),
-        ({"max_new_tokens": 1_000_000_000}, "max_new_tokens"),
-        ({"max_new_tokens": 65}, "max_new_tokens"),  # over the app's max_new_tokens_limit of 64
-        ({"init": "x" * 1_000_000}, "init_text"),
-        ({"init": "word " * 600}, "init_text"),  # 3,000 characters, but over 512 tokens
-        ({"processes": 64, "config": {"batch_size": 64}}, "processes"),
-        ({"config": {"batch_size": 100_000}}, "batch_size"),
-        ({"config": {"threads": 4096}}, "threads"),
-        ({"config": {"max_input_tokens": 1_000_000}}, "max_input_tokens"),
+    "fields, field, says",
+    [  # past what any machine runs is past this server's bound too: the answer names this server's
+        ({"steps": 10_000_000_000}, "steps", "at most 100,000 on this server (SOFTPROMPT_MAX_TRAIN_STEPS)"),
+        ({"steps": 100_001}, "steps", "at most 100,000 on this server (SOFTPROMPT_MAX_TRAIN_STEPS)"),
+        ({"max_new_tokens": 1_000_000_000}, "max_new_tokens", "at most 64 on this server (SOFTPROMPT_MAX_NEW"),
+        ({"max_new_tokens": 65}, "max_new_tokens", "at most 64 on this server (SOFTPROMPT_MAX_NEW_TOKENS_LIMIT)"),
+        ({"init": "x" * 1_000_000}, "init_text", "the limit is 4000"),
+        ({"init": "word " * 600}, "init_text", "at most 512 (one vector per token)"),  # 3,000 characters, 600 tokens
+        ({"processes": 64, "config": {"batch_size": 64}}, "processes", "at most 2 on this server (SOFTPROMPT_MAX_"),
+        ({"config": {"batch_size": 100_000}}, "batch_size", "at most 256 on this server"),
+        ({"config": {"threads": 4096}}, "threads", CORES),
+        ({"config": {"max_input_tokens": 1_000_000}}, "max_input_tokens", "at most 131,072"),
     ],
 )
-def test_training_jobs_beyond_what_this_server_can_run_are_refused_with_the_limit(app_client, fields, field):
+def test_training_jobs_beyond_what_this_server_can_run_are_refused_with_the_limit(app_client, fields, field, says):
     body = {"name": "big", "init": "Classify the sentiment.", "examples": SENTIMENT, **fields}
     with app_client(max_train_processes=2) as client:
         answer = client.post("/train", json=body)
@@ -223,7 +227,7 @@ def test_training_jobs_beyond_what_this_server_can_run_are_refused_with_the_limi
     assert answer.status_code == 422, answer.text
     error = answer.json()["error"]
     assert error["code"] == "invalid_training_config" and error["field"] == field, error
-    assert "at most" in error["message"] or "limit" in error["message"]
+    assert says in error["message"], error["message"]
     assert jobs == []
 
 
