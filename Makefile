@@ -40,7 +40,7 @@ serve: $(STAMP)
 test: $(STAMP) $(LLAMACPP_STAMP)
 	SOFTPROMPT_REQUIRE_LLAMACPP=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-# the fast lane: no real model, no PostgreSQL, no server/worker/job processes, no fuzzing (~1 min)
+# the fast lane: no real model, no PostgreSQL, no server/worker/job processes, no fuzzing (~2 min)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not real_model and not postgres and not processes and not fuzz" $(PYTEST_ARGS)
 

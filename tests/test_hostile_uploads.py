@@ -88,6 +88,17 @@ def test_bad_adapter_config_is_refused(app_client, config, needle):
     _assert_refused(answer, needle)
 
 
+def test_a_zip_whose_weights_are_refused_is_named_by_the_upload_not_a_temp_folder(app_client):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(CONFIG_NAME, GOOD_CONFIG)
+        archive.writestr(WEIGHTS_NAME, b"not a tensor")
+    with app_client() as client:
+        answer = _post(client, buffer.getvalue())
+    _assert_refused(answer, "adapter.zip:adapter/adapter_model.safetensors: not a readable safetensors file")
+    assert "/tmp" not in answer.json()["error"]["message"]
+
+
 def test_encrypted_member_is_refused(app_client):
     data = _patch(_zip(), WEIGHTS_NAME, "flags", "<H", 0x1)
     with app_client() as client:

@@ -67,6 +67,14 @@ def test_bad_bodies_are_422_json(app_client):
         empty_chat = client.post("/generate", json={"messages": []})
         bad_ref = client.post("/generate", params={"prompt": "Not A Name"}, json={"input": "a"})
         unknown_route = client.get("/nope")
+        broken = client.post("/generate", content=b'{"input": "a",', headers={"content-type": "application/json"})
+        chat_broken = client.post("/v1/completions", content=b"not json", headers={"content-type": "application/json"})
+    # A body that is not JSON says where it breaks, not a field named "0" or "14"
+    assert _error(broken) == (422, "invalid_request"), broken.text
+    assert broken.json()["error"]["message"].startswith("body: not valid JSON at character 14 ("), broken.text
+    assert broken.json()["error"]["details"][0]["loc"] == ["body"]
+    assert chat_broken.status_code == 400 and "not valid JSON at character 0" in chat_broken.text, chat_broken.text
+    assert chat_broken.json()["error"]["param"] is None
     assert _error(neither) == (422, "invalid_request") and _error(both) == (422, "invalid_request")
     assert _error(no_user) == (422, "invalid_request") and _error(empty_chat) == (422, "invalid_request")
     assert _error(bad_ref) == (422, "invalid_name")

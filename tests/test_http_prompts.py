@@ -107,6 +107,8 @@ def test_upload_validation(app_client):
     assert (wrong_width.status_code, wrong_width.json()["error"]["code"]) == (409, "incompatible_model")
     assert (non_finite.status_code, non_finite.json()["error"]["code"]) == (422, "non_finite_values")
     assert (garbage.status_code, garbage.json()["error"]["code"]) == (422, "invalid_adapter")
+    for refused in (non_finite, garbage):  # named by the client's file, not by a server temp path
+        assert refused.json()["error"]["message"].startswith("p.safetensors:"), refused.json()
     assert (too_big.status_code, too_big.json()["error"]["code"]) == (413, "payload_too_large")
     assert (bad_name.status_code, bad_name.json()["error"]["code"]) == (422, "invalid_name")
     assert nothing == []

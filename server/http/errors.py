@@ -172,8 +172,19 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _validation_detail(error: dict) -> dict:
+    """One of FastAPI's validation errors as {loc, msg}. A body that is not JSON says where it
+    breaks and why: FastAPI puts the character offset in `loc`, which would read as a field."""
+    loc, msg = list(error.get("loc", ())), error.get("msg")
+    if error.get("type") == "json_invalid":
+        offset = loc[1] if len(loc) > 1 else 0
+        reason = (error.get("ctx") or {}).get("error", "")
+        loc, msg = ["body"], f"not valid JSON at character {offset} ({reason}); send a JSON object"
+    return {"loc": loc, "msg": msg}
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+    details = [_validation_detail(e) for e in exc.errors()]
     message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
     if is_openai(request.url.path):
         first = [str(part) for part in details[0]["loc"][1:]] if details else []  # without "body"/"query"

@@ -16,8 +16,15 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from core.modeling import FrozenModel
-from prompt_store import IncompatibleModelError, InvalidAdapterError, PromptStore, PromptVersion, StoreUnavailableError
-from prompt_store.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, read_weights
+from prompt_store import (
+    IncompatibleModelError,
+    InvalidAdapterError,
+    InvalidPromptError,
+    PromptStore,
+    PromptVersion,
+    StoreUnavailableError,
+)
+from prompt_store.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, weights_from_bytes
 from server.engine import PrefixCache
 from server.services.errors import PayloadTooLargeError
 from server.services.prompt_cache import PromptCache
@@ -115,11 +122,11 @@ class PromptAdmin:
                 self.max_upload_bytes, f"The upload is {len(data)} bytes; the limit is {self.max_upload_bytes}."
             )
         if data[:4] == b"PK\x03\x04":
-            tensor, config = self._read_zip(data)
+            tensor, config = self._read_zip(data, filename or "upload.zip")
             base_model = config.get("base_model_name_or_path") or self.frozen.base_model
             init_text = config.get("prompt_tuning_init_text")
         else:
-            tensor = self._read_safetensors(data)
+            tensor = weights_from_bytes(data, where=filename or "upload")
             base_model, init_text = self.frozen.base_model, None
         hidden = self.frozen.fingerprint.hidden_size
         if tensor.shape[1] != hidden:
@@ -148,14 +155,7 @@ class PromptAdmin:
             except StoreUnavailableError as exc:  # published already: the watcher warms it once the store answers
                 logger.warning("could not pre-warm %s now: %s", version.id, exc)
 
-    @staticmethod
-    def _read_safetensors(data: bytes):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "upload.safetensors"
-            path.write_bytes(data)
-            return read_weights(path)
-
-    def _read_zip(self, data: bytes):
+    def _read_zip(self, data: bytes, shown: str):
         try:
             archive = zipfile.ZipFile(io.BytesIO(data))
         except ZIP_ERRORS as exc:
@@ -175,7 +175,11 @@ class PromptAdmin:
                 path = PurePosixPath(member.filename)
                 if path.parent == folder and path.name in ADAPTER_FILES:  # fixed names: nothing lands outside tmp
                     (Path(tmp) / path.name).write_bytes(_read_member(archive, member))
-            return read_adapter(Path(tmp))
+            try:
+                return read_adapter(Path(tmp))
+            except InvalidPromptError as exc:  # the client knows its zip, not this server's temp folder
+                inside = f"{shown}:{folder}" if str(folder) != "." else shown
+                raise type(exc)(str(exc).replace(tmp, inside)) from None
 
 
 def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
