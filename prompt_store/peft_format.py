@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, save
 
 from core.untrusted import is_text, parse_json
 from prompt_store.errors import InvalidAdapterError, InvalidShapeError, NonFiniteValuesError
@@ -68,45 +68,48 @@ def serialize_tensor(tensor: torch.Tensor) -> bytes:
 def read_adapter(folder: Path) -> tuple[torch.Tensor, dict]:
     """Read a PEFT prompt-tuning adapter folder; return its [P, D] tensor and config."""
     folder = Path(folder)
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
-        raise InvalidAdapterError(
-            f"{folder}: a PEFT prompt-tuning adapter needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}."
-        )
-    config = read_config(config_path)
-    if config.get("peft_type") != "PROMPT_TUNING":
-        raise InvalidAdapterError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; only PROMPT_TUNING adapters hold soft prompts."
-        )
-    return read_weights(weights_path), config
+    files = {}
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        try:
+            files[name] = (folder / name).read_bytes() if (folder / name).is_file() else None
+        except OSError as exc:
+            raise InvalidAdapterError(f"{folder / name}: not readable ({exc.strerror}).") from exc
+    return adapter_from_bytes(files[ADAPTER_CONFIG], files[ADAPTER_WEIGHTS], where=str(folder))
 
 
-def read_config(path: Path) -> dict:
-    """Read adapter_config.json: a UTF-8 JSON object whose text fields we use are valid text."""
+def adapter_from_bytes(
+    config: bytes | None, weights: bytes | None, *, where: str, join: str = "/"
+) -> tuple[torch.Tensor, dict]:
+    """A PEFT prompt-tuning adapter's [P, D] tensor and config from its two files' bytes (None:
+    missing). Errors name the adapter `where` and a file in it as where + join + file name."""
+    if config is None or weights is None:
+        raise InvalidAdapterError(
+            f"{where}: a PEFT prompt-tuning adapter needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}."
+        )
+    config_where = f"{where}{join}{ADAPTER_CONFIG}"
+    parsed = _config_from_bytes(config, where=config_where)
+    if parsed.get("peft_type") != "PROMPT_TUNING":
+        raise InvalidAdapterError(
+            f"{config_where}: peft_type is {parsed.get('peft_type')!r}; only PROMPT_TUNING adapters hold soft prompts."
+        )
+    return weights_from_bytes(weights, where=f"{where}{join}{ADAPTER_WEIGHTS}"), parsed
+
+
+def _config_from_bytes(data: bytes, *, where: str) -> dict:
+    """adapter_config.json: a UTF-8 JSON object whose text fields we use are valid text."""
     try:
-        config = parse_json(path.read_bytes())
-    except OSError as exc:
-        raise InvalidAdapterError(f"{path}: not readable ({exc.strerror}).") from exc
+        config = parse_json(data)
     except ValueError as exc:
-        raise InvalidAdapterError(f"{path}: {exc}.") from None
+        raise InvalidAdapterError(f"{where}: {exc}.") from None
     if not isinstance(config, dict):
         raise InvalidAdapterError(
-            f"{path}: must be a JSON object of PEFT settings, got a JSON {type(config).__name__}."
+            f"{where}: must be a JSON object of PEFT settings, got a JSON {type(config).__name__}."
         )
     for key in TEXT_FIELDS:
         value = config.get(key)
         if value is not None and not (isinstance(value, str) and is_text(value)):
-            raise InvalidAdapterError(f"{path}: {key} must be a text string or null.")
+            raise InvalidAdapterError(f"{where}: {key} must be a text string or null.")
     return config
-
-
-def read_weights(path: Path) -> torch.Tensor:
-    """Read the `prompt_embeddings` tensor of a safetensors file and validate it."""
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise InvalidAdapterError(f"{path}: not a readable safetensors file ({exc}).") from exc
-    return _prompt_tensor(tensors, where=str(path))
 
 
 def weights_from_bytes(data: bytes, *, where: str) -> torch.Tensor:

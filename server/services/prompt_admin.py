@@ -10,21 +10,19 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import tempfile
 import zipfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from core.modeling import FrozenModel
 from prompt_store import (
     IncompatibleModelError,
     InvalidAdapterError,
-    InvalidPromptError,
     PromptStore,
     PromptVersion,
     StoreUnavailableError,
 )
-from prompt_store.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, weights_from_bytes
+from prompt_store.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_from_bytes, weights_from_bytes
 from server.engine import PrefixCache
 from server.services.errors import PayloadTooLargeError
 from server.services.prompt_cache import PromptCache
@@ -170,16 +168,14 @@ class PromptAdmin:
         if len(configs) != 1:
             raise InvalidAdapterError(f"the zip must hold exactly one {ADAPTER_CONFIG} (found {len(configs)}).")
         folder = PurePosixPath(configs[0].filename).parent
-        with tempfile.TemporaryDirectory() as tmp:
-            for member in members:
-                path = PurePosixPath(member.filename)
-                if path.parent == folder and path.name in ADAPTER_FILES:  # fixed names: nothing lands outside tmp
-                    (Path(tmp) / path.name).write_bytes(_read_member(archive, member))
-            try:
-                return read_adapter(Path(tmp))
-            except InvalidPromptError as exc:  # the client knows its zip, not this server's temp folder
-                inside = f"{shown}:{folder}" if str(folder) != "." else shown
-                raise type(exc)(str(exc).replace(tmp, inside)) from None
+        files = {}
+        for member in members:
+            path = PurePosixPath(member.filename)
+            if path.parent == folder and path.name in ADAPTER_FILES:
+                files[path.name] = _read_member(archive, member)
+        # named as the client knows them: adapter.zip:adapter/adapter_model.safetensors
+        where, join = (shown, ":") if str(folder) == "." else (f"{shown}:{folder}", "/")
+        return adapter_from_bytes(files.get(ADAPTER_CONFIG), files.get(ADAPTER_WEIGHTS), where=where, join=join)
 
 
 def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
